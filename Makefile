@@ -1,0 +1,31 @@
+# kvmesh developer tasks. `make run` and `make test` work on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install protos run test test-fast lint bench clean
+
+install:
+	./scripts/bootstrap.sh
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+run: install
+	$(PY) -m kvmesh up --demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check kvmesh services tests bench scripts
+	$(VENV)/bin/mypy kvmesh services
+
+bench: install
+	$(PY) -m bench.all
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""`python -m kvmesh` is the `kvmesh` command."""
+
+import sys
+
+from kvmesh.cli.main import main
+
+sys.exit(main())

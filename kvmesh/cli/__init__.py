@@ -1,0 +1,1 @@
+"""The `kvmesh` command: one subcommand per service and tool."""

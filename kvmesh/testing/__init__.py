@@ -1,0 +1,1 @@
+"""Harness shared by tests and benchmarks: real servers on loopback ports and kvmesh processes."""

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up everything kvmesh needs on a fresh Debian machine: the servers its tests talk to
+# (redis-server, etcd-server) and a virtualenv in .venv with pinned Python dependencies.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+ldconfig -p 2>/dev/null | grep -q libibverbs.so.1 || need_apt+=(libibverbs1)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian starts these as system services on install; the tests run their own.
+    (systemctl stop redis-server etcd 2>/dev/null || service redis-server stop 2>/dev/null || true) >/dev/null 2>&1
+  else
+    echo "bootstrap: please install ${need_apt[*]} (needs root and apt-get)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.kvmesh-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch: the CPU build is enough for the gpu:// tier's tests (gpu://cpu); CUDA hosts install their own.
+  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev,gpu,rdma,vineyard,k8s]"
+  touch "$stamp"
+fi
+echo "bootstrap: ready (.venv)"

@@ -1,0 +1,1 @@
+"""kvmesh services: metadata, cachenode, router, enginesim, operator."""
