@@ -1,0 +1,106 @@
+"""The interface every cache engine implements, and the capabilities it declares.
+
+Engines are built by an async factory from their URI (no I/O in `__init__`). Values are
+stored whole or not at all. Capabilities are declared once and checked where they are
+used (the tier builder, the zero-copy data path), never probed with `hasattr`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvmesh.uri import Uri
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, checked by its users."""
+
+    batch: bool = False  # native batched put/get (pipelining), not just a loop
+    zero_copy: bool = False  # values live in memory a co-located client can map (reserve/pin below)
+    persistent: bool = False  # values survive a restart of the node
+    device_memory: bool = False  # values live in accelerator memory
+
+
+@dataclass
+class EngineStats:
+    """Counters reported through KVCache.Stats."""
+
+    name: str
+    tier: str = "L1"
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    items: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+# Called with (namespace, key, value) when an engine evicts a value, so a tier can demote it.
+EvictionListener = Callable[[str, bytes, bytes], Awaitable[None] | None]
+
+
+class Engine(ABC):
+    """A store of KV-cache blocks: (namespace, key) → immutable bytes."""
+
+    scheme: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self) -> None:
+        self._eviction_listener: EvictionListener | None = None
+
+    @classmethod
+    @abstractmethod
+    async def create(cls, uri: Uri) -> Engine:
+        """Builds and connects the engine described by `uri` (raises UriError on bad parameters)."""
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """A short, password-free description, e.g. 'memory(lru)' or 'redis://127.0.0.1:6379/0'."""
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int:
+        """Total capacity (0 when the engine cannot tell)."""
+
+    @abstractmethod
+    async def put(self, namespace: str, key: bytes, value: bytes | memoryview, ttl_seconds: int = 0) -> None:
+        """Stores a value whole, replacing any old one. Raises ResourceExhausted when it cannot fit."""
+
+    @abstractmethod
+    async def get(self, namespace: str, key: bytes) -> bytes | None:
+        """The whole value, or None."""
+
+    @abstractmethod
+    async def delete(self, namespace: str, key: bytes) -> bool:
+        """True when something was deleted."""
+
+    @abstractmethod
+    async def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Presence of each key, in order."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """Current counters."""
+
+    async def put_many(
+        self, namespace: str, items: Sequence[tuple[bytes, bytes | memoryview]], ttl_seconds: int = 0
+    ) -> None:
+        """Stores several values; engines with `capabilities.batch` override this with one round trip."""
+        for key, value in items:
+            await self.put(namespace, key, value, ttl_seconds)
+
+    async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Reads several values; engines with `capabilities.batch` override this with one round trip."""
+        return [await self.get(namespace, key) for key in keys]
+
+    def set_eviction_listener(self, listener: EvictionListener | None) -> None:
+        """Registers who hears about evicted values (the tier above, for write-on-eviction)."""
+        self._eviction_listener = listener
+
+    async def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
+        """Releases connections and memory; safe to call twice."""
