@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "members": ("kvmesh.cli.members", "list (or --watch) the members of a mesh"),
     "route": ("kvmesh.cli.route", "ask a router where a prompt should go"),
     "bench": ("kvmesh.cli.bench", "benchmarks (trace replay)"),
+    "health": ("kvmesh.cli.health", "probe a service's grpc.health.v1 status (exit 0 when serving)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Deployment artefacts: image health probe, compose file, Kubernetes manifests."""

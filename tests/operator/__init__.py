@@ -1,0 +1,1 @@
+"""The KVCachePool operator: CRD schema, pure reconcile, RBAC."""
