@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kvmesh.uri import Uri
 
@@ -102,5 +102,98 @@ class Engine(ABC):
         """Registers who hears about evicted values (the tier above, for write-on-eviction)."""
         self._eviction_listener = listener
 
+    def tier_stats(self) -> list[EngineStats]:
+        """One entry per tier (a tiered engine reports each of its engines)."""
+        return [self.stats()]
+
     async def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
         """Releases connections and memory; safe to call twice."""
+
+
+class Reservation:
+    """Space for one value, allocated but invisible to readers until committed.
+
+    The writer fills `view` (in chunks, or a co-located client writes the same bytes through
+    shared memory), then the engine's `commit` publishes it whole or `abort` drops it.
+    """
+
+    __slots__ = ("id", "key", "namespace", "offset", "size", "ttl_seconds", "view")
+
+    def __init__(
+        self, id: int, namespace: str, key: bytes, offset: int, size: int, ttl_seconds: int, view: memoryview
+    ) -> None:
+        self.id = id
+        self.namespace = namespace
+        self.key = key
+        self.offset = offset
+        self.size = size
+        self.ttl_seconds = ttl_seconds
+        self.view = view
+
+
+class Pinned:
+    """A read-only view of a stored value that the engine will not free until `release()`."""
+
+    __slots__ = ("_release", "key", "namespace", "offset", "size", "view")
+
+    def __init__(
+        self,
+        namespace: str,
+        key: bytes,
+        offset: int,
+        size: int,
+        view: memoryview,
+        release: Callable[[], None],
+    ) -> None:
+        self.namespace = namespace
+        self.key = key
+        self.offset = offset
+        self.size = size
+        self.view = view
+        self._release: Callable[[], None] | None = release
+
+    @property
+    def released(self) -> bool:
+        return self._release is None
+
+    def release(self) -> None:
+        """Drops the pin (safe to call twice)."""
+        release, self._release = self._release, None
+        if release is not None:
+            self.view.release()
+            release()
+
+    def __enter__(self) -> Pinned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ZeroCopyEngine(Engine):
+    """An engine whose values live in one arena that writers fill and readers see in place.
+
+    Declared by `capabilities.zero_copy`; the cache node's chunked BatchPut/BatchGet and the
+    zero-copy data path (Allocate/Seal/Acquire) are built on these four operations.
+    """
+
+    @property
+    @abstractmethod
+    def arena(self) -> Any:
+        """The `Arena` holding the values (offsets in Reservation/Pinned are into it)."""
+
+    @abstractmethod
+    def reserve(self, namespace: str, key: bytes, size: int, ttl_seconds: int = 0) -> Reservation:
+        """Allocates space (evicting if needed); raises ResourceExhausted when it cannot."""
+
+    @abstractmethod
+    def commit(self, reservation: Reservation) -> None:
+        """Publishes a filled reservation, replacing any old value of its key."""
+
+    @abstractmethod
+    def abort(self, reservation: Reservation) -> None:
+        """Drops a reservation (safe after commit or a previous abort: then nothing happens)."""
+
+    @abstractmethod
+    def pin(self, namespace: str, key: bytes) -> Pinned | None:
+        """The value held in place until `Pinned.release()`, or None when absent."""

@@ -1,0 +1,95 @@
+"""The cache node as a kvmesh `Service`: engine lifecycle and membership.
+
+The engine is built once the server listens (engine URIs are validated by then: a bad one
+stops the node with a clear message), then the node registers as ROLE_CACHENODE with its
+capacity and reports used bytes with every heartbeat. On shutdown it deregisters before the
+server stops, and closes the engine last.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from kvmesh.membership import MemberSession
+from kvmesh.runtime.server import Service
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
+from services.cachenode.config import CacheNodeSettings
+from services.cachenode.engines.base import Engine
+from services.cachenode.engines.registry import build_engine
+from services.cachenode.servicer import DataPath, KVCacheServicer, Limits
+
+log = logging.getLogger("kvmesh.cachenode")
+
+
+class CacheNodeService(Service):
+    """A KVCache server over one (possibly tiered) engine."""
+
+    name = "cachenode"
+    service_names = (cachenode_pb2.DESCRIPTOR.services_by_name["KVCache"].full_name,)
+
+    def __init__(
+        self, settings: CacheNodeSettings, engine: Engine | None = None, datapath: DataPath | None = None
+    ) -> None:
+        self.settings = settings
+        limits = Limits(
+            max_key_bytes=settings.max_key_bytes,
+            max_value_bytes=settings.max_value_bytes,
+            chunk_bytes=min(settings.chunk_bytes, settings.max_message_bytes - 64 * 1024),
+            namespaces=settings.allowed_namespaces,
+        )
+        self.servicer = KVCacheServicer(engine, limits, datapath)
+        self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
+        self.session: MemberSession | None = None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.servicer.engine
+
+    def register(self, server: grpc.aio.Server) -> None:
+        cachenode_pb2_grpc.add_KVCacheServicer_to_server(self.servicer, server)
+
+    def load(self) -> common_pb2.Load:
+        engine = self.servicer.engine
+        if engine is None:
+            return common_pb2.Load()
+        used = sum(s.used_bytes for s in engine.tier_stats()[:1])
+        capacity = engine.capacity_bytes
+        return common_pb2.Load(
+            used_bytes=max(0, used), capacity_bytes=capacity, kv_usage=used / capacity if capacity else 0.0
+        )
+
+    async def start(self, address: str) -> None:
+        if self.servicer.engine is None:
+            self.servicer.engine = await build_engine(self.settings.engine)
+        engine = self.servicer.engine
+        log.info("engine ready", extra={"engine": engine.name, "capacity": engine.capacity_bytes})
+        if self.settings.standalone:
+            return
+        member = common_pb2.Member(
+            id=self.member_id,
+            role=common_pb2.ROLE_CACHENODE,
+            address=address,
+            zone=self.settings.zone,
+            capacity_bytes=engine.capacity_bytes,
+            labels={"engine": engine.name},
+        )
+        self.session = MemberSession(
+            self.settings.metadata_addresses, member, ttl_seconds=self.settings.ttl_seconds, load_fn=self.load
+        )
+        await self.session.start()
+
+    async def drain(self) -> None:
+        if self.session is not None:
+            await self.session.close(deregister=True)
+            self.session = None
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close(deregister=False)
+            self.session = None
+        engine, self.servicer.engine = self.servicer.engine, None
+        if engine is not None:
+            await engine.close()
