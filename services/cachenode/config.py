@@ -22,6 +22,9 @@ class CacheNodeSettings(MemberSettings):
     )
     namespaces: str = Field("", description="comma-separated namespaces this node serves (empty: any)")
     standalone: bool = Field(False, description="serve without registering with the metadata service")
+    allocation_timeout_ms: int = Field(
+        30_000, ge=10, le=3_600_000, description="data path: unsealed allocations are dropped after this"
+    )
 
     @field_validator("max_value_bytes", "chunk_bytes", mode="before")
     @classmethod

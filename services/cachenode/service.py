@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,6 +21,9 @@ from services.cachenode.config import CacheNodeSettings
 from services.cachenode.engines.base import Engine
 from services.cachenode.engines.registry import build_engine
 from services.cachenode.servicer import DataPath, KVCacheServicer, Limits
+
+if TYPE_CHECKING:
+    from services.cachenode.datapath.service import DataPath as SessionDataPath
 
 log = logging.getLogger("kvmesh.cachenode")
 
@@ -43,6 +47,7 @@ class CacheNodeService(Service):
         self.servicer = KVCacheServicer(engine, limits, datapath)
         self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
         self.session: MemberSession | None = None
+        self._datapath: SessionDataPath | None = None
 
     @property
     def engine(self) -> Engine | None:
@@ -66,6 +71,18 @@ class CacheNodeService(Service):
             self.servicer.engine = await build_engine(self.settings.engine)
         engine = self.servicer.engine
         log.info("engine ready", extra={"engine": engine.name, "capacity": engine.capacity_bytes})
+        if self.servicer.datapath is None:  # zero-copy / RDMA sessions (services/cachenode/datapath)
+            from services.cachenode.datapath.service import DataPath as SessionDataPath
+
+            self._datapath = SessionDataPath.for_node(
+                engine,
+                allocation_timeout_ms=self.settings.allocation_timeout_ms,
+                max_key_bytes=self.settings.max_key_bytes,
+                max_value_bytes=self.settings.max_value_bytes,
+                namespaces=self.settings.allowed_namespaces,
+            )
+            await self._datapath.start()
+            self.servicer.datapath = self._datapath
         if self.settings.standalone:
             return
         member = common_pb2.Member(
@@ -90,6 +107,9 @@ class CacheNodeService(Service):
         if self.session is not None:
             await self.session.close(deregister=False)
             self.session = None
+        if self._datapath is not None:
+            await self._datapath.close()
+            self._datapath = None
         engine, self.servicer.engine = self.servicer.engine, None
         if engine is not None:
             await engine.close()

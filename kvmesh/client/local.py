@@ -1,0 +1,342 @@
+"""The zero-copy data path for a client on the same host as its cache node.
+
+Instead of shipping values through gRPC messages, the client maps the node's shared-memory
+segment and moves bytes with one memcpy: a put allocates a region, writes it in place and
+seals it; a get acquires a read-only view of the stored bytes and releases it when done.
+The node keeps the reference counts (a held view is never evicted or overwritten in
+place) and releases everything when this client's Attach stream breaks, so a client that
+dies leaks nothing.
+
+`LocalDataPath.open(stub)` raises `LocalPathUnavailable` when the node is on another host
+or keeps no shared memory; the client library then uses the ordinary gRPC path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+
+log = logging.getLogger("kvmesh.client.local")
+
+SHM_DIR = Path("/dev/shm")
+# Copies at least this large run in a worker thread, so the event loop keeps serving.
+DEFAULT_OFFLOAD_BYTES = 4 * 1024 * 1024
+
+
+class LocalPathUnavailable(Exception):
+    """The zero-copy path cannot be used with this node (another host, no shared memory, detached)."""
+
+
+class ViewReleased(ValueError):
+    """A view was read after it was released (its bytes may already hold another value)."""
+
+
+def _host_of(address: str) -> str:
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]")
+
+
+def _is_local_ip(family: int, ip: str) -> bool:
+    """True when `ip` belongs to an interface of this host: only then can a socket bind to it."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+def is_local_host(host: str) -> bool:
+    """Whether `host` names this machine (blocking: resolves the name)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP)
+    except socket.gaierror:
+        return False
+    return any(_is_local_ip(family, str(sockaddr[0])) for family, _, _, _, sockaddr in infos)
+
+
+async def is_local_address(address: str) -> bool:
+    """Whether the node at `host:port` runs on this machine (name resolution off the loop)."""
+    return await asyncio.to_thread(is_local_host, _host_of(address))
+
+
+class SegmentMapping:
+    """This process's mapping of a node's shared-memory segment.
+
+    Opened with `os.open` + `mmap`, not `multiprocessing.shared_memory`: on Python 3.11 the
+    latter registers the segment with the resource tracker, which would unlink the node's
+    memory when this client exits.
+    """
+
+    def __init__(self, name: str, size: int) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise LocalPathUnavailable(f"bad shared-memory segment name {name!r}")
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR)
+        except FileNotFoundError:
+            raise LocalPathUnavailable(f"segment {name} is not on this host") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise LocalPathUnavailable(f"segment {name} is {actual} bytes, the node announced {size}")
+            self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.name = name
+        self.size = size
+        self._buffer = memoryview(self._map)
+
+    def view(self, offset: int, size: int) -> memoryview:
+        if self._map is None:
+            raise LocalPathUnavailable(f"segment {self.name} is unmapped")
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"region ({offset}, {size}) lies outside segment {self.name} of {self.size} bytes")
+        return self._buffer[offset : offset + size]
+
+    def close(self) -> None:
+        if self._map is None:
+            return
+        self._buffer.release()
+        with contextlib.suppress(BufferError):  # a view is still held: the mapping goes with it
+            self._map.close()
+        self._map = None
+
+
+class LocalView:
+    """A read-only view of a stored value in the node's memory, valid until released.
+
+    Arrays built on `view` (e.g. `numpy.frombuffer`) must not outlive `release()`: the node
+    may reuse the bytes afterwards.
+    """
+
+    __slots__ = ("_view", "key", "size", "view_id")
+
+    def __init__(self, key: bytes, view_id: int, view: memoryview) -> None:
+        self.key = key
+        self.view_id = view_id
+        self.size = len(view)
+        self._view: memoryview | None = view
+
+    @property
+    def released(self) -> bool:
+        return self._view is None
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ViewReleased(f"view {self.view_id} of key {self.key.hex()} was released")
+        return self._view
+
+    def tobytes(self) -> bytes:
+        return self.view.tobytes()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _drop(self) -> None:
+        if self._view is not None:
+            with contextlib.suppress(BufferError):  # a derived array still exists; it must not be read
+                self._view.release()
+            self._view = None
+
+
+class LocalDataPath:
+    """An attached zero-copy session with one cache node on this host."""
+
+    def __init__(
+        self,
+        stub: cachenode_pb2_grpc.KVCacheStub,
+        call: grpc.aio.UnaryStreamCall,
+        attached: cachenode_pb2.AttachResponse,
+        mapping: SegmentMapping,
+        offload_bytes: int,
+        rpc_timeout: float,
+    ) -> None:
+        self._stub = stub
+        self._call = call
+        self.session_id = attached.session_id
+        self.allocation_timeout_ms = attached.allocation_timeout_ms
+        self._mapping = mapping
+        self._offload_bytes = offload_bytes
+        self._timeout = rpc_timeout
+        self._held: dict[int, LocalView] = {}
+        self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="local-datapath-attach")
+        self._detached = False
+
+    @classmethod
+    async def open(
+        cls,
+        stub: cachenode_pb2_grpc.KVCacheStub,
+        *,
+        client_id: str | None = None,
+        offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        rpc_timeout: float = 10.0,
+    ) -> LocalDataPath:
+        """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us."""
+        request = cachenode_pb2.AttachRequest(
+            client_id=client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            transport=cachenode_pb2.TRANSPORT_SHM,
+        )
+        call = stub.Attach(request)
+        try:
+            attached = await asyncio.wait_for(call.read(), rpc_timeout)
+        except grpc.aio.AioRpcError as exc:
+            call.cancel()
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise LocalPathUnavailable(f"node offers no shared-memory path: {exc.details()}") from exc
+            raise
+        except BaseException:
+            call.cancel()
+            raise
+        if attached is grpc.aio.EOF:
+            raise LocalPathUnavailable("node ended the Attach stream at once")
+        try:
+            mapping = SegmentMapping(attached.segment, attached.segment_size)
+        except BaseException:
+            call.cancel()
+            raise
+        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout)
+
+    @property
+    def attached(self) -> bool:
+        """False once the session ended (node stopped, or `close()`): use the gRPC path then."""
+        return not self._detached
+
+    async def _follow(self) -> None:
+        try:
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.info("data-path session %s ended: %s", self.session_id, exc.code().name)
+        finally:
+            self._detached = True
+
+    def _check(self) -> None:
+        if self._detached:
+            raise LocalPathUnavailable(f"data-path session {self.session_id} has ended")
+
+    async def _copy(self, dst: memoryview, src: bytes | bytearray | memoryview) -> None:
+        if len(dst) >= self._offload_bytes:
+            await asyncio.to_thread(dst.__setitem__, slice(None), src)
+        else:
+            dst[:] = src
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def put(
+        self, namespace: str, key: bytes, value: bytes | bytearray | memoryview, ttl_seconds: int = 0
+    ) -> None:
+        """Stores a value by writing it straight into the node's memory."""
+        self._check()
+        src = memoryview(value).cast("B")
+        allocated = await self._stub.Allocate(
+            cachenode_pb2.AllocateRequest(
+                session_id=self.session_id, namespace=namespace, key=key, size=len(src), ttl_seconds=ttl_seconds
+            ),
+            timeout=self._timeout,
+        )
+        region = allocated.region
+        sealed = False
+        try:
+            dst = self._mapping.view(region.offset, region.size)
+            try:
+                await self._copy(dst, src)
+            finally:
+                dst.release()
+            await self._stub.Seal(
+                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_id=allocated.allocation_id),
+                timeout=self._timeout,
+            )
+            sealed = True
+        finally:
+            if not sealed:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                    await self._stub.Seal(
+                        cachenode_pb2.SealRequest(
+                            session_id=self.session_id, allocation_id=allocated.allocation_id, abort=True
+                        ),
+                        timeout=self._timeout,
+                    )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[LocalView | None]:
+        """Read-only views of the values (None for a miss); each holds its value until released."""
+        self._check()
+        response = await self._stub.Acquire(
+            cachenode_pb2.AcquireRequest(session_id=self.session_id, namespace=namespace, keys=list(keys)),
+            timeout=self._timeout,
+        )
+        out: list[LocalView | None] = []
+        for key, view in zip(keys, response.views, strict=True):
+            if not view.found:
+                out.append(None)
+                continue
+            local = LocalView(key, view.view_id, self._mapping.view(view.region.offset, view.region.size).toreadonly())
+            self._held[view.view_id] = local
+            out.append(local)
+        return out
+
+    async def release(self, views: Sequence[LocalView | None]) -> int:
+        """Gives views back to the node; reading them afterwards raises ViewReleased."""
+        ids = [v.view_id for v in views if v is not None and not v.released]
+        for v in views:
+            if v is not None:
+                v._drop()
+                self._held.pop(v.view_id, None)
+        if not ids or self._detached:
+            return 0
+        response = await self._stub.ReleaseViews(
+            cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids), timeout=self._timeout
+        )
+        return int(response.released)
+
+    async def get(self, namespace: str, key: bytes) -> bytes | None:
+        """A copy of one value (acquire, copy out, release)."""
+        (view,) = await self.acquire(namespace, [key])
+        if view is None:
+            return None
+        try:
+            if view.size >= self._offload_bytes:
+                return await asyncio.to_thread(view.tobytes)
+            return view.tobytes()
+        finally:
+            await self.release([view])
+
+    async def get_into(self, namespace: str, key: bytes, out: memoryview) -> int | None:
+        """Copies one value into a caller's buffer (no intermediate bytes); returns its size or None."""
+        (view,) = await self.acquire(namespace, [key])
+        if view is None:
+            return None
+        try:
+            if view.size > len(out):
+                raise ValueError(f"value of {view.size} bytes does not fit a buffer of {len(out)}")
+            await self._copy(out[: view.size], view.view)
+            return view.size
+        finally:
+            await self.release([view])
+
+    async def close(self) -> None:
+        """Ends the session: the node releases whatever this client still held."""
+        for view in self._held.values():
+            view._drop()
+        self._held.clear()
+        self._call.cancel()
+        if self._follower is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        self._detached = True
+        self._mapping.close()

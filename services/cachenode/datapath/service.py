@@ -1,0 +1,180 @@
+"""The gRPC face of the data path: the KVCache servicer delegates its data-path RPCs here.
+
+`Attach` is a server stream that stays open while the client lives: its first message
+tells the client where the node's memory is, and when the stream ends, for whatever reason
+(the client closed it, the client process died and its connection broke, the node is
+stopping), the session's views are released and its unsealed allocations dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, guard
+from kvmesh.v1 import cachenode_pb2
+from services.cachenode.datapath.exports import exports_of
+from services.cachenode.datapath.sessions import DataPathLimits, Session, SessionTable
+from services.cachenode.engines.base import Engine, ZeroCopyEngine
+
+log = logging.getLogger("kvmesh.cachenode.datapath")
+
+
+def zero_copy_engine(engine: Engine) -> ZeroCopyEngine | None:
+    """The engine whose memory clients reach: the engine itself, or the first tier of a tier list."""
+    if isinstance(engine, ZeroCopyEngine):
+        return engine
+    first = getattr(engine, "engines", None)  # TieredEngine: L1 first
+    if isinstance(first, list | tuple) and first and isinstance(first[0], ZeroCopyEngine):
+        return first[0]
+    return None
+
+
+class DataPath:
+    """Data-path sessions over one node's engine; `start()` runs the allocation sweeper."""
+
+    def __init__(self, engine: Engine, limits: DataPathLimits | None = None) -> None:
+        self.limits = limits or DataPathLimits()
+        self._engine = zero_copy_engine(engine)
+        self._engine_name = engine.name
+        exports = exports_of(self._engine) if self._engine is not None else {}
+        self.table: SessionTable | None = (
+            SessionTable(self._engine, exports, self.limits) if self._engine is not None else None
+        )
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_node(
+        cls,
+        engine: Engine,
+        *,
+        allocation_timeout_ms: int,
+        max_key_bytes: int,
+        max_value_bytes: int,
+        namespaces: frozenset[str] | None,
+    ) -> DataPath:
+        """The data path of a cache node, from its settings."""
+        return cls(
+            engine,
+            DataPathLimits(
+                allocation_timeout_s=allocation_timeout_ms / 1000,
+                max_key_bytes=max_key_bytes,
+                max_value_bytes=max_value_bytes,
+                namespaces=namespaces,
+            ),
+        )
+
+    @property
+    def transports(self) -> list[int]:
+        return sorted(self.table.exports) if self.table is not None else []
+
+    async def start(self) -> None:
+        if self._sweeper is None and self.table is not None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="datapath-sweeper")
+
+    async def close(self) -> None:
+        """Ends every session (their Attach streams finish) and stops the sweeper; safe twice."""
+        if self.table is not None:
+            self.table.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        assert self.table is not None
+        period = max(0.01, min(1.0, self.limits.allocation_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.table.expire()
+            except Exception:
+                log.exception("allocation sweep failed")
+
+    def _table(self) -> SessionTable:
+        if self.table is None:
+            raise FailedPrecondition(
+                f"engine {self._engine_name} keeps no memory clients can reach: the data path needs "
+                "memory://?arena=shm (same host) or rdma:// (remote)"
+            )
+        return self.table
+
+    def _session(self, session_id: str) -> Session:
+        return self._table().get(session_id)
+
+    # -- RPCs ----------------------------------------------------------------------------
+
+    async def attach(
+        self, request: cachenode_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cachenode_pb2.AttachResponse]:
+        try:
+            table = self._table()
+            session = table.open(request.client_id, request.transport)
+        except KvmeshError as exc:
+            await context.abort(exc.code, str(exc))
+            return
+        export = session.export
+        try:
+            yield cachenode_pb2.AttachResponse(
+                session_id=session.id,
+                transport=export.transport,  # type: ignore[arg-type]
+                segment=export.segment,
+                segment_size=export.size,
+                base_address=export.base_address,
+                allocation_timeout_ms=int(self.limits.allocation_timeout_s * 1000),
+            )
+            await session.ended.wait()
+        finally:
+            # Runs on cancellation too (the client went away): nothing it held survives it.
+            table.end(session)
+
+    @guard
+    async def allocate(
+        self, request: cachenode_pb2.AllocateRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.AllocateResponse:
+        session = self._session(request.session_id)
+        allocation = self._table().allocate(
+            session, request.namespace, request.key, request.size, request.ttl_seconds
+        )
+        res = allocation.reservation
+        return cachenode_pb2.AllocateResponse(
+            allocation_id=allocation.id,
+            region=cachenode_pb2.Region(segment=session.export.segment, offset=res.offset, size=res.size),
+        )
+
+    @guard
+    async def seal(
+        self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.SealResponse:
+        session = self._session(request.session_id)
+        self._table().seal(session, request.allocation_id, request.abort)
+        return cachenode_pb2.SealResponse()
+
+    @guard
+    async def acquire(
+        self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.AcquireResponse:
+        session = self._session(request.session_id)
+        segment = session.export.segment
+        views = []
+        for held in self._table().acquire(session, request.namespace, request.keys):
+            if held is None:
+                views.append(cachenode_pb2.View(found=False))
+                continue
+            view_id, pinned = held
+            region = cachenode_pb2.Region(segment=segment, offset=pinned.offset, size=pinned.size)
+            views.append(cachenode_pb2.View(found=True, view_id=view_id, region=region))
+        return cachenode_pb2.AcquireResponse(views=views)
+
+    @guard
+    async def release_views(
+        self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.ReleaseViewsResponse:
+        session = self._session(request.session_id)
+        released = self._table().release(session, request.view_ids)
+        return cachenode_pb2.ReleaseViewsResponse(released=released)

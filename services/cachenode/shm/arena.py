@@ -1,0 +1,151 @@
+"""`memory://?arena=shm` — the memory engine's region in a named POSIX shared-memory segment.
+
+A client on the same host maps the same segment (`/dev/shm/<name>`) and reads and writes
+values in place: the zero-copy local path. Python's `multiprocessing.shared_memory` is not
+used on purpose: on 3.11 every process that opens a segment registers it with the resource
+tracker, which unlinks it when *that* process exits, so a client would delete the node's
+memory. Plain `os.open` + `mmap` under /dev/shm has no such side effect.
+
+The segment is named `kvmesh-<pid>-<random>`: the node unlinks it on close, and a node that
+was SIGKILLed leaves a file whose pid is dead, which the next node on the host removes
+(`remove_stale_segments`). The file is unlinked as soon as `close()` runs; mappings that
+clients still hold stay valid until they unmap (POSIX semantics), so nobody crashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+from kvmesh.runtime.errors import ResourceExhausted
+from kvmesh.units import format_size
+from kvmesh.uri import Uri
+from services.cachenode.engines.arena import DEFAULT_ALIGNMENT, ExtentAllocator
+
+log = logging.getLogger("kvmesh.cachenode.shm")
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "kvmesh-"
+
+
+def segment_path(name: str) -> Path:
+    """Where a segment lives; `name` must be a plain file name."""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"bad shared-memory segment name {name!r}")
+    return SHM_DIR / name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_segments(directory: Path = SHM_DIR) -> list[str]:
+    """Unlinks `kvmesh-<pid>-*` segments whose node process no longer exists."""
+    removed: list[str] = []
+    for path in directory.glob(f"{SEGMENT_PREFIX}*"):
+        parts = path.name.split("-")
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        if _pid_alive(int(parts[1])):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        log.info("removed stale shared-memory segments: %s", ", ".join(removed))
+    return removed
+
+
+class ShmArena:
+    """An arena whose bytes are a shared-memory segment other processes on the host can map."""
+
+    def __init__(self, capacity: int, alignment: int = DEFAULT_ALIGNMENT, prefault: bool = False) -> None:
+        self._alloc = ExtentAllocator(capacity, alignment)
+        size = max(self._alloc.capacity, 1)
+        remove_stale_segments()
+        free = _free_bytes(SHM_DIR)
+        if size > free:
+            raise ResourceExhausted(
+                f"shared-memory arena of {format_size(size)} does not fit in {SHM_DIR} "
+                f"({format_size(free)} free): lower capacity= or use arena=heap"
+            )
+        self.name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        self.path = segment_path(self.name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if prefault:
+                # Reserves the pages now: a full /dev/shm fails here with ENOSPC instead of a
+                # SIGBUS on first write later.
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
+            self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            raise
+        os.close(fd)
+        self._buffer = memoryview(self._map)
+        self.size = size
+
+    @classmethod
+    def create(cls, capacity: int, uri: Uri | None = None) -> ShmArena:
+        alignment = uri.int_param("alignment", DEFAULT_ALIGNMENT) if uri is not None else DEFAULT_ALIGNMENT
+        prefault = uri.bool_param("prefault", False) if uri is not None else False
+        return cls(capacity, alignment, prefault)
+
+    @property
+    def capacity(self) -> int:
+        return self._alloc.capacity
+
+    @property
+    def allocator(self) -> ExtentAllocator:
+        return self._alloc
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def buffer(self) -> memoryview:
+        """The whole writable region (for registering it with a NIC); valid until close."""
+        if self._map is None:
+            raise ValueError("arena is closed")
+        return self._buffer
+
+    def allocate(self, size: int) -> int | None:
+        return self._alloc.allocate(size)
+
+    def free(self, offset: int, size: int) -> None:
+        self._alloc.free(offset, size)
+
+    def view(self, offset: int, size: int) -> memoryview:
+        if self._map is None:
+            raise ValueError("arena is closed")
+        return self._buffer[offset : offset + size]
+
+    def close(self) -> None:
+        if self._map is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._buffer.release()
+        with contextlib.suppress(BufferError):  # a view is still exported: the mapping goes with it
+            self._map.close()
+        self._map = None
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+

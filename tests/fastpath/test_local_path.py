@@ -1,0 +1,183 @@
+"""The zero-copy local path through real gRPC and a real shm-backed memory engine, in process."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from kvmesh.client.local import LocalDataPath, LocalPathUnavailable, ViewReleased, is_local_address
+from kvmesh.v1 import cachenode_pb2
+from tests.fastpath.harness import datapath_node, wait_until
+
+NS = "t"
+
+
+async def test_put_then_get_through_shared_memory() -> None:
+    async with datapath_node() as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            value = os.urandom(3 * 1024 * 1024 + 17)
+            await path.put(NS, b"k1", value)
+            assert await node.engine.get(NS, b"k1") == value  # the engine holds what we wrote in place
+            assert await path.get(NS, b"k1") == value
+            assert await path.get(NS, b"absent") is None
+            await node.engine.put(NS, b"k2", b"from grpc")  # values written by any path are readable
+            (view,) = await path.acquire(NS, [b"k2"])
+            assert view is not None and bytes(view.view) == b"from grpc"
+            with pytest.raises(TypeError):
+                view.view[0] = 1  # read-only
+            await path.release([view])
+            buf = bytearray(len(value))
+            assert await path.get_into(NS, b"k1", memoryview(buf)) == len(value)
+            assert bytes(buf) == value
+        finally:
+            await path.close()
+        assert await wait_until(lambda: len(node.datapath.table or ()) == 0)
+
+
+async def test_read_after_release_is_a_clear_error_and_double_release_is_refused() -> None:
+    async with datapath_node() as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            await path.put(NS, b"k", b"v" * 100)
+            (view,) = await path.acquire(NS, [b"k"])
+            assert view is not None
+            view_id = view.view_id
+            assert await path.release([view]) == 1
+            with pytest.raises(ViewReleased, match="released"):
+                _ = view.view
+            # The node refuses the same id twice, and ids it never gave, without changing anything.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await node.stub.ReleaseViews(
+                    cachenode_pb2.ReleaseViewsRequest(session_id=path.session_id, view_ids=[view_id])
+                )
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "already released" in (err.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await node.stub.ReleaseViews(
+                    cachenode_pb2.ReleaseViewsRequest(session_id=path.session_id, view_ids=[987654])
+                )
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await path.close()
+
+
+async def test_seal_twice_and_unknown_ids_are_refused() -> None:
+    async with datapath_node() as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            stub, sid = node.stub, path.session_id
+            alloc = await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"k", size=4))
+            await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "sealed" in (err.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=424242))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Allocate(cachenode_pb2.AllocateRequest(session_id="nope", namespace=NS, key=b"k", size=4))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"", size=4))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Allocate(
+                    cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"k", size=1 << 40)
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # An aborted allocation publishes nothing; the sealed one is intact.
+            alloc2 = await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"x", size=4))
+            await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc2.allocation_id, abort=True))
+            assert await node.engine.get(NS, b"x") is None
+            assert await node.engine.get(NS, b"k") == b"\0\0\0\0"
+            assert node.engine.used_bytes == 4
+        finally:
+            await path.close()
+
+
+async def test_allocation_never_sealed_is_dropped_after_the_timeout() -> None:
+    async with datapath_node(allocation_timeout_ms=300) as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            assert path.allocation_timeout_ms == 300
+            stub, sid = node.stub, path.session_id
+            alloc = await stub.Allocate(
+                cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"k", size=1 << 20)
+            )
+            assert node.engine.used_bytes == 1 << 20
+            assert await wait_until(lambda: node.engine.used_bytes == 0)  # no leak
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "not sealed within 300 ms" in (err.value.details() or "")
+            assert await node.engine.get(NS, b"k") is None
+        finally:
+            await path.close()
+
+
+async def test_held_view_survives_eviction_pressure_and_overwrite() -> None:
+    async with datapath_node("memory://?capacity=4MiB&arena=shm") as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            first = b"A" * (1 << 20)
+            await path.put(NS, b"held", first)
+            (view,) = await path.acquire(NS, [b"held"])
+            assert view is not None
+            await path.put(NS, b"held", b"B" * (1 << 20))  # overwrite hides it but must not free it
+            for i in range(8):  # fill far past capacity: eviction must skip the pinned extent
+                await path.put(NS, f"fill{i}".encode(), bytes([i]) * (1 << 20))
+            assert bytes(view.view) == first  # not corrupted
+            await path.release([view])
+            assert await path.get(NS, b"held") in (None, b"B" * (1 << 20))
+        finally:
+            await path.close()
+
+
+async def test_capacity_pinned_full_answers_resource_exhausted() -> None:
+    async with datapath_node("memory://?capacity=2MiB&arena=shm") as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            await path.put(NS, b"a", b"a" * (1 << 20))
+            await path.put(NS, b"b", b"b" * (1 << 20))
+            views = await path.acquire(NS, [b"a", b"b"])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await path.put(NS, b"c", b"c" * (1 << 20))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await path.release(views)
+            await path.put(NS, b"c", b"c" * (1 << 20))  # evictable again
+        finally:
+            await path.close()
+
+
+async def test_closing_the_session_releases_views_and_drops_allocations() -> None:
+    async with datapath_node() as node:
+        path = await LocalDataPath.open(node.stub)
+        await path.put(NS, b"k", b"v" * 1000)
+        await node.engine.delete(NS, b"k")  # hidden, but held below
+        await path.put(NS, b"k", b"v" * 1000)
+        views = await path.acquire(NS, [b"k"])
+        assert views[0] is not None
+        await node.stub.Allocate(
+            cachenode_pb2.AllocateRequest(session_id=path.session_id, namespace=NS, key=b"u", size=5000)
+        )
+        await node.engine.delete(NS, b"k")
+        assert node.engine.used_bytes == 6000  # the held view and the open allocation
+        await path.close()
+        assert await wait_until(lambda: node.engine.used_bytes == 0)
+        assert await wait_until(lambda: len(node.datapath.table or ()) == 0)
+        with pytest.raises(LocalPathUnavailable):
+            await path.put(NS, b"k", b"x")
+
+
+async def test_engine_without_shared_memory_is_refused_and_locality_detected() -> None:
+    async with datapath_node("memory://?capacity=1MiB&arena=heap") as node:
+        with pytest.raises(LocalPathUnavailable, match="shared-memory"):
+            await LocalDataPath.open(node.stub)
+    assert await is_local_address("127.0.0.1:5000")
+    assert await is_local_address("localhost:5000")
+    assert not await is_local_address("192.0.2.1:5000")  # TEST-NET-1: never an interface here
+    assert not await is_local_address("no-such-host.invalid:1")
