@@ -1,0 +1,28 @@
+"""`kvmesh metadata`: run the metadata service."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.runtime.server import run_service
+from kvmesh.uri import UriError
+from services.metadata.settings import MetadataSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, MetadataSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(MetadataSettings, args)
+    from services.metadata.service import MetadataService
+    from services.metadata.stores.registry import resolve_backend
+
+    try:
+        resolve_backend(settings.backend)  # a bad URI is a usage error, reported before serving
+    except UriError as exc:
+        print(f"kvmesh metadata: invalid --backend: {exc}", file=sys.stderr)
+        return 2
+    return run_service(MetadataService(settings), settings)

@@ -1,0 +1,169 @@
+"""Membership as a layer over any `Store`: members are keys bound to their lease.
+
+A member lives at `members/<role>/<id>` (its serialized `Member`), bound to its lease, so
+lease expiry or revocation deletes it in the backend itself and every replica sees the
+same LEAVE. `leases/<lease_id>` (bound to the same lease) maps a lease back to its member
+key, so any replica can serve a KeepAlive for a lease granted through another one: nothing
+needed to serve a member is kept only in one replica's memory.
+
+Events map from store changes: a put of a new key is JOIN, an overwrite is UPDATE (load
+changes, and a Register that replaces a member with the same id), a delete is LEAVE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from google.protobuf.message import DecodeError
+
+from kvmesh.runtime.errors import Unavailable
+from kvmesh.v1 import common_pb2, metadata_pb2
+from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, StoreHandle
+
+MEMBERS = "members/"
+LEASES = "leases/"
+
+ROLE_NAMES: dict[int, str] = {
+    common_pb2.ROLE_ENGINE: "engine",
+    common_pb2.ROLE_CACHENODE: "cachenode",
+    common_pb2.ROLE_ROUTER: "router",
+}
+ROLES_BY_NAME = {name: role for role, name in ROLE_NAMES.items()}
+
+
+def role_prefix(role: int) -> str:
+    """Where members of `role` live (ROLE_UNSPECIFIED: all roles)."""
+    return MEMBERS if role == common_pb2.ROLE_UNSPECIFIED else f"{MEMBERS}{ROLE_NAMES[role]}/"
+
+
+def member_key(member: common_pb2.Member) -> str:
+    return f"{role_prefix(member.role)}{member.id}"
+
+
+def lease_key(lease_id: int) -> str:
+    return f"{LEASES}{lease_id}"
+
+
+def decode_member(key: str, value: bytes) -> common_pb2.Member:
+    """The stored member; for a value we cannot read, at least its id and role from the key."""
+    member = common_pb2.Member()
+    with contextlib.suppress(DecodeError):
+        member.ParseFromString(value)
+    if not member.id:
+        _, role_name, member_id = key.split("/", 2)
+        member.id = member_id
+        member.role = ROLES_BY_NAME.get(role_name, common_pb2.ROLE_UNSPECIFIED)  # type: ignore[assignment]
+    return member
+
+
+def event_for(change: Change) -> metadata_pb2.MembershipEvent:
+    if change.kind == "delete":
+        kind = metadata_pb2.LEAVE
+    else:
+        kind = metadata_pb2.JOIN if change.created else metadata_pb2.UPDATE
+    return metadata_pb2.MembershipEvent(
+        type=kind, members=[decode_member(change.key, change.value)], revision=change.revision
+    )
+
+
+class MemberDirectory:
+    """Register / renew / leave / list / watch, identical on every backend."""
+
+    # How often Register retries its compare-and-swap when another registration races it.
+    CAS_ATTEMPTS = 8
+
+    def __init__(self, handle: StoreHandle) -> None:
+        self._handle = handle
+
+    @property
+    def store(self) -> Store:
+        return self._handle.store
+
+    async def register(self, member: common_pb2.Member, ttl_seconds: int) -> tuple[int, int, int]:
+        """Creates or replaces the member under a new lease: (lease_id, ttl, revision).
+
+        A member with the same role and id is overwritten (watchers see UPDATE) and its old
+        lease is revoked, with whatever else was bound to it.
+        """
+        key = member_key(member)
+        lease_id, ttl = await self.store.grant(ttl_seconds)
+        try:
+            await self.store.put(lease_key(lease_id), key.encode(), lease_id)
+            value = member.SerializeToString()
+            for _ in range(self.CAS_ATTEMPTS):
+                current = await self.store.get(key)
+                expected = current.mod_revision if current else 0
+                ok, revision, _ = await self.store.compare_and_swap(key, expected, value, lease_id)
+                if ok:
+                    break
+            else:
+                raise Unavailable(f"member {member.id!r} is being registered concurrently; retry")
+            if current is not None and current.lease_id and current.lease_id != lease_id:
+                with contextlib.suppress(LeaseNotFound):
+                    await self.store.revoke(current.lease_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.revoke(lease_id)
+            raise
+        return lease_id, ttl, revision
+
+    async def refresh(self, lease_id: int) -> int:
+        return await self.store.refresh(lease_id)
+
+    async def deregister(self, lease_id: int) -> int:
+        return await self.store.revoke(lease_id)
+
+    async def member_of(self, lease_id: int) -> Entry:
+        """The member entry bound to `lease_id`; LeaseNotFound when there is none."""
+        index = await self.store.get(lease_key(lease_id))
+        if index is None:
+            raise LeaseNotFound(lease_id)
+        entry = await self.store.get(index.value.decode())
+        if entry is None or entry.lease_id != lease_id:
+            raise LeaseNotFound(lease_id)
+        return entry
+
+    async def update_load(self, lease_id: int, entry: Entry | None, load: common_pb2.Load) -> Entry:
+        """Writes a new load into the member (one UPDATE event); returns the entry written."""
+        for _ in range(2):
+            if entry is None:
+                entry = await self.member_of(lease_id)
+            member = decode_member(entry.key, entry.value)
+            member.load.CopyFrom(load)
+            value = member.SerializeToString()
+            ok, _, current = await self.store.compare_and_swap(entry.key, entry.mod_revision, value, lease_id)
+            if ok and current is not None:
+                return current
+            entry = None  # changed under us (a re-register): read it again
+        raise LeaseNotFound(lease_id)
+
+    async def list(self, role: int) -> tuple[list[common_pb2.Member], int]:
+        entries, revision = await self.store.range(role_prefix(role))
+        return [decode_member(e.key, e.value) for e in entries], revision
+
+    async def watch(self, role: int, start_revision: int) -> AsyncIterator[metadata_pb2.MembershipEvent]:
+        """A replay after `start_revision` when retained, otherwise a SNAPSHOT; then live events."""
+        prefix = role_prefix(role)
+        if start_revision > 0:
+            try:
+                async with contextlib.aclosing(self.store.watch(prefix, start_revision)) as changes:
+                    async for change in changes:
+                        yield event_for(change)
+                return
+            except Compacted:
+                pass  # raised before any event: answer with a snapshot instead
+        while True:
+            entries, revision = await self.store.range(prefix)
+            yield metadata_pb2.MembershipEvent(
+                type=metadata_pb2.SNAPSHOT,
+                members=[decode_member(e.key, e.value) for e in entries],
+                revision=revision,
+            )
+            try:
+                async with contextlib.aclosing(self.store.watch(prefix, revision)) as changes:
+                    async for change in changes:
+                        yield event_for(change)
+                return
+            except Compacted:
+                continue  # compacted between the range and the watch: take a new snapshot

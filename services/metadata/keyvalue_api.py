@@ -1,0 +1,119 @@
+"""The `kvmesh.v1.Metadata` gRPC service: a small KV for mesh-wide settings and locks.
+
+User keys live under `kv/` in the store, apart from membership's own keys. A watch
+starts at the current revision (start_revision 0) or replays the events after
+`start_revision`; when those are no longer retained it ends with OUT_OF_RANGE, and the
+client reads the current state with Range and watches from the revision Range returned
+(etcd's model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh.runtime.errors import KvmeshError, guard
+from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+from services.metadata.stores.base import Change, Compacted, Entry, Store, StoreHandle
+from services.metadata.streaming import abort_with
+from services.metadata.validation import Limits, check_key, check_lease, check_prefix, check_value
+
+KV = "kv/"
+
+
+class OutOfRange(KvmeshError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+def _kv(entry: Entry) -> metadata_pb2.KeyValue:
+    return metadata_pb2.KeyValue(
+        key=entry.key[len(KV) :], value=entry.value, mod_revision=entry.mod_revision, lease_id=entry.lease_id
+    )
+
+
+def _event(change: Change) -> metadata_pb2.KeyEvent:
+    kind = metadata_pb2.KEY_PUT if change.kind == "put" else metadata_pb2.KEY_DELETE
+    kv = metadata_pb2.KeyValue(key=change.key[len(KV) :], value=change.value, lease_id=change.lease_id)
+    if change.kind == "put":
+        kv.mod_revision = change.revision
+    return metadata_pb2.KeyEvent(type=kind, kv=kv, revision=change.revision)
+
+
+class KeyValueApi(metadata_pb2_grpc.MetadataServicer):
+    def __init__(self, handle: StoreHandle, limits: Limits) -> None:
+        self._handle = handle
+        self._limits = limits
+
+    @property
+    def _store(self) -> Store:
+        return self._handle.store
+
+    @guard
+    async def Get(self, request: metadata_pb2.GetKeyRequest, context: grpc.aio.ServicerContext
+                  ) -> metadata_pb2.GetKeyResponse:
+        check_key(request.key, self._limits)
+        entry = await self._store.get(KV + request.key)
+        if entry is None:
+            return metadata_pb2.GetKeyResponse(found=False)
+        return metadata_pb2.GetKeyResponse(found=True, value=entry.value, mod_revision=entry.mod_revision)
+
+    @guard
+    async def Put(self, request: metadata_pb2.PutKeyRequest, context: grpc.aio.ServicerContext
+                  ) -> metadata_pb2.PutKeyResponse:
+        check_key(request.key, self._limits)
+        check_value(request.value, self._limits)
+        if request.lease_id:
+            check_lease(request.lease_id)
+        revision = await self._store.put(KV + request.key, request.value, request.lease_id)
+        return metadata_pb2.PutKeyResponse(revision=revision)
+
+    @guard
+    async def Delete(self, request: metadata_pb2.DeleteKeyRequest, context: grpc.aio.ServicerContext
+                     ) -> metadata_pb2.DeleteKeyResponse:
+        check_key(request.key, self._limits)
+        deleted, revision = await self._store.delete(KV + request.key)
+        return metadata_pb2.DeleteKeyResponse(deleted=deleted, revision=revision)
+
+    @guard
+    async def Range(self, request: metadata_pb2.RangeRequest, context: grpc.aio.ServicerContext
+                    ) -> metadata_pb2.RangeResponse:
+        check_prefix(request.prefix, self._limits)
+        entries, revision = await self._store.range(KV + request.prefix, request.limit)
+        return metadata_pb2.RangeResponse(kvs=[_kv(e) for e in entries], revision=revision)
+
+    @guard
+    async def CompareAndSwap(
+        self, request: metadata_pb2.CompareAndSwapRequest, context: grpc.aio.ServicerContext
+    ) -> metadata_pb2.CompareAndSwapResponse:
+        check_key(request.key, self._limits)
+        check_value(request.value, self._limits)
+        if request.expected_mod_revision < 0:
+            raise ValueError("expected_mod_revision must not be negative")
+        ok, revision, current = await self._store.compare_and_swap(
+            KV + request.key, request.expected_mod_revision, request.value
+        )
+        response = metadata_pb2.CompareAndSwapResponse(succeeded=ok, revision=revision)
+        if current is not None:
+            response.current.CopyFrom(_kv(current))
+        return response
+
+    async def Watch(
+        self, request: metadata_pb2.WatchKeysRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[metadata_pb2.KeyEvent]:
+        try:
+            check_prefix(request.prefix, self._limits)
+            if request.start_revision < 0:
+                raise ValueError("start_revision must not be negative")
+            after = request.start_revision or await self._store.revision()
+            try:
+                async with contextlib.aclosing(self._store.watch(KV + request.prefix, after)) as changes:
+                    async for change in changes:
+                        yield _event(change)
+            except Compacted as exc:
+                raise OutOfRange(
+                    f"revision {request.start_revision} is no longer retained: Range, then watch from its revision"
+                ) from exc
+        except Exception as exc:
+            await abort_with(context, exc)

@@ -1,0 +1,99 @@
+"""The `kvmesh.v1.Membership` gRPC service over a `MemberDirectory`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh.runtime.errors import guard
+from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+from services.metadata.directory import MemberDirectory, decode_member
+from services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
+from services.metadata.stores.base import Entry
+from services.metadata.streaming import abort_with
+from services.metadata.validation import Limits, check_lease, check_member, check_role, check_ttl
+
+
+class MembershipApi(metadata_pb2_grpc.MembershipServicer):
+    def __init__(
+        self,
+        directory: MemberDirectory,
+        limits: Limits,
+        heartbeat: HeartbeatPolicy,
+        load_updates: LoadUpdatePolicy,
+    ) -> None:
+        self._directory = directory
+        self._limits = limits
+        self._heartbeat = heartbeat
+        self._load_updates = load_updates
+        self.keepalive_streams = 0  # this replica's load: heartbeat interval and load rate adapt to it
+
+    def _interval_ms(self, ttl: int) -> int:
+        return self._heartbeat.interval_ms(ttl, max(1, self.keepalive_streams))
+
+    @guard
+    async def Register(
+        self, request: metadata_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> metadata_pb2.RegisterResponse:
+        check_member(request.member, self._limits)
+        check_ttl(request.ttl_seconds, self._limits)
+        lease_id, ttl, revision = await self._directory.register(request.member, request.ttl_seconds)
+        return metadata_pb2.RegisterResponse(
+            lease_id=lease_id, ttl_seconds=ttl, heartbeat_interval_ms=self._interval_ms(ttl), revision=revision
+        )
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[metadata_pb2.KeepAliveRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[metadata_pb2.KeepAliveResponse]:
+        self.keepalive_streams += 1
+        lease_id = 0
+        entry: Entry | None = None
+        throttle: LoadThrottle | None = None
+        try:
+            async for request in request_iterator:
+                check_lease(request.lease_id)
+                if request.lease_id != lease_id:  # first message, or the client switched leases
+                    lease_id = request.lease_id
+                    entry = await self._directory.member_of(lease_id)
+                    throttle = LoadThrottle(self._load_updates, decode_member(entry.key, entry.value).load)
+                ttl = await self._directory.refresh(lease_id)
+                assert throttle is not None
+                if request.HasField("load") and throttle.due(request.load, self.keepalive_streams):
+                    entry = await self._directory.update_load(lease_id, entry, request.load)
+                    throttle.wrote(request.load)
+                yield metadata_pb2.KeepAliveResponse(
+                    lease_id=lease_id, ttl_seconds=ttl, heartbeat_interval_ms=self._interval_ms(ttl)
+                )
+        except Exception as exc:
+            await abort_with(context, exc)
+        finally:
+            self.keepalive_streams -= 1
+
+    @guard
+    async def Deregister(
+        self, request: metadata_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> metadata_pb2.DeregisterResponse:
+        check_lease(request.lease_id)
+        await self._directory.deregister(request.lease_id)
+        return metadata_pb2.DeregisterResponse()
+
+    @guard
+    async def List(
+        self, request: metadata_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> metadata_pb2.ListResponse:
+        check_role(request.role, allow_unspecified=True)
+        members, revision = await self._directory.list(request.role)
+        return metadata_pb2.ListResponse(members=members, revision=revision)
+
+    async def Watch(
+        self, request: metadata_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[metadata_pb2.MembershipEvent]:
+        try:
+            check_role(request.role, allow_unspecified=True)
+            if request.start_revision < 0:
+                raise ValueError(f"start_revision must not be negative, got {request.start_revision}")
+            async for event in self._directory.watch(request.role, request.start_revision):
+                yield event
+        except Exception as exc:
+            await abort_with(context, exc)

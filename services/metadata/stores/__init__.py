@@ -1,0 +1,1 @@
+"""Metadata backends: one revisioned-KV interface (`base.Store`), selected by URI (`registry`)."""
