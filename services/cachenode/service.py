@@ -81,8 +81,9 @@ class CacheNodeService(Service):
                 max_value_bytes=self.settings.max_value_bytes,
                 namespaces=self.settings.allowed_namespaces,
             )
-            await self._datapath.start()
-            self.servicer.datapath = self._datapath
+            if self._datapath is not None:
+                await self._datapath.start()
+                self.servicer.datapath = self._datapath
         if self.settings.standalone:
             return
         member = common_pb2.Member(

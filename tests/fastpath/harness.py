@@ -19,9 +19,13 @@ from services.cachenode.service import CacheNodeService
 @dataclass
 class Node:
     engine: MemoryEngine
-    datapath: DataPath
+    datapath: DataPath | None  # None when the engine offers no data path (heap arena)
     address: str
     stub: cachenode_pb2_grpc.KVCacheStub
+
+    def sessions(self) -> int:
+        """Attached data-path sessions."""
+        return len(self.datapath.table or ()) if self.datapath is not None else 0
 
 
 @asynccontextmanager
@@ -43,7 +47,8 @@ async def datapath_node(
     channel = open_channel(address)
     try:
         engine, datapath = service.engine, service.servicer.datapath
-        assert isinstance(engine, MemoryEngine) and isinstance(datapath, DataPath)
+        assert isinstance(engine, MemoryEngine)
+        assert datapath is None or isinstance(datapath, DataPath)
         yield Node(engine, datapath, address, cachenode_pb2_grpc.KVCacheStub(channel))
     finally:
         await channel.close()

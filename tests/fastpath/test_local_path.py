@@ -34,7 +34,7 @@ async def test_put_then_get_through_shared_memory() -> None:
             assert bytes(buf) == value
         finally:
             await path.close()
-        assert await wait_until(lambda: len(node.datapath.table or ()) == 0)
+        assert await wait_until(lambda: node.sessions() == 0)
 
 
 async def test_read_after_release_is_a_clear_error_and_double_release_is_refused() -> None:
@@ -168,7 +168,7 @@ async def test_closing_the_session_releases_views_and_drops_allocations() -> Non
         assert node.engine.used_bytes == 6000  # the held view and the open allocation
         await path.close()
         assert await wait_until(lambda: node.engine.used_bytes == 0)
-        assert await wait_until(lambda: len(node.datapath.table or ()) == 0)
+        assert await wait_until(lambda: node.sessions() == 0)
         with pytest.raises(LocalPathUnavailable):
             await path.put(NS, b"k", b"x")
 

@@ -56,8 +56,11 @@ class DataPath:
         max_key_bytes: int,
         max_value_bytes: int,
         namespaces: frozenset[str] | None,
-    ) -> DataPath:
-        """The data path of a cache node, from its settings."""
+    ) -> DataPath | None:
+        """The data path of a cache node, from its settings; None when its engine offers no transport."""
+        engine_zc = zero_copy_engine(engine)
+        if engine_zc is None or not exports_of(engine_zc):
+            return None
         return cls(
             engine,
             DataPathLimits(
