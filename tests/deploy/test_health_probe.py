@@ -44,7 +44,7 @@ def test_probe_address_maps_wildcards_to_loopback() -> None:
 
 async def test_health_follows_serving_state() -> None:
     port = free_port()
-    runtime = ServerRuntime(_Empty(), ServiceSettings(listen=f"127.0.0.1:{port}"))
+    runtime = ServerRuntime(_Empty(), ServiceSettings.model_validate({"listen": f"127.0.0.1:{port}"}))
     await runtime.start()
     try:
         code, out = await _health("--address", f"127.0.0.1:{port}")

@@ -1,0 +1,73 @@
+"""deploy/compose/docker-compose.yml is accepted by Docker Compose v2 and has the promised shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.compose import COMPOSE_FILE, PROFILES, resolved_config, run_compose
+
+KVMESH_SERVICES = {"metadata", "cachenode", "router", "enginesim"}
+
+
+def test_compose_config_accepts_the_file() -> None:
+    for profile in (None, *PROFILES):
+        done = run_compose("config", "--quiet", profile=profile)
+        assert done.returncode == 0, (profile, done.stderr)
+
+
+def test_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The check has teeth: an unknown depends_on condition is refused."""
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("condition: service_healthy", "condition: when_ready", 1))
+    done = run_compose("config", "--quiet", compose_file=broken)
+    assert done.returncode != 0 and "condition value must be one of" in done.stderr
+
+
+@pytest.mark.parametrize("profile", [None, *PROFILES])
+def test_profiles_select_the_metadata_backend(profile: str | None) -> None:
+    services = resolved_config(profile)["services"]
+    backend_service = "redis" if profile == "redis" else "etcd"
+    other = "etcd" if backend_service == "redis" else "redis"
+    assert backend_service in services and other not in services
+    metadata = {n: s for n, s in services.items() if s.get("command") == ["metadata"]}
+    assert len(metadata) == 2
+    for svc in metadata.values():
+        assert svc["environment"]["KVMESH_BACKEND"].startswith(f"{backend_service}://{backend_service}:")
+        assert svc["depends_on"][backend_service]["condition"] == "service_healthy"
+    # Members reach the pair by the same names whatever the profile (aliases under redis).
+    names = set()
+    for name, svc in metadata.items():
+        names.add(name)
+        names |= set((svc.get("networks", {}).get("default") or {}).get("aliases", []))
+    assert {"metadata-1", "metadata-2"} <= names
+    roles = [s["command"][0] for s in services.values() if "command" in s and s.get("image", "").startswith("kvmesh/")]
+    assert sorted(roles) == sorted(["metadata"] * 2 + ["cachenode"] * 3 + ["router"] + ["enginesim"] * 2 + ["bench"])
+
+
+def test_services_are_configured_by_env_and_health_checked() -> None:
+    config = resolved_config()
+    services = config["services"]
+    for name, svc in services.items():
+        if not svc.get("image", "").startswith("kvmesh/"):
+            continue
+        assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile", name
+        assert not [a for a in svc["command"] if a.startswith("-")], f"{name}: settings go through KVMESH_* env"
+        assert all(k.startswith("KVMESH_") for k in svc["environment"]), name
+        if svc["command"][0] in KVMESH_SERVICES:
+            assert svc["healthcheck"]["test"][:3] == ["CMD", "kvmesh", "health"], name
+            assert svc["environment"]["KVMESH_LISTEN"].startswith("0.0.0.0:"), name
+        else:  # the one-shot job
+            assert svc["restart"] == "no" and svc["healthcheck"]["disable"] is True
+        for dep, how in svc.get("depends_on", {}).items():
+            if how.get("required", True):
+                assert dep in services, (name, dep)
+            assert how["condition"] == "service_healthy", (name, dep)
+    for i in (1, 2, 3):
+        node = services[f"cachenode-{i}"]
+        volume = next(v for v in node["volumes"] if v["target"] == "/data")
+        assert volume["type"] == "volume" and volume["source"] == f"cachenode-{i}-data"
+        assert volume["source"] in config["volumes"]
+        tiers = node["environment"]["KVMESH_ENGINE"].split(",")
+        assert tiers[0].startswith("memory://") and tiers[1].startswith("disk:///data")

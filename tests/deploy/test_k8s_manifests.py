@@ -1,0 +1,157 @@
+"""Every kustomize overlay renders, passes `kubernetes-validate --strict`, and keeps the promises of the design."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from tests.deploy.k8s import (
+    K8S,
+    KUBE_VERSIONS,
+    by_kind,
+    documents,
+    pod_spec,
+    render,
+    selector_matches,
+    validate_cli,
+)
+
+OVERLAYS = ("etcd", "byo-etcd", "byo-redis", "demo")
+KVMESH_PORTS = {"metadata": 7400, "cachenode": 7500, "router": 7600, "enginesim": 7700}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    out = {}
+    for overlay in OVERLAYS:
+        text = render(K8S / "overlays" / overlay)
+        path = tmp_path_factory.mktemp("k8s") / f"{overlay}.yaml"
+        path.write_text(text)
+        out[overlay] = (path, documents(text))
+    return out
+
+
+def _workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_overlay_validates_strictly(rendered, overlay: str, version: str) -> None:
+    path, objs = rendered[overlay]
+    done = validate_cli(path, version)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(objs) >= 12
+
+
+def test_strict_validation_rejects_unknown_fields(rendered) -> None:
+    """The validator is not a rubber stamp: one unknown field in a rendered object fails."""
+    _, objs = rendered["etcd"]
+    bad = copy.deepcopy(by_kind(objs, "StatefulSet")["kvmesh-cachenode"])
+    bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpcc"] = {"port": 7500}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, KUBE_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shape_of_the_mesh(rendered, overlay: str) -> None:
+    _, objs = rendered[overlay]
+    deployments, statefulsets = by_kind(objs, "Deployment"), by_kind(objs, "StatefulSet")
+    services = by_kind(objs, "Service")
+    assert deployments["kvmesh-metadata"]["spec"]["replicas"] == 2
+    assert deployments["kvmesh-router"]["spec"]["replicas"] >= 1
+    cache = statefulsets["kvmesh-cachenode"]
+    assert cache["spec"]["replicas"] == 3
+    headless = services[cache["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert cache["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"kvmesh"}
+    # Every Service selects some pods of the render, on a port those pods expose.
+    pods = [(o["spec"]["template"]["metadata"]["labels"], pod_spec(o)) for o in _workloads(objs)]
+    for name, svc in services.items():
+        targets = [spec for labels, spec in pods if selector_matches(svc["spec"]["selector"], labels)]
+        assert targets, f"Service {name} selects nothing"
+        exposed = {p.get("name") for spec in targets for c in spec["containers"] for p in c.get("ports", [])}
+        exposed |= {p["containerPort"] for spec in targets for c in spec["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port.get("targetPort", port["port"]) in exposed, (name, port)
+    if overlay in ("etcd", "demo"):
+        assert statefulsets["kvmesh-etcd"]["spec"]["replicas"] == 3
+    else:
+        assert "kvmesh-etcd" not in statefulsets
+    if overlay == "demo":
+        assert deployments["kvmesh-enginesim"]["spec"]["replicas"] == 2
+        assert by_kind(objs, "Job")["kvmesh-bench"]["spec"]["template"]["spec"]["containers"][0]["args"][0] == "bench"
+
+
+@pytest.mark.parametrize(
+    ("overlay", "expected"),
+    [
+        ("etcd", "etcd://kvmesh-etcd:2379?prefix=/kvmesh"),
+        ("demo", "etcd://kvmesh-etcd:2379?prefix=/kvmesh"),
+        ("byo-etcd", "etcd://etcd.example.svc:2379?prefix=/kvmesh"),
+        ("byo-redis", "redis://:$(KVMESH_REDIS_PASSWORD)@$(KVMESH_REDIS_ADDRESS)/$(KVMESH_REDIS_DB)"),
+    ],
+)
+def test_metadata_backend_per_overlay(rendered, overlay: str, expected: str) -> None:
+    """The backend URI the metadata pods get, after ConfigMap and $(VAR) wiring."""
+    _, objs = rendered[overlay]
+    configmaps = by_kind(objs, "ConfigMap")
+    container = pod_spec(by_kind(objs, "Deployment")["kvmesh-metadata"])["containers"][0]
+    env: dict[str, str] = {}
+    for source in container["envFrom"]:
+        env.update(configmaps[source["configMapRef"]["name"]]["data"])
+    env.update(_env(container))
+    assert env["KVMESH_BACKEND"] == expected
+    if overlay == "byo-redis":
+        names = [e["name"] for e in container["env"]]
+        # $(VAR) expansion only sees variables defined earlier.
+        assert names.index("KVMESH_REDIS_PASSWORD") < names.index("KVMESH_BACKEND")
+        secret = next(e for e in container["env"] if e["name"] == "KVMESH_REDIS_PASSWORD")
+        assert secret["valueFrom"]["secretKeyRef"] == {"name": "kvmesh-redis", "key": "password", "optional": True}
+        assert env["KVMESH_REDIS_ADDRESS"] and env["KVMESH_REDIS_DB"] == "0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_hardened_probed_and_spread(rendered, overlay: str) -> None:
+    _, objs = rendered[overlay]
+    configmaps = by_kind(objs, "ConfigMap")
+    pdbs = list(by_kind(objs, "PodDisruptionBudget").values())
+    for obj in _workloads(objs):
+        name, spec = obj["metadata"]["name"], pod_spec(obj)
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, name
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert spec.get("automountServiceAccountToken") is False, name
+        for c in spec["containers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"], name
+            assert csc["readOnlyRootFilesystem"] is True, name
+            assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"], name
+            for source in c.get("envFrom", []):
+                assert source["configMapRef"]["name"] in configmaps, (name, source)
+            if c["image"].startswith("kvmesh/kvmesh"):
+                assert c["image"] == "kvmesh/kvmesh:0.1.0"
+                role = c["args"][0]
+                if role in KVMESH_PORTS:
+                    port = KVMESH_PORTS[role]
+                    assert _env(c)["KVMESH_LISTEN"] == f"0.0.0.0:{port}", name
+                    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                        assert c[probe]["grpc"]["port"] == port, (name, probe)
+        if obj["kind"] == "Job":
+            continue
+        spread = spec["topologySpreadConstraints"]
+        assert {t["topologyKey"] for t in spread} >= {"kubernetes.io/hostname"}, name
+        assert all(selector_matches(t["labelSelector"], labels) for t in spread), name
+        if obj["spec"]["replicas"] > 1 and labels["app.kubernetes.io/component"] != "enginesim":
+            covering = [p for p in pdbs if selector_matches(p["spec"]["selector"], labels)]
+            assert len(covering) == 1, f"{name} needs exactly one PodDisruptionBudget"
