@@ -1,0 +1,112 @@
+"""Faults on the zero-copy path with real processes: a client SIGKILLed while it holds views
+and an unsealed allocation, and a client that allocates and never seals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+
+from kvmesh.runtime.channels import open_channel
+from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+from services.cachenode.shm.arena import SHM_DIR
+
+pytestmark = pytest.mark.integration
+
+NS = "faults"
+MiB = 1 << 20
+
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from kvmesh.runtime.channels import open_channel
+    from kvmesh.client.local import LocalDataPath
+    from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+
+    async def main():
+        stub = cachenode_pb2_grpc.KVCacheStub(open_channel(sys.argv[1]))
+        path = await LocalDataPath.open(stub, client_id="holder")
+        await path.put("faults", b"held", b"H" * (1 << 20))
+        views = await path.acquire("faults", [b"held", b"held", b"other"])
+        assert all(v is not None for v in views)
+        await stub.Allocate(cachenode_pb2.AllocateRequest(
+            session_id=path.session_id, namespace="faults", key=b"unsealed", size=2 << 20))
+        print("HELD", flush=True)
+        await asyncio.sleep(3600)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def _used(stub: cachenode_pb2_grpc.KVCacheStub) -> int:
+    return int((await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes)
+
+
+async def _wait_used(stub: cachenode_pb2_grpc.KVCacheStub, expected: int, timeout: float = 20.0) -> int:
+    deadline = asyncio.get_running_loop().time() + timeout
+    used = await _used(stub)
+    while used != expected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        used = await _used(stub)
+    return used
+
+
+async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> None:
+    node = kvmesh(
+        "cachenode", "--standalone", "--engine", "memory://?capacity=8MiB&arena=shm", "--allocation-timeout-ms",
+        "600000",  # only the broken Attach stream may free the unsealed allocation here
+    )
+    channel = open_channel(node.address or "")
+    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+    await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"other", value=os.urandom(MiB)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, node.address or ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=kvmesh_env(), cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 60)
+        assert line.strip() == b"HELD", line
+        await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"held"))
+        await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"other"))
+        # Deleted but held by the client's views, plus its 2 MiB unsealed allocation.
+        assert await _used(stub) == 4 * MiB
+        # Meanwhile the node refuses what it cannot fit without freeing held memory.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"big", value=b"x" * (5 * MiB)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        assert await _wait_used(stub, 0) == 0  # the broken stream released every view and allocation
+        # The space is reclaimable and nothing is corrupted: a full-size value round-trips.
+        value = os.urandom(8 * MiB - 4096)
+        await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"big", value=value))
+        got = await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=b"big"))
+        assert got.found and got.value == value
+        assert node.running()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(5)
+        await channel.close()
+
+
+async def test_node_sigkilled_leaves_no_segment_after_the_next_start(kvmesh) -> None:
+    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm")
+    segments = [p.name for p in SHM_DIR.glob(f"kvmesh-{node.pid}-*")]
+    assert len(segments) == 1
+    node.kill()
+    assert (SHM_DIR / segments[0]).exists()
+    again = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm")
+    assert not (SHM_DIR / segments[0]).exists()  # the stale segment of the dead node is gone
+    again.terminate()
+    assert not list(SHM_DIR.glob(f"kvmesh-{again.pid}-*"))  # a clean stop unlinks its own
