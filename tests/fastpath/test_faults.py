@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -67,13 +66,13 @@ async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> 
     channel = open_channel(node.address or "")
     stub = cachenode_pb2_grpc.KVCacheStub(channel)
     await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"other", value=os.urandom(MiB)))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, node.address or ""],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=kvmesh_env(), cwd=ROOT,
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, node.address or "",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=kvmesh_env(), cwd=ROOT,
     )
     try:
         assert holder.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 60)
+        line = await asyncio.wait_for(holder.stdout.readline(), 60)
         assert line.strip() == b"HELD", line
         await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"held"))
         await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"other"))
@@ -85,7 +84,7 @@ async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> 
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
         holder.send_signal(signal.SIGKILL)
-        holder.wait(10)
+        await asyncio.wait_for(holder.wait(), 10)
         assert await _wait_used(stub, 0) == 0  # the broken stream released every view and allocation
         # The space is reclaimable and nothing is corrupted: a full-size value round-trips.
         value = os.urandom(8 * MiB - 4096)
@@ -94,9 +93,9 @@ async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> 
         assert got.found and got.value == value
         assert node.running()
     finally:
-        if holder.poll() is None:
+        if holder.returncode is None:
             holder.kill()
-            holder.wait(5)
+            await holder.wait()
         await channel.close()
 
 
