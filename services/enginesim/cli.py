@@ -1,0 +1,20 @@
+"""`kvmesh enginesim`: run an engine simulator."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.runtime.server import run_service
+from services.enginesim.settings import EngineSimSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, EngineSimSettings)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.enginesim.service import EngineSimService
+
+    settings = settings_from_args(EngineSimSettings, args)
+    return run_service(EngineSimService(settings), settings)
