@@ -1,0 +1,303 @@
+"""The router without gRPC: pod set, prefix tree, policy and load bookkeeping in one object.
+
+`RouterCore` is what the gRPC servicer wraps and what in-process users (the trace-replay
+benchmark, tests) call directly. Every method is synchronous and never awaits, so on one
+asyncio thread each call is atomic: a membership change is applied whole between two
+routing decisions, and a pod that left is gone from every node before the next decision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmesh.blocks import BlockHasher
+from kvmesh.membership import MembershipChange
+from kvmesh.runtime.errors import InvalidArgument, Unavailable
+from kvmesh.v1 import common_pb2
+from services.router.pods import Pod, PodTable
+from services.router.policies import Policy, RouteContext, make_policy
+from services.router.settings import RouterSettings
+from services.router.tree import PrefixTree
+
+U64_MAX = (1 << 64) - 1
+_MAX_HASHERS = 256  # distinct model names whose hasher is cached
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where one request goes."""
+
+    request_id: str
+    member_id: str
+    address: str
+    matched_blocks: int
+    total_blocks: int
+    policy: str
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The member stored `ids`, a chain continuing from `parent_id` (0: from the root)."""
+
+    parent_id: int
+    ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The member evicted `ids`."""
+
+    ids: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """The member dropped its whole cache."""
+
+
+KvEvent = Stored | Removed | Cleared
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """What `apply_events` did: events applied, events ignored, and why some were ignored."""
+
+    applied: int
+    ignored: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStats:
+    members: int
+    tree_nodes: int
+    routed: int
+    policy: str
+    inflight: int
+    evicted_blocks: int
+    events_applied: int
+    events_ignored: int
+
+
+class RouterCore:
+    """Routes prompts (as block ids, tokens or text) to engine pods."""
+
+    def __init__(
+        self,
+        policy: str | Policy | None = None,
+        settings: RouterSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or RouterSettings()  # type: ignore[call-arg]
+        self.rng = random.Random(self.settings.random_seed)
+        if isinstance(policy, Policy):
+            self.policy = policy
+        else:
+            self.policy = make_policy(policy or self.settings.policy, self.settings, self.rng)
+        self.clock = clock
+        self.pods = PodTable()
+        self.tree = PrefixTree(self.settings.max_tree_blocks)
+        # request_id → (slot, pod generation, routed at); insertion order is routing order.
+        self._inflight: dict[str, tuple[int, int, float]] = {}
+        self._hashers: dict[str, BlockHasher] = {}
+        self._ids = itertools.count(1)
+        self.routed = 0
+        self.events_applied = 0
+        self.events_ignored = 0
+
+    # ---- membership -----------------------------------------------------------------------
+    def update_pods(self, change: MembershipChange) -> None:
+        """Applies one membership diff: leaves first (their slots may be reused), then joins."""
+        for member in change.left:
+            self.remove_member(member.id)
+        for member in change.joined:
+            self.add_member(member)
+        for member in change.updated:
+            self.add_member(member)
+
+    def add_member(self, member: common_pb2.Member) -> Pod:
+        """A member joined (or changed): routable at once."""
+        pod = self.pods.get(member.id)
+        pod = self.pods.add(member) if pod is None else self.pods.update(member)
+        return pod
+
+    def remove_member(self, member_id: str) -> bool:
+        """A member left: its blocks leave every node now, O(its blocks), and it is never chosen."""
+        pod = self.pods.get(member_id)
+        if pod is None:
+            return False
+        self.tree.clear(pod.slot)
+        self.pods.remove(member_id)
+        return True
+
+    # ---- routing --------------------------------------------------------------------------
+    def hasher(self, model: str) -> BlockHasher:
+        h = self._hashers.get(model)
+        if h is None:
+            if len(self._hashers) >= _MAX_HASHERS:
+                self._hashers.clear()
+            s = self.settings
+            h = BlockHasher(
+                namespace=s.hash_namespace, model=model, block_size=s.block_size, text_block_bytes=s.text_block_bytes
+            )
+            self._hashers[model] = h
+        return h
+
+    def route_tokens(self, tokens: Sequence[int] | np.ndarray, model: str = "", request_id: str = "") -> Decision:
+        """Routes a prompt given as token ids (hashed with --block-size; only full blocks count)."""
+        limit = self.settings.max_prompt_blocks * self.settings.block_size
+        if len(tokens) >= limit + self.settings.block_size:
+            raise InvalidArgument(f"prompt of {len(tokens)} tokens is over --max-prompt-blocks")
+        try:
+            ids = self.hasher(model).token_block_ids(tokens)
+        except (ValueError, OverflowError) as exc:
+            raise InvalidArgument(f"bad token ids: {exc}") from None
+        return self.route(ids, model, request_id, checked=True)
+
+    def route_text(self, text: str, model: str = "", request_id: str = "") -> Decision:
+        """Routes a text prompt (blocks of --text-block-bytes UTF-8 bytes)."""
+        if len(text) >= (self.settings.max_prompt_blocks + 1) * self.settings.text_block_bytes:
+            raise InvalidArgument("text prompt is over --max-prompt-blocks")
+        return self.route(self.hasher(model).text_block_ids(text), model, request_id, checked=True)
+
+    def route(self, block_ids: Sequence[int], model: str = "", request_id: str = "", checked: bool = False) -> Decision:
+        """Chooses a pod for a prompt given as chained block ids and counts the request in flight.
+
+        `checked` skips the range check when the ids come from a source that guarantees u64
+        (protobuf, the hasher). Raises Unavailable with no engine pod, InvalidArgument on bad ids.
+        """
+        if len(block_ids) > self.settings.max_prompt_blocks:
+            raise InvalidArgument(
+                f"prompt of {len(block_ids)} blocks is over --max-prompt-blocks={self.settings.max_prompt_blocks}"
+            )
+        if not checked and block_ids:
+            try:
+                low, high = min(block_ids), max(block_ids)
+            except TypeError:
+                raise InvalidArgument("block ids must be integers") from None
+            if low < 0 or high > U64_MAX:
+                raise InvalidArgument("block ids must fit in uint64")
+        pods = self.pods
+        candidates = pods.candidates(model)
+        if not candidates:
+            raise Unavailable("no engine member to route to")
+        tree = self.tree
+        match = tree.match(block_ids, candidates)
+        ctx = RouteContext(pods, tree, pods.slots_of(candidates), match)
+        slot = self.policy.choose(ctx)
+        pod = pods.slots[slot]
+        assert pod is not None
+        now = self.clock()
+        matched = match.matched(pod.bit)
+        if block_ids:
+            if pod.precise:
+                if matched:
+                    tree.touch(slot, match.path[:matched], now)
+            else:
+                tree.hold(slot, block_ids, now, match)
+        if not request_id:
+            request_id = f"r{next(self._ids)}"
+        inflight = self._inflight
+        previous = inflight.pop(request_id, None)
+        if previous is not None:  # the same request routed again (a retry): count it once
+            self._drop(previous)
+        inflight[request_id] = (slot, pod.generation, now)
+        pods.inflight[slot] += 1
+        self.routed += 1
+        return Decision(request_id, pod.member_id, pod.address, matched, len(block_ids), self.policy.name, slot)
+
+    def _drop(self, entry: tuple[int, int, float]) -> None:
+        slot, generation, _ = entry
+        pod = self.pods.slots[slot] if slot < len(self.pods.slots) else None
+        if pod is not None and pod.generation == generation and self.pods.inflight[slot] > 0:
+            self.pods.inflight[slot] -= 1
+
+    def release(self, request_id: str) -> bool:
+        """The request finished: its pod's in-flight load drops. False when it was not in flight."""
+        entry = self._inflight.pop(request_id, None)
+        if entry is None:
+            return False
+        self._drop(entry)
+        return True
+
+    def inflight(self, member_id: str) -> int:
+        pod = self.pods.get(member_id)
+        return self.pods.inflight[pod.slot] if pod is not None else 0
+
+    # ---- precise KV events ------------------------------------------------------------------
+    def apply_events(self, member_id: str, events: Iterable[KvEvent]) -> EventResult:
+        """Applies a member's KV events in order (precise mode).
+
+        The member's first batch switches it to precise mode: the blocks guessed for it from
+        routes are dropped, and from then on only its events say what it holds. Events of a
+        member the router does not know (not an engine, or its JOIN not seen yet) are ignored.
+        A `stored` chain whose parent the router does not know is ignored too.
+        """
+        events = list(events)
+        pod = self.pods.get(member_id)
+        if pod is None:
+            self.events_ignored += len(events)
+            return EventResult(0, len(events), f"unknown member {member_id!r}")
+        tree = self.tree
+        slot = pod.slot
+        if not pod.precise:
+            pod.precise = True
+            tree.clear(slot)
+        now = self.clock()
+        applied = ignored = 0
+        for event in events:
+            if isinstance(event, Stored):
+                if tree.store(slot, event.parent_id, event.ids, now) < 0:
+                    ignored += 1
+                    continue
+            elif isinstance(event, Removed):
+                tree.remove(slot, event.ids)
+            elif isinstance(event, Cleared):
+                tree.clear(slot)
+            else:
+                raise InvalidArgument(f"not a KV event: {event!r}")
+            applied += 1
+        self.events_applied += applied
+        self.events_ignored += ignored
+        return EventResult(applied, ignored, "stored chain with an unknown parent" if ignored else "")
+
+    # ---- housekeeping -------------------------------------------------------------------------
+    def sweep_requests(self, now: float | None = None) -> int:
+        """Forgets requests routed longer than --inflight-timeout-seconds ago and never released."""
+        now = self.clock() if now is None else now
+        cutoff = now - self.settings.inflight_timeout_seconds
+        stale: list[str] = []
+        for request_id, entry in self._inflight.items():
+            if entry[2] >= cutoff:
+                break
+            stale.append(request_id)
+        for request_id in stale:
+            self.release(request_id)
+        return len(stale)
+
+    def expire_pod(self, member_id: str, now: float | None = None) -> int:
+        """Drops one approximate pod's blocks older than --approx-ttl-seconds (O(its blocks))."""
+        pod = self.pods.get(member_id)
+        if pod is None or pod.precise:
+            return 0
+        now = self.clock() if now is None else now
+        return self.tree.expire(pod.slot, now - self.settings.approx_ttl_seconds)
+
+    def stats(self) -> RouterStats:
+        return RouterStats(
+            members=len(self.pods),
+            tree_nodes=len(self.tree),
+            routed=self.routed,
+            policy=self.policy.name,
+            inflight=len(self._inflight),
+            evicted_blocks=self.tree.evicted,
+            events_applied=self.events_applied,
+            events_ignored=self.events_ignored,
+        )

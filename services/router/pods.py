@@ -1,0 +1,147 @@
+"""The engine pods the router may choose, each in a small-integer slot.
+
+Slots let the tree keep holders as one int bitmask per node and let policies index plain
+lists. A slot is reused only after its pod's blocks were removed from the tree (the caller
+does that before `remove`), so a new pod never inherits an old pod's bits. Each occupant
+gets a fresh generation number, so a `Release` for a request routed to a pod that has since
+left never lowers the load of the pod that took its slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmesh.v1 import common_pb2
+
+
+@dataclass(slots=True)
+class Pod:
+    """One engine member as the router sees it."""
+
+    member_id: str
+    address: str
+    model: str
+    slot: int
+    generation: int
+    reported: int = 0  # running + waiting requests from the member's own load report
+    precise: bool = False  # sends KV events: no approximate learning for it
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bit(self) -> int:
+        return 1 << self.slot
+
+
+def reported_load(member: common_pb2.Member) -> int:
+    return int(member.load.running_requests) + int(member.load.waiting_requests)
+
+
+class PodTable:
+    """Pods by slot and by member id, with in-flight counts and per-model slot masks."""
+
+    def __init__(self) -> None:
+        self.slots: list[Pod | None] = []
+        self.by_id: dict[str, Pod] = {}
+        self.inflight: list[int] = []
+        self.all_mask = 0
+        self.model_masks: dict[str, int] = {}
+        self._free: list[int] = []
+        self._generation = 0
+        self._slot_lists: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __contains__(self, member_id: str) -> bool:
+        return member_id in self.by_id
+
+    def get(self, member_id: str) -> Pod | None:
+        return self.by_id.get(member_id)
+
+    def load(self, slot: int) -> int:
+        """In-flight requests routed here and not yet released, plus the member's reported load."""
+        pod = self.slots[slot]
+        return self.inflight[slot] + (pod.reported if pod is not None else 0)
+
+    def add(self, member: common_pb2.Member) -> Pod:
+        """A member joined: it gets the lowest free slot (its bits are clear in the tree)."""
+        if self._free:
+            self._free.sort()
+            slot = self._free.pop(0)
+        else:
+            slot = len(self.slots)
+            self.slots.append(None)
+            self.inflight.append(0)
+        self._generation += 1
+        pod = Pod(
+            member_id=member.id,
+            address=member.address,
+            model=member.model,
+            slot=slot,
+            generation=self._generation,
+            reported=reported_load(member),
+            labels=dict(member.labels),
+        )
+        self.slots[slot] = pod
+        self.inflight[slot] = 0
+        self.by_id[member.id] = pod
+        self._recompute_masks()
+        return pod
+
+    def update(self, member: common_pb2.Member) -> Pod:
+        """A member's address, model or load changed."""
+        pod = self.by_id[member.id]
+        pod.reported = reported_load(member)
+        pod.labels = dict(member.labels)
+        if pod.address != member.address or pod.model != member.model:
+            pod.address = member.address
+            pod.model = member.model
+            self._recompute_masks()
+        return pod
+
+    def remove(self, member_id: str) -> Pod | None:
+        """A member left; its slot becomes free (the caller already cleared it from the tree)."""
+        pod = self.by_id.pop(member_id, None)
+        if pod is None:
+            return None
+        self.slots[pod.slot] = None
+        self.inflight[pod.slot] = 0
+        self._free.append(pod.slot)
+        self._recompute_masks()
+        return pod
+
+    def _recompute_masks(self) -> None:
+        # O(pods) per membership change; keeps candidate selection O(1) per route.
+        masks: dict[str, int] = {}
+        all_mask = 0
+        for pod in self.by_id.values():
+            all_mask |= pod.bit
+            masks[pod.model] = masks.get(pod.model, 0) | pod.bit
+        self.all_mask = all_mask
+        self.model_masks = masks
+        self._slot_lists = {}
+
+    def candidates(self, model: str) -> int:
+        """Slot mask of the pods a request for `model` may go to.
+
+        Pods serving exactly that model when there are any; otherwise every pod (a gateway
+        that names no model, or a mesh whose members do not declare one).
+        """
+        if model:
+            mask = self.model_masks.get(model)
+            if mask:
+                return mask
+        return self.all_mask
+
+    def slots_of(self, mask: int) -> list[int]:
+        """The slots in `mask`, cached until the pod set changes (policies iterate this)."""
+        out = self._slot_lists.get(mask)
+        if out is None:
+            out = []
+            m = mask
+            while m:
+                low = m & -m
+                out.append(low.bit_length() - 1)
+                m ^= low
+            self._slot_lists[mask] = out
+        return out

@@ -1,0 +1,83 @@
+"""What a routing policy sees and returns.
+
+A policy gets a `RouteContext` (the candidate pods, their loads, how much of the prompt each
+already holds) and returns one slot. It never mutates the tree or the pod table: the core
+does the bookkeeping after the choice, so every policy gets the same approximate learning
+and in-flight accounting.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from services.router.pods import PodTable
+from services.router.settings import RouterSettings
+from services.router.tree import Match, PrefixTree
+
+
+class RouteContext:
+    """One routing decision's inputs; `depths()` and `loads()` are computed on first use."""
+
+    __slots__ = ("_depths", "_loads", "match", "pods", "slots", "tree")
+
+    def __init__(self, pods: PodTable, tree: PrefixTree, slots: list[int], match: Match) -> None:
+        self.pods = pods
+        self.tree = tree
+        self.slots = slots
+        self.match = match
+        self._depths: dict[int, int] | None = None
+        self._loads: list[int] | None = None
+
+    @property
+    def total(self) -> int:
+        return self.match.total
+
+    def loads(self) -> list[int]:
+        """Load of each candidate, in `slots` order."""
+        if self._loads is None:
+            inflight = self.pods.inflight
+            pods = self.pods.slots
+            self._loads = [inflight[s] + pods[s].reported for s in self.slots]  # type: ignore[union-attr]
+        return self._loads
+
+    def depths(self) -> dict[int, int]:
+        """Slot → blocks of the prompt that pod holds, counted from the first (absent: 0)."""
+        if self._depths is None:
+            out: dict[int, int] = {}
+            match = self.match
+            for depth, mask in match.levels:
+                if depth:
+                    while mask:
+                        low = mask & -mask
+                        out[low.bit_length() - 1] = depth
+                        mask ^= low
+            if match.path:
+                mask = match.full
+                depth = len(match.path)
+                while mask:
+                    low = mask & -mask
+                    out[low.bit_length() - 1] = depth
+                    mask ^= low
+            self._depths = out
+        return self._depths
+
+
+class Policy(ABC):
+    """Chooses one slot among `ctx.slots` (never empty)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: RouterSettings, rng: random.Random) -> None:
+        self.settings = settings
+        self.rng = rng
+
+    @abstractmethod
+    def choose(self, ctx: RouteContext) -> int: ...
+
+    def least_loaded(self, slots: list[int], loads: list[int]) -> int:
+        """The least-loaded of `slots` (loads in the same order); ties broken at random."""
+        low = min(loads)
+        ties = [s for s, load in zip(slots, loads, strict=True) if load == low]
+        return ties[0] if len(ties) == 1 else self.rng.choice(ties)

@@ -1,0 +1,69 @@
+"""`kvmesh router` settings: every routing knob is a validated flag and a `KVMESH_*` variable."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
+from kvmesh.config import MemberSettings
+
+POLICY_NAMES = ("random", "round-robin", "least-load", "prefix", "cache-aware", "kv-aware")
+
+
+class RouterSettings(MemberSettings):
+    """Flags of the prefix-aware router."""
+
+    policy: str = Field(default="prefix", description=f"routing policy: {', '.join(POLICY_NAMES)}")
+    block_size: int = Field(
+        default=DEFAULT_BLOCK_SIZE, ge=1, le=65536, description="tokens per block when hashing token ids"
+    )
+    text_block_bytes: int = Field(
+        DEFAULT_TEXT_BLOCK_BYTES, ge=1, le=1 << 20, description="UTF-8 bytes per block when hashing text prompts"
+    )
+    hash_namespace: str = Field(default="", description="namespace mixed into block hashes (must match the engines')")
+    max_tree_blocks: int = Field(
+        1_000_000, ge=16, le=1_000_000_000, description="blocks the prefix tree keeps before evicting leaves"
+    )
+    max_prompt_blocks: int = Field(
+        65_536, ge=1, le=10_000_000, description="longest prompt accepted, in blocks (longer: INVALID_ARGUMENT)"
+    )
+    approx_ttl_seconds: float = Field(
+        120.0, gt=0, le=7 * 86400, description="how long a block learnt approximately (from a route) is trusted"
+    )
+    sweep_interval_seconds: float = Field(
+        5.0, gt=0, le=3600, description="how often expired approximate blocks and stale in-flight requests are swept"
+    )
+    inflight_timeout_seconds: float = Field(
+        600.0, gt=0, le=7 * 86400, description="a routed request never released stops counting as load after this"
+    )
+    imbalance_abs: int = Field(
+        8, ge=0, le=1_000_000, description="prefix: when max-min load exceeds this, only least-loaded pods compete"
+    )
+    cache_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="cache-aware: match ratio above which the best-matching pod wins"
+    )
+    balance_abs: int = Field(
+        32, ge=0, le=1_000_000, description="cache-aware: load gap (max-min) that counts as imbalanced"
+    )
+    balance_rel: float = Field(
+        1.5, ge=1.0, le=1_000_000.0, description="cache-aware: load ratio (max/min) that counts as imbalanced"
+    )
+    overlap_weight: float = Field(
+        1.0, ge=0.0, le=1_000_000.0, description="kv-aware: cost of one block still to prefill, in requests of load"
+    )
+    temperature: float = Field(
+        0.0, ge=0.0, le=1_000_000.0, description="kv-aware: softmax temperature over -cost (0: lowest cost wins)"
+    )
+    random_seed: int | None = Field(
+        default=None, ge=0, description="seed of the policies' random choices (default: random)"
+    )
+    register_self: bool = Field(
+        default=True, description="register the router itself with the metadata service (ROLE_ROUTER)"
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {value!r} (known: {', '.join(POLICY_NAMES)})")
+        return value
