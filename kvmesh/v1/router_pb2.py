@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x17\n\x08\x42lockIds\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"\xad\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12%\n\x06\x62locks\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.BlockIdsH\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\x85\x01\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\".\n\x0c\x42locksStored\x12\x11\n\tparent_id\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\"\x1c\n\rBlocksRemoved\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"\x9a\x01\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.kvmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.kvmesh.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.kvmesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"E\n\x0cKvEventBatch\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"\x16\n\x14ReportEventsResponse\"\x14\n\x12RouterStatsRequest\"Z\n\x13RouterStatsResponse\x12\x0f\n\x07members\x18\x01 \x01(\r\x12\x12\n\ntree_nodes\x18\x02 \x01(\x04\x12\x0e\n\x06routed\x18\x03 \x01(\x04\x12\x0e\n\x06policy\x18\x04 \x01(\t2\xe0\x02\n\x06Router\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse\x12\x44\n\x0bRouteStream\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse(\x01\x30\x01\x12@\n\x07Release\x12\x19.kvmesh.v1.ReleaseRequest\x1a\x1a.kvmesh.v1.ReleaseResponse\x12J\n\x0cReportEvents\x12\x17.kvmesh.v1.KvEventBatch\x1a\x1f.kvmesh.v1.ReportEventsResponse(\x01\x12\x46\n\x05Stats\x12\x1d.kvmesh.v1.RouterStatsRequest\x1a\x1e.kvmesh.v1.RouterStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x17\n\x08\x42lockIds\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"\xad\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12%\n\x06\x62locks\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.BlockIdsH\x00\x12\x0e\n\x04text\x18\x05 \x01(\tH\x00\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\xa8\x01\n\rRouteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0ematched_blocks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\".\n\x0c\x42locksStored\x12\x11\n\tparent_id\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\x04\"\x1c\n\rBlocksRemoved\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"\x12\n\x10\x41llBlocksCleared\"\x9a\x01\n\x07KvEvent\x12)\n\x06stored\x18\x01 \x01(\x0b\x32\x17.kvmesh.v1.BlocksStoredH\x00\x12+\n\x07removed\x18\x02 \x01(\x0b\x32\x18.kvmesh.v1.BlocksRemovedH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.kvmesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"E\n\x0cKvEventBatch\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvmesh.v1.KvEvent\"t\n\x14ReportEventsResponse\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x16\n\x0e\x61pplied_events\x18\x02 \x01(\x04\x12\x16\n\x0eignored_events\x18\x03 \x01(\x04\x12\x1b\n\x13last_ignored_reason\x18\x04 \x01(\t\"\x14\n\x12RouterStatsRequest\"\xb4\x01\n\x13RouterStatsResponse\x12\x0f\n\x07members\x18\x01 \x01(\r\x12\x12\n\ntree_nodes\x18\x02 \x01(\x04\x12\x0e\n\x06routed\x18\x03 \x01(\x04\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\x04\x12\x16\n\x0e\x65victed_blocks\x18\x06 \x01(\x04\x12\x16\n\x0e\x65vents_applied\x18\x07 \x01(\x04\x12\x16\n\x0e\x65vents_ignored\x18\x08 \x01(\x04\x32\xe0\x02\n\x06Router\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse\x12\x44\n\x0bRouteStream\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse(\x01\x30\x01\x12@\n\x07Release\x12\x19.kvmesh.v1.ReleaseRequest\x1a\x1a.kvmesh.v1.ReleaseResponse\x12J\n\x0cReportEvents\x12\x17.kvmesh.v1.KvEventBatch\x1a\x1f.kvmesh.v1.ReportEventsResponse(\x01\x12\x46\n\x05Stats\x12\x1d.kvmesh.v1.RouterStatsRequest\x1a\x1e.kvmesh.v1.RouterStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_start=88
   _globals['_ROUTEREQUEST']._serialized_end=261
   _globals['_ROUTERESPONSE']._serialized_start=264
-  _globals['_ROUTERESPONSE']._serialized_end=397
-  _globals['_RELEASEREQUEST']._serialized_start=399
-  _globals['_RELEASEREQUEST']._serialized_end=435
-  _globals['_RELEASERESPONSE']._serialized_start=437
-  _globals['_RELEASERESPONSE']._serialized_end=454
-  _globals['_BLOCKSSTORED']._serialized_start=456
-  _globals['_BLOCKSSTORED']._serialized_end=502
-  _globals['_BLOCKSREMOVED']._serialized_start=504
-  _globals['_BLOCKSREMOVED']._serialized_end=532
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=534
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=552
-  _globals['_KVEVENT']._serialized_start=555
-  _globals['_KVEVENT']._serialized_end=709
-  _globals['_KVEVENTBATCH']._serialized_start=711
-  _globals['_KVEVENTBATCH']._serialized_end=780
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=782
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=804
-  _globals['_ROUTERSTATSREQUEST']._serialized_start=806
-  _globals['_ROUTERSTATSREQUEST']._serialized_end=826
-  _globals['_ROUTERSTATSRESPONSE']._serialized_start=828
-  _globals['_ROUTERSTATSRESPONSE']._serialized_end=918
-  _globals['_ROUTER']._serialized_start=921
-  _globals['_ROUTER']._serialized_end=1273
+  _globals['_ROUTERESPONSE']._serialized_end=432
+  _globals['_RELEASEREQUEST']._serialized_start=434
+  _globals['_RELEASEREQUEST']._serialized_end=470
+  _globals['_RELEASERESPONSE']._serialized_start=472
+  _globals['_RELEASERESPONSE']._serialized_end=489
+  _globals['_BLOCKSSTORED']._serialized_start=491
+  _globals['_BLOCKSSTORED']._serialized_end=537
+  _globals['_BLOCKSREMOVED']._serialized_start=539
+  _globals['_BLOCKSREMOVED']._serialized_end=567
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=569
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=587
+  _globals['_KVEVENT']._serialized_start=590
+  _globals['_KVEVENT']._serialized_end=744
+  _globals['_KVEVENTBATCH']._serialized_start=746
+  _globals['_KVEVENTBATCH']._serialized_end=815
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=817
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=933
+  _globals['_ROUTERSTATSREQUEST']._serialized_start=935
+  _globals['_ROUTERSTATSREQUEST']._serialized_end=955
+  _globals['_ROUTERSTATSRESPONSE']._serialized_start=958
+  _globals['_ROUTERSTATSRESPONSE']._serialized_end=1138
+  _globals['_ROUTER']._serialized_start=1141
+  _globals['_ROUTER']._serialized_end=1493
 # @@protoc_insertion_point(module_scope)

@@ -106,12 +106,20 @@ class RouteResponse(_message.Message):
     MATCHED_BLOCKS_FIELD_NUMBER: _builtins.int
     TOTAL_BLOCKS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     member_id: _builtins.str
     address: _builtins.str
     matched_blocks: _builtins.int
     total_blocks: _builtins.int
     policy: _builtins.str
+    error_code: _builtins.int
+    """RouteStream only: a request that could not be routed gets a response with its
+    request_id, no member, and the status it would have had as a unary call
+    (google.rpc.Code number and message), so one bad request does not end the stream.
+    """
+    error: _builtins.str
     def __init__(
         self,
         *,
@@ -121,10 +129,12 @@ class RouteResponse(_message.Message):
         matched_blocks: _builtins.int = ...,
         total_blocks: _builtins.int = ...,
         policy: _builtins.str = ...,
+        error_code: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "matched_blocks", b"matched_blocks", "member_id", b"member_id", "policy", b"policy", "request_id", b"request_id", "total_blocks", b"total_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error", b"error", "error_code", b"error_code", "matched_blocks", b"matched_blocks", "member_id", b"member_id", "policy", b"policy", "request_id", b"request_id", "total_blocks", b"total_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,12 +289,28 @@ Global___KvEventBatch: _TypeAlias = KvEventBatch  # noqa: Y015
 class ReportEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    BATCHES_FIELD_NUMBER: _builtins.int
+    APPLIED_EVENTS_FIELD_NUMBER: _builtins.int
+    IGNORED_EVENTS_FIELD_NUMBER: _builtins.int
+    LAST_IGNORED_REASON_FIELD_NUMBER: _builtins.int
+    batches: _builtins.int
+    applied_events: _builtins.int
+    ignored_events: _builtins.int
+    """Events not applied: batches from a member that is not a known engine, and stored
+    chains whose parent block the router does not know.
+    """
+    last_ignored_reason: _builtins.str
     def __init__(
         self,
+        *,
+        batches: _builtins.int = ...,
+        applied_events: _builtins.int = ...,
+        ignored_events: _builtins.int = ...,
+        last_ignored_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_events", b"applied_events", "batches", b"batches", "ignored_events", b"ignored_events", "last_ignored_reason", b"last_ignored_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,10 +339,18 @@ class RouterStatsResponse(_message.Message):
     TREE_NODES_FIELD_NUMBER: _builtins.int
     ROUTED_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    INFLIGHT_FIELD_NUMBER: _builtins.int
+    EVICTED_BLOCKS_FIELD_NUMBER: _builtins.int
+    EVENTS_APPLIED_FIELD_NUMBER: _builtins.int
+    EVENTS_IGNORED_FIELD_NUMBER: _builtins.int
     members: _builtins.int
     tree_nodes: _builtins.int
     routed: _builtins.int
     policy: _builtins.str
+    inflight: _builtins.int
+    evicted_blocks: _builtins.int
+    events_applied: _builtins.int
+    events_ignored: _builtins.int
     def __init__(
         self,
         *,
@@ -324,10 +358,14 @@ class RouterStatsResponse(_message.Message):
         tree_nodes: _builtins.int = ...,
         routed: _builtins.int = ...,
         policy: _builtins.str = ...,
+        inflight: _builtins.int = ...,
+        evicted_blocks: _builtins.int = ...,
+        events_applied: _builtins.int = ...,
+        events_ignored: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_applied", b"events_applied", "events_ignored", b"events_ignored", "evicted_blocks", b"evicted_blocks", "inflight", b"inflight", "members", b"members", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
