@@ -1,0 +1,329 @@
+"""`gpu://cuda:N?capacity=8GiB` — KV blocks in accelerator memory, next to the inference engine.
+
+One device tensor is allocated up front (a pool: no `cudaMalloc` per value, no allocator
+fragmentation outside our control) and carved into extents by the same best-fit allocator
+as the memory engine's arena. Bytes cross the host/device boundary through a few pinned
+staging buffers: host memory that is page-locked can be DMA'd asynchronously, so each chunk
+is copied on a dedicated CUDA stream and completion is awaited through an event, in a
+worker thread, never on the event loop.
+
+`gpu://cpu` runs exactly the same code with a CPU tensor (no stream, no pinning: both need
+CUDA), which is how the engine is tested on machines without a GPU. PyTorch is the optional
+`gpu` extra and is imported only when this engine is chosen.
+
+A value being copied out is never freed under the reader: reads hold a reader count on the
+extent, eviction skips held extents, and a delete or overwrite only hides a held extent
+until its last reader finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvmesh.runtime.errors import ResourceExhausted
+from kvmesh.units import format_size
+from kvmesh.uri import Uri, UriError
+from services.cachenode.engines.arena import ExtentAllocator
+from services.cachenode.engines.base import Capabilities, Engine, EngineStats
+from services.cachenode.engines.eviction import POLICIES, EvictionPolicy
+
+DEFAULT_CAPACITY = 1024**3
+DEFAULT_STAGING = 8 * 1024**2
+DEFAULT_STAGING_BUFFERS = 4
+ALIGNMENT = 256  # CUDA's allocation granularity for coalesced access
+
+
+def parse_device(uri: Uri) -> torch.device:
+    """`gpu://cuda:N` → cuda:N, `gpu://cuda` → cuda:0, `gpu://cpu` → cpu."""
+    kind = uri.host.lower()
+    if kind == "cpu" and uri.port is None:
+        return torch.device("cpu")
+    if kind == "cuda":
+        index = uri.port or 0
+        if not torch.cuda.is_available():
+            raise UriError(f"{uri.redacted()}: CUDA is not available on this machine (use gpu://cpu to test)")
+        if index >= torch.cuda.device_count():
+            raise UriError(f"{uri.redacted()}: no device cuda:{index} ({torch.cuda.device_count()} visible)")
+        return torch.device("cuda", index)
+    raise UriError(f"{uri.redacted()}: expected gpu://cuda:N or gpu://cpu")
+
+
+class _Slot:
+    """One stored value in the pool."""
+
+    __slots__ = ("expires", "live", "offset", "readers", "size")
+
+    def __init__(self, offset: int, size: int, expires: float) -> None:
+        self.offset = offset
+        self.size = size
+        self.expires = expires  # monotonic deadline, 0 = never
+        self.readers = 0
+        self.live = True
+
+
+class DeviceCopier:
+    """Chunked host↔device copies through pinned staging buffers on one stream.
+
+    Each public method runs in a worker thread: it fills or drains a staging buffer, queues
+    the device copy on the stream, records an event and waits for it, so the buffer can be
+    reused. On CPU the stream and event are absent and the same copies run synchronously.
+    """
+
+    def __init__(self, device: torch.device, pool: torch.Tensor, staging_bytes: int, buffers: int) -> None:
+        self.device = device
+        self.pool = pool
+        self.cuda = device.type == "cuda"
+        self.staging_bytes = staging_bytes
+        self.stream: Any = torch.cuda.Stream(device) if self.cuda else None
+        self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
+        for _ in range(buffers):
+            self._free.put_nowait(torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=self.cuda))
+
+    @contextlib.asynccontextmanager
+    async def _staging(self) -> Any:
+        buffer = await self._free.get()
+        try:
+            yield buffer
+        finally:
+            self._free.put_nowait(buffer)
+
+    def _stream_context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def _wait(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            event.synchronize()
+
+    def _chunks(self, size: int) -> Iterator[tuple[int, int]]:
+        for pos in range(0, size, self.staging_bytes):
+            yield pos, min(self.staging_bytes, size - pos)
+
+    def _h2d(self, staging: torch.Tensor, offset: int, src: memoryview) -> None:
+        host = staging.numpy()
+        for pos, n in self._chunks(len(src)):
+            host[:n] = np.frombuffer(src[pos : pos + n], dtype=np.uint8)
+            with self._stream_context():
+                self.pool[offset + pos : offset + pos + n].copy_(staging[:n], non_blocking=self.cuda)
+            self._wait()  # the staging buffer is refilled next: the DMA must be done with it
+
+    def _d2h(self, staging: torch.Tensor, offset: int, out: memoryview) -> None:
+        host = staging.numpy()
+        dst = np.frombuffer(out, dtype=np.uint8)
+        for pos, n in self._chunks(len(out)):
+            with self._stream_context():
+                staging[:n].copy_(self.pool[offset + pos : offset + pos + n], non_blocking=self.cuda)
+            self._wait()
+            dst[pos : pos + n] = host[:n]
+
+    async def to_device(self, offset: int, src: memoryview) -> None:
+        async with self._staging() as staging:
+            await asyncio.to_thread(self._h2d, staging, offset, src)
+
+    async def to_host(self, offset: int, out: memoryview) -> None:
+        async with self._staging() as staging:
+            await asyncio.to_thread(self._d2h, staging, offset, out)
+
+
+class GpuEngine(Engine):
+    """A preallocated device-memory pool with LRU or S3-FIFO eviction."""
+
+    scheme = "gpu"
+    capabilities = Capabilities(batch=False, zero_copy=False, persistent=False, device_memory=True)
+
+    def __init__(self, device: torch.device, capacity: int, policy: EvictionPolicy, staging: int, buffers: int) -> None:
+        super().__init__()
+        self.device = device
+        self._alloc = ExtentAllocator(capacity, ALIGNMENT)
+        self.pool = torch.empty(self._alloc.capacity, dtype=torch.uint8, device=device)
+        self.copier = DeviceCopier(device, self.pool, staging, buffers)
+        self._policy = policy
+        self._index: dict[tuple[str, bytes], _Slot] = {}
+        self._used = 0  # bytes of live, hidden-but-read, and being-written values
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+        self._closed = False
+
+    @classmethod
+    async def create(cls, uri: Uri) -> GpuEngine:
+        device = parse_device(uri)
+        capacity = uri.size_param("capacity", DEFAULT_CAPACITY)
+        staging = uri.size_param("staging", DEFAULT_STAGING)
+        buffers = uri.int_param("staging_buffers", DEFAULT_STAGING_BUFFERS)
+        if capacity < ALIGNMENT:
+            raise UriError(f"{uri.redacted()}: capacity must be at least {ALIGNMENT} bytes")
+        if staging < 4096 or buffers < 1:
+            raise UriError(f"{uri.redacted()}: staging must be at least 4KiB and staging_buffers at least 1")
+        policy_name = uri.param("policy", "lru") or "lru"
+        try:
+            policy = POLICIES.resolve(policy_name)(capacity)
+        except UriError:
+            raise UriError(f"{uri.redacted()}: unknown policy {policy_name!r}") from None
+        try:
+            return cls(device, capacity, policy, staging, buffers)  # allocation is lazy on CPU, one cudaMalloc on GPU
+        except torch.cuda.OutOfMemoryError as exc:
+            raise UriError(f"{uri.redacted()}: cannot allocate {format_size(capacity)} on {device}: {exc}") from exc
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return f"gpu({self.device},{self._policy.name},{format_size(self.capacity_bytes)})"
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._alloc.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            name=self.name,
+            used_bytes=self._used,
+            capacity_bytes=self.capacity_bytes,
+            items=len(self._index),
+            hits=self._hits,
+            misses=self._misses,
+            evictions=self._evictions,
+        )
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _lookup(self, ident: tuple[str, bytes]) -> _Slot | None:
+        slot = self._index.get(ident)
+        if slot is not None and slot.expires and slot.expires <= time.monotonic():
+            self._drop(ident)
+            return None
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        if not slot.live and slot.readers == 0:
+            self._alloc.free(slot.offset, slot.size)
+            self._used -= slot.size
+
+    def _drop(self, ident: tuple[str, bytes]) -> _Slot | None:
+        slot = self._index.pop(ident, None)
+        if slot is not None:
+            self._policy.remove(ident)
+            slot.live = False
+            self._release(slot)
+        return slot
+
+    def _evictable(self, ident: Hashable) -> bool:
+        slot = self._index.get(ident)  # type: ignore[call-overload]
+        return slot is not None and slot.readers == 0
+
+    async def _evict_one(self) -> bool:
+        ident = self._policy.victim(self._evictable)
+        if ident is None:
+            return False
+        assert isinstance(ident, tuple)
+        namespace: str = ident[0]
+        key: bytes = ident[1]
+        slot = self._index[(namespace, key)]
+        if self._eviction_listener is not None:
+            slot.readers += 1  # hidden below, but still ours until demoted
+            try:
+                self._drop((namespace, key))
+                value = await self._read(slot)
+            finally:
+                slot.readers -= 1
+                self._release(slot)
+            result = self._eviction_listener(namespace, key, value)
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                await result
+        else:
+            self._drop((namespace, key))
+        self._evictions += 1
+        return True
+
+    async def _allocate(self, size: int) -> int:
+        if size > self._alloc.capacity:
+            raise ResourceExhausted(
+                f"value of {format_size(size)} is larger than the device pool {format_size(self.capacity_bytes)}"
+            )
+        while True:
+            offset = self._alloc.allocate(size)
+            if offset is not None:
+                return offset
+            if not await self._evict_one():
+                raise ResourceExhausted(
+                    f"no room for {format_size(size)} on {self.device}: nothing evictable (all being read or written)"
+                )
+
+    async def _read(self, slot: _Slot) -> bytes:
+        out = bytearray(slot.size)
+        if slot.size:
+            await self.copier.to_host(slot.offset, memoryview(out))
+        return bytes(out)
+
+    # -- Engine --------------------------------------------------------------------------
+
+    async def put(self, namespace: str, key: bytes, value: bytes | memoryview, ttl_seconds: int = 0) -> None:
+        if self._closed:
+            raise ResourceExhausted("engine is closed")
+        src = memoryview(value).cast("B")
+        size = len(src)
+        offset = await self._allocate(size)
+        self._used += size
+        slot = _Slot(offset, size, time.monotonic() + ttl_seconds if ttl_seconds else 0.0)
+        try:
+            if size:
+                await self.copier.to_device(offset, src)
+        except BaseException:
+            slot.live = False
+            self._release(slot)
+            raise
+        ident = (namespace, bytes(key))
+        self._drop(ident)  # only now: readers of the old value were never blocked by this write
+        self._index[ident] = slot
+        self._policy.insert(ident, size)
+
+    async def get(self, namespace: str, key: bytes) -> bytes | None:
+        ident = (namespace, bytes(key))
+        slot = self._lookup(ident)
+        if slot is None:
+            self._misses += 1
+            return None
+        self._hits += 1
+        self._policy.touch(ident)
+        slot.readers += 1
+        try:
+            return await self._read(slot)
+        finally:
+            slot.readers -= 1
+            self._release(slot)
+
+    async def delete(self, namespace: str, key: bytes) -> bool:
+        return self._drop((namespace, bytes(key))) is not None
+
+    async def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        return [self._lookup((namespace, bytes(k))) is not None for k in keys]
+
+    def device_view(self, namespace: str, key: bytes) -> torch.Tensor | None:
+        """The stored bytes as a device tensor slice (no copy), for an engine in the same process.
+
+        Valid until the value is replaced, deleted or evicted; callers copy it before awaiting.
+        """
+        slot = self._lookup((namespace, bytes(key)))
+        return None if slot is None else self.pool[slot.offset : slot.offset + slot.size]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ident in list(self._index):
+            self._drop(ident)
+        if self.copier.cuda:
+            await asyncio.to_thread(torch.cuda.synchronize, self.device)
