@@ -19,7 +19,7 @@ from kvmesh.replay.metrics import ReplayResult, RequestRecord
 from kvmesh.replay.pool import PoolModel
 from kvmesh.replay.routing import ReplayRouter
 from kvmesh.workload.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, infinite_cache_bound
-from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
+from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
 from services.enginesim.timing import TimingModel
 
 ProgressFn = Callable[[int], None]
@@ -87,9 +87,9 @@ def replay_in_process(
                 router.removed(member, ev.blocks, now_s)
             elif ev.kind is EventKind.FIRST_TOKEN and pool is not None:
                 assert ev.request is not None
-                r = ev.request
-                # The engine offloads the blocks it just computed.
-                pool.put(r.blocks[r.local_hit_blocks + r.pool_hit_blocks:])
+                # Write-through: the engine offloads every prompt block it did not just read
+                # from the pool, so the pool's LRU order follows use everywhere in the mesh.
+                pool.put(offloaded_blocks(ev.request))
 
     for i, req in enumerate(requests):
         t = req.timestamp_ms
@@ -105,7 +105,7 @@ def replay_in_process(
         served_by[rid] = member
         engine = engines[member]
         local = engine.lookup(blocks)
-        pooled = pool.prefix_hits(blocks[local:]) if pool is not None else 0
+        pooled = max(pool.prefix_hits(blocks) - local, 0) if pool is not None else 0
         sim = SimRequest(rid, blocks, req.input_length, req.output_length, t)
         engine.submit(sim, t, local, pooled)
         if progress is not None:

@@ -276,3 +276,10 @@ class BatchingEngine:
         evicted = self.cache.drain_evicted()
         if evicted:
             events.append(EngineEvent(at, EventKind.REMOVED, None, evicted))
+
+
+def offloaded_blocks(r: SimRequest) -> list[int]:
+    """What an engine writes to the cache pool after prefill: every prompt block it did not just
+    read from there (its local hits refresh their pool copies, its computed blocks are new)."""
+    fetched_end = r.local_hit_blocks + r.pool_hit_blocks
+    return r.blocks[: r.local_hit_blocks] + r.blocks[fetched_end:]

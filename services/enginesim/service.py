@@ -21,7 +21,7 @@ from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.errors import InvalidArgument, guard
 from kvmesh.runtime.server import Service
 from kvmesh.v1 import common_pb2, enginesim_pb2, enginesim_pb2_grpc
-from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
+from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
 from services.enginesim.events import EventReporter
 from services.enginesim.pool import BlockPool, BlockStore
 from services.enginesim.runner import EngineRunner
@@ -224,9 +224,9 @@ class EngineSimService(Service):
             self.reporter.removed(event.blocks)
         elif event.kind is EventKind.FIRST_TOKEN and self.pool is not None and event.request is not None:
             r = event.request
-            computed = r.blocks[r.local_hit_blocks + r.pool_hit_blocks :]
-            if computed:
-                task = asyncio.create_task(self._offload(computed), name=f"offload-{r.request_id}")
+            blocks = offloaded_blocks(r)
+            if blocks:
+                task = asyncio.create_task(self._offload(blocks), name=f"offload-{r.request_id}")
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
