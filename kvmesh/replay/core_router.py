@@ -19,7 +19,7 @@ class CoreRouter:
 
     def __init__(self, policy: str, seed: int = 0, **knobs: Any) -> None:
         self.now_s = 0.0
-        settings = RouterSettings(policy=policy, random_seed=seed, register=False, **knobs)
+        settings = RouterSettings(policy=policy, random_seed=seed, register_self=False, **knobs)
         self.core = RouterCore(policy, settings, clock=lambda: self.now_s)
 
     def set_engines(self, member_ids: Sequence[str]) -> None:
