@@ -177,7 +177,7 @@ def test_tokens_and_text_are_hashed_into_full_blocks() -> None:
     router.update_pods(joined(member("a"), member("b")))
     d = router.route_tokens(list(range(10)), model="m")
     assert d.total_blocks == 2
-    again = router.route_tokens(list(range(8)) + [50, 51, 52, 53], model="m")
+    again = router.route_tokens([*list(range(8)), 50, 51, 52, 53], model="m")
     assert again.member_id == d.member_id and again.matched_blocks == 2
     # Another model hashes differently.
     assert router.route_tokens(list(range(8)), model="other").matched_blocks == 0

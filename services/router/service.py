@@ -1,0 +1,86 @@
+"""The router as a kvmesh `Service`: servicer, membership follower, sweeper, own registration.
+
+`update_pod_set` is `RouterCore.update_pods`, called by `MembershipWatcher` for every diff of
+`Watch(ROLE_ENGINE)` (including the diff computed after a reconnect's snapshot); the watcher
+reconnects with backoff and resumes from its last revision. The call is synchronous, so a
+change is applied whole between two routing decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import grpc
+
+from kvmesh.membership import MemberSession, MembershipWatcher
+from kvmesh.runtime.server import Service
+from kvmesh.v1 import common_pb2, router_pb2_grpc
+from services.router.core import RouterCore
+from services.router.servicer import RouterServicer
+from services.router.settings import RouterSettings
+
+log = logging.getLogger("kvmesh.router")
+
+
+class RouterService(Service):
+    name = "router"
+    service_names = ("kvmesh.v1.Router",)
+
+    def __init__(self, settings: RouterSettings, follow_membership: bool = True) -> None:
+        self.settings = settings
+        self.core = RouterCore(settings.policy, settings)
+        self.servicer = RouterServicer(self.core)
+        self._follow = follow_membership
+        self.watcher: MembershipWatcher | None = None
+        self.session: MemberSession | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
+
+    async def start(self, address: str) -> None:
+        if self._sweeper is not None:
+            return
+        s = self.settings
+        if self._follow:
+            self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.core.update_pods)
+            await self.watcher.start()
+            if s.register_self:
+                member = common_pb2.Member(
+                    id=s.member_id or f"router-{socket.gethostname()}-{address.rpartition(':')[2]}",
+                    role=common_pb2.ROLE_ROUTER,
+                    address=address,
+                    zone=s.zone,
+                )
+                self.session = MemberSession(s.metadata_addresses, member, s.ttl_seconds)
+                await self.session.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+
+    async def _sweep(self) -> None:
+        """Expires approximate blocks and never-released requests, one pod per loop turn."""
+        core = self.core
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            core.sweep_requests()
+            for member_id in list(core.pods.by_id):
+                core.expire_pod(member_id)
+                await asyncio.sleep(0)
+
+    async def drain(self) -> None:
+        if self.session is not None:
+            await self.session.close(deregister=True)
+            self.session = None
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self.watcher is not None:
+            await self.watcher.close()
+            self.watcher = None
