@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from kvmesh.runtime.channels import open_channel
@@ -14,6 +14,7 @@ from kvmesh.runtime.server import ServerRuntime
 from kvmesh.v1 import cachenode_pb2_grpc
 from services.cachenode.config import CacheNodeSettings
 from services.cachenode.service import CacheNodeService
+from tests.cachenode.servers import redis_cluster, redis_tls_server, vineyardd
 
 
 @asynccontextmanager
@@ -41,5 +42,24 @@ def node() -> NodeFactory:
     return running_node
 
 
-def code_of(exc: grpc.aio.AioRpcError) -> grpc.StatusCode:
-    return exc.code()
+# -- real servers for the engine contract suite (one of each per test session) ----------
+
+REDIS_PASSWORD = "kvmesh-test-secret"
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    with redis_tls_server(tmp_path_factory.mktemp("redis-tls"), REDIS_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
+        yield ports
+
+
+@pytest.fixture(scope="session")
+def vineyard_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with vineyardd(tmp_path_factory.mktemp("vineyard")) as sock:
+        yield sock

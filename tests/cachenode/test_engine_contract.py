@@ -1,0 +1,149 @@
+"""One contract every engine passes, run against real servers (Redis, Redis TLS, a 3-node
+Redis Cluster, vineyardd) and real files (LMDB), plus tier lists of them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kvmesh.runtime.errors import ResourceExhausted
+from services.cachenode.engines.base import Engine
+from services.cachenode.engines.registry import build_engine
+from tests.cachenode.conftest import REDIS_PASSWORD
+
+KINDS = [
+    "memory-lru", "memory-s3fifo", "disk", "redis", "rediss", "redis-cluster", "vineyard",
+    "tiered-through", "tiered-back",
+]
+# Engines whose capacity the test sets (so it can fill them up).
+BOUNDED = ["memory-lru", "memory-s3fifo", "disk", "vineyard", "tiered-back"]
+
+
+def engine_uri(kind: str, request: pytest.FixtureRequest, tmp_path: Path, capacity: str = "64MiB") -> str:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    if kind == "memory-lru":
+        return f"memory://?capacity={capacity}&policy=lru"
+    if kind == "memory-s3fifo":
+        return f"memory://?capacity={capacity}&policy=s3fifo"
+    if kind == "disk":
+        return f"disk://{tmp_path}/store?capacity={capacity}&sync=false"
+    if kind == "redis":
+        server = request.getfixturevalue("redis")
+        return f"redis://{server.address}/0?prefix={prefix}"
+    if kind == "rediss":
+        port, ca = request.getfixturevalue("redis_tls")
+        return f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/0?ca={ca}&prefix={prefix}"
+    if kind == "redis-cluster":
+        ports = request.getfixturevalue("redis_cluster_ports")
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports) + f"?prefix={prefix}"
+    if kind == "vineyard":
+        sock = request.getfixturevalue("vineyard_socket")
+        return f"vineyard://{sock}?capacity={capacity}"
+    if kind == "tiered-through":
+        return f"memory://?capacity=4MiB,disk://{tmp_path}/l2?capacity={capacity}&sync=false"
+    if kind == "tiered-back":
+        return f"memory://?capacity=4MiB&write=back,disk://{tmp_path}/l2?capacity={capacity}&sync=false"
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=KINDS)
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engine]:
+    built = await build_engine(engine_uri(request.param, request, tmp_path))
+    try:
+        yield built
+    finally:
+        await built.close()
+        await built.close()  # idempotent
+
+
+def digest(value: bytes | None) -> str:
+    assert value is not None
+    return hashlib.sha256(value).hexdigest()
+
+
+async def test_round_trip_of_every_size(engine: Engine) -> None:
+    values = {f"k{n}".encode(): os.urandom(n) for n in (0, 1, 100, 65536, 1024**2 + 7)}
+    for key, value in values.items():
+        await engine.put("ns", key, value)
+    for key, value in values.items():
+        got = await engine.get("ns", key)
+        assert got is not None and digest(got) == digest(value), key
+    assert await engine.get("ns", b"absent") is None
+    stats = engine.stats()
+    assert stats.name and stats.hits >= len(values) and stats.misses >= 1
+
+
+async def test_overwrite_delete_and_namespaces(engine: Engine) -> None:
+    await engine.put("a", b"key", b"first")
+    await engine.put("a", b"key", b"second")
+    await engine.put("b", b"key", b"other namespace")
+    assert await engine.get("a", b"key") == b"second"
+    assert await engine.get("b", b"key") == b"other namespace"
+    assert await engine.delete("a", b"key") is True
+    assert await engine.delete("a", b"key") is False
+    assert await engine.get("a", b"key") is None
+    assert await engine.get("b", b"key") == b"other namespace"
+
+
+async def test_exists_and_batches_keep_order(engine: Engine) -> None:
+    items = [(f"b{i}".encode(), os.urandom(1000 + i)) for i in range(20)]
+    await engine.put_many("ns", items)
+    keys = [b"b0", b"nope", b"b5", b"b19", b"also-nope"]
+    assert await engine.exists("ns", keys) == [True, False, True, True, False]
+    got = await engine.get_many("ns", keys)
+    assert got[0] == items[0][1] and got[2] == items[5][1] and got[3] == items[19][1]
+    assert got[1] is None and got[4] is None
+    assert await engine.exists("ns", []) == []
+
+
+async def test_ttl_expires(engine: Engine) -> None:
+    await engine.put("ns", b"short", b"v", ttl_seconds=1)
+    await engine.put("ns", b"long", b"v")
+    assert await engine.get("ns", b"short") == b"v"
+    await asyncio.sleep(2.2)
+    assert await engine.get("ns", b"short") is None
+    assert await engine.exists("ns", [b"short", b"long"]) == [False, True]
+
+
+async def test_concurrent_writers_and_readers_never_see_torn_values(engine: Engine) -> None:
+    versions = [bytes([v]) * 300_000 for v in range(8)]
+
+    async def writer(v: bytes) -> None:
+        await engine.put("ns", b"hot", v)
+
+    async def reader() -> None:
+        for _ in range(5):
+            got = await engine.get("ns", b"hot")
+            assert got is None or got in versions
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*[writer(v) for v in versions], *[reader() for _ in range(4)])
+    assert await engine.get("ns", b"hot") in versions
+
+
+@pytest.mark.parametrize("kind", BOUNDED)
+async def test_eviction_keeps_within_capacity(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    engine = await build_engine(engine_uri(kind, request, tmp_path, capacity="8MiB"))
+    try:
+        value_size = 512 * 1024
+        for i in range(40):  # 20 MiB into an 8 MiB engine
+            await engine.put("ns", f"e{i}".encode(), bytes([i]) * value_size)
+        if hasattr(engine, "flush"):
+            await engine.flush()
+        lowest = engine.tier_stats()[-1]
+        assert lowest.used_bytes <= 8 * 1024**2
+        assert lowest.evictions > 0
+        newest = await engine.get("ns", b"e39")
+        assert newest == bytes([39]) * value_size
+        assert await engine.get("ns", b"e0") is None
+        with pytest.raises(ResourceExhausted):
+            await engine.put("ns", b"too-big", b"x" * (9 * 1024**2))
+        assert await engine.get("ns", b"e39") is not None  # still serving after refusing
+    finally:
+        await engine.close()

@@ -1,0 +1,135 @@
+"""Memory-engine specifics: exact accounting, reservations, pins, and the two policies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvmesh.runtime.errors import ResourceExhausted
+from kvmesh.uri import UriError
+from services.cachenode.engines.memory import MemoryEngine
+from services.cachenode.engines.registry import build_engine
+
+KiB = 1024
+
+
+async def memory(uri: str) -> MemoryEngine:
+    engine = await build_engine(uri)
+    assert isinstance(engine, MemoryEngine)
+    return engine
+
+
+async def test_exact_byte_accounting_under_churn() -> None:
+    engine = await memory("memory://?capacity=1MiB&policy=s3fifo")
+    rng = random.Random(3)
+    try:
+        for i in range(500):
+            key = f"k{rng.randrange(60)}".encode()
+            if rng.random() < 0.2:
+                await engine.delete("ns", key)
+            else:
+                await engine.put("ns", key, b"v" * rng.randrange(0, 60 * KiB))
+            values = [await engine.get("ns", f"k{j}".encode()) for j in range(60)]
+            live = [v for v in values if v is not None]
+            stats = engine.stats()
+            assert stats.used_bytes == sum(len(v) for v in live), i
+            assert stats.items == len(live)
+            assert stats.used_bytes <= stats.capacity_bytes
+    finally:
+        await engine.close()
+
+
+async def test_reservation_is_invisible_until_commit_and_abort_frees() -> None:
+    engine = await memory("memory://?capacity=1MiB")
+    try:
+        res = engine.reserve("ns", b"k", 10)
+        res.view[:5] = b"01234"
+        assert await engine.get("ns", b"k") is None and await engine.exists("ns", [b"k"]) == [False]
+        assert engine.stats().used_bytes == 10  # the reservation holds its bytes
+        res.view[5:] = b"56789"
+        engine.commit(res)
+        assert await engine.get("ns", b"k") == b"0123456789"
+        with pytest.raises(ValueError):
+            engine.commit(res)
+        other = engine.reserve("ns", b"k2", 100)
+        engine.abort(other)
+        engine.abort(other)
+        assert engine.stats().used_bytes == 10 and await engine.get("ns", b"k2") is None
+    finally:
+        await engine.close()
+
+
+async def test_pinned_value_is_never_freed_under_its_reader() -> None:
+    engine = await memory("memory://?capacity=256KiB&policy=lru")
+    try:
+        await engine.put("ns", b"pinned", b"P" * (100 * KiB))
+        pin = engine.pin("ns", b"pinned")
+        assert pin is not None
+        # Overwrite and delete hide it, and pressure evicts everything else, but the bytes stay.
+        await engine.put("ns", b"pinned", b"N" * (50 * KiB))
+        await engine.delete("ns", b"pinned")
+        for i in range(20):
+            await engine.put("ns", f"filler{i}".encode(), bytes([i]) * (60 * KiB))
+        assert bytes(pin.view) == b"P" * (100 * KiB)
+        assert engine.stats().used_bytes <= 256 * KiB
+        held = engine.stats().used_bytes
+        pin.release()
+        pin.release()
+        assert engine.stats().used_bytes == held - 100 * KiB
+    finally:
+        await engine.close()
+
+
+async def test_everything_pinned_means_resource_exhausted() -> None:
+    engine = await memory("memory://?capacity=128KiB")
+    try:
+        await engine.put("ns", b"a", b"a" * (100 * KiB))
+        pin = engine.pin("ns", b"a")
+        with pytest.raises(ResourceExhausted):
+            await engine.put("ns", b"b", b"b" * (100 * KiB))
+        with pytest.raises(ResourceExhausted):
+            await engine.put("ns", b"huge", b"h" * (200 * KiB))
+        assert pin is not None
+        pin.release()
+        await engine.put("ns", b"b", b"b" * (100 * KiB))
+        assert await engine.get("ns", b"a") is None and engine.stats().evictions == 1
+    finally:
+        await engine.close()
+
+
+async def test_lru_evicts_least_recently_used() -> None:
+    engine = await memory("memory://?capacity=4KiB&policy=lru&alignment=64")
+    try:
+        for k in (b"a", b"b", b"c", b"d"):
+            await engine.put("ns", k, b"x" * 1000)
+        await engine.get("ns", b"a")  # a becomes most recent
+        await engine.put("ns", b"e", b"x" * 1000)
+        assert await engine.exists("ns", [b"a", b"b", b"c", b"d", b"e"]) == [True, False, True, True, True]
+    finally:
+        await engine.close()
+
+
+async def test_s3fifo_keeps_reused_keys_through_a_scan() -> None:
+    engine = await memory("memory://?capacity=64KiB&policy=s3fifo")
+    try:
+        hot = [f"hot{i}".encode() for i in range(8)]
+        for k in hot:
+            await engine.put("ns", k, b"h" * 1000)
+            await engine.get("ns", k)
+        for i in range(500):  # a one-pass scan of cold keys, 8x the capacity
+            await engine.put("ns", f"cold{i}".encode(), b"c" * 1000)
+            if i % 10 == 0:
+                for k in hot:
+                    await engine.get("ns", k)
+        assert all(await engine.exists("ns", hot))
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize(
+    "uri", ["memory://?capacity=0", "memory://?policy=nope", "memory://?arena=nope", "memory://?capacity=lots"]
+)
+async def test_bad_memory_uris(uri: str) -> None:
+    with pytest.raises(UriError):
+        await build_engine(uri)
