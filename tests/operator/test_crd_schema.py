@@ -83,7 +83,7 @@ def test_examples_are_admitted_and_parsed(crd, example: Path) -> None:
         by_alias=True, exclude_none=True)
 
 
-BAD_SPECS = {
+BAD_SPECS: dict[str, dict[str, Any]] = {
     "negative replicas": {"replicas": -1},
     "both etcd and redis": {"metadata": {"etcd": {"endpoints": ["e:2379"]}, "redis": {"address": "r:6379"}}},
     "managed and etcd": {"metadata": {"managed": {}, "etcd": {"endpoints": ["e:2379"]}}},
