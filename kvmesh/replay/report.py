@@ -25,6 +25,12 @@ def _ms(x: object) -> str:
     return f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms"
 
 
+def wide_console() -> Console:
+    """A console that does not squeeze the summary table when output is not a terminal."""
+    console = Console()
+    return console if console.is_terminal else Console(width=180)
+
+
 def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") -> Table:
     table = Table(title=title)
     for col in ("policy", "mode", "requests", "local hit", "pool hit", "total hit", "bound", "of bound",
@@ -52,7 +58,7 @@ def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") 
 
 
 def print_summary(results: Sequence[ReplayResult], console: Console | None = None, title: str = "trace replay") -> None:
-    (console or Console()).print(summary_table(results, title))
+    (console or wide_console()).print(summary_table(results, title))
 
 
 def write_json(results: Sequence[ReplayResult], path: Path, extra: dict[str, object] | None = None) -> None:

@@ -1,0 +1,430 @@
+"""`kvmesh up`: the whole mesh on this machine, one process per member.
+
+Starts the metadata service, N cache nodes, the router and M engine simulators as
+`python -m kvmesh ...` children (each in its own session, so a terminal's Ctrl-C reaches only
+this supervisor, which then stops them in order). A child counts as up once it printed its
+`KVMESH_READY` line and answers a gRPC health check; the mesh counts as up once every member
+is registered. Ctrl-C or SIGTERM stops engines, router, cache nodes, then metadata, each
+with SIGTERM and a grace period, and SIGKILLs whatever is still running after it: nothing is
+left behind. `--demo` sends a short built-in workload through router -> engines, prints the
+result table and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kvmesh.units import format_size, parse_size
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_PREFIX = "KVMESH_READY"
+
+
+def child_env() -> dict[str, str]:
+    """Children import this checkout and read no KVMESH_* flag meant for the supervisor."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMESH_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Child:
+    """One `kvmesh` child process; keeps the tail of its output for error reports."""
+
+    def __init__(self, name: str, role: str, args: Sequence[str], log_dir: Path | None = None) -> None:
+        self.name = name
+        self.role = role
+        self.args = [sys.executable, "-m", "kvmesh", *args]
+        self.address: str | None = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._ready = threading.Event()
+        self._log = open(log_dir / f"{name}.log", "a", encoding="utf-8") if log_dir else None  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.tail.append(line)
+            if self._log is not None:
+                self._log.write(line + "\n")
+                self._log.flush()
+            if line.startswith(READY_PREFIX) and not self._ready.is_set():
+                for part in line.split():
+                    if part.startswith("address="):
+                        self.address = part.split("=", 1)[1]
+                self._ready.set()
+        self._ready.set()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> str:
+        if not self._ready.wait(timeout) or self.address is None:
+            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(list(self.tail)[-30:]))
+        return self.address
+
+    def terminate(self) -> None:
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group."""
+        if self.running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
+    def close(self) -> None:
+        self._reader.join(2)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """What `kvmesh up` starts."""
+
+    backend: str = "memory://"
+    cachenodes: int = 2
+    engines: int = 2
+    pool_blocks: int = 4000  # in total, over all cache nodes
+    block_bytes: int = 4096
+    capacity_blocks: int = 1000
+    block_tokens: int = 512
+    policy: str = "prefix"
+    speedup: float = 1.0
+    base_port: int = 7400
+    host: str = "127.0.0.1"
+    ttl_seconds: int = 10
+    grace_seconds: float = 5.0
+    start_timeout: float = 60.0
+    log_level: str = "warning"
+    log_dir: Path | None = None
+    router_settings: tuple[tuple[str, str], ...] = ()
+    engine_args: tuple[str, ...] = ()
+
+    def address(self, offset: int) -> str:
+        return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
+
+    def node_capacity_bytes(self) -> int:
+        """Each node's share of the pool, with room for per-value overhead."""
+        per_node = -(-self.pool_blocks // max(self.cachenodes, 1))
+        return max(per_node * self.block_bytes, 1 << 20)
+
+
+@dataclass
+class Mesh:
+    """The running children, in start order."""
+
+    spec: MeshSpec
+    children: list[Child] = field(default_factory=list)
+    metadata_address: str = ""
+    router_address: str = ""
+
+    def of_role(self, role: str) -> list[Child]:
+        return [c for c in self.children if c.role == role]
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if not c.running()]
+
+
+def _common(spec: MeshSpec, name: str) -> list[str]:
+    return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name]
+
+
+def start_mesh(spec: MeshSpec) -> Mesh:
+    """Starts every member and waits until each is ready and healthy; stops all on failure."""
+    mesh = Mesh(spec)
+    try:
+        _start(mesh)
+    except BaseException:
+        stop_mesh(mesh)
+        raise
+    return mesh
+
+
+def _start(mesh: Mesh) -> None:
+    spec = mesh.spec
+    deadline = time.monotonic() + spec.start_timeout
+    if spec.log_dir is not None:
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def left() -> float:
+        return max(deadline - time.monotonic(), 0.1)
+
+    md = Child("metadata", "metadata", ["metadata", "--backend", spec.backend, "--listen", spec.address(0),
+                                        "--log-level", spec.log_level, "--grace-seconds",
+                                        f"{spec.grace_seconds:g}"], spec.log_dir)
+    mesh.children.append(md)
+    mesh.metadata_address = md.wait_ready(left())
+    member = ["--metadata", mesh.metadata_address, "--ttl-seconds", str(spec.ttl_seconds)]
+    capacity = spec.node_capacity_bytes()
+    for i in range(spec.cachenodes):
+        name = f"cachenode-{i}"
+        mesh.children.append(Child(name, "cachenode", [
+            "cachenode", "--engine", f"memory://?capacity={capacity}", "--listen", spec.address(100 + i),
+            *member, *_common(spec, name)], spec.log_dir))
+    router_flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec.router_settings]
+    router = Child("router", "router", [
+        "router", "--policy", spec.policy, "--listen", spec.address(200), "--block-size", str(spec.block_tokens),
+        *router_flags, *member, *_common(spec, "router")], spec.log_dir)
+    mesh.children.append(router)
+    mesh.router_address = router.wait_ready(left())
+    for c in mesh.of_role("cachenode"):
+        c.wait_ready(left())
+    for i in range(spec.engines):
+        name = f"engine-{i}"
+        pool = ["--pool"] if spec.cachenodes and spec.pool_blocks else ["--no-pool"]
+        mesh.children.append(Child(name, "engine", [
+            "enginesim", "--listen", spec.address(300 + i), "--router", mesh.router_address,
+            "--capacity-blocks", str(spec.capacity_blocks), "--block-tokens", str(spec.block_tokens),
+            "--block-bytes", str(spec.block_bytes), "--speedup", f"{spec.speedup:g}", *pool,
+            *spec.engine_args, *member, *_common(spec, name)], spec.log_dir))
+    for c in mesh.of_role("engine"):
+        c.wait_ready(left())
+    asyncio.run(_wait_healthy_and_registered(mesh, deadline))
+
+
+async def _wait_healthy_and_registered(mesh: Mesh, deadline: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvmesh.runtime.channels import open_channel
+    from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+
+    for child in mesh.children:
+        assert child.address is not None
+        async with open_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} is not healthy")
+                await asyncio.sleep(0.1)
+    want = len(mesh.children) - 1  # everyone but the metadata service registers
+    async with open_channel(mesh.metadata_address) as channel:
+        stub = metadata_pb2_grpc.MembershipStub(channel)
+        while True:
+            listed = await stub.List(metadata_pb2.ListRequest(), timeout=5.0)
+            if len(listed.members) >= want:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(listed.members)} of {want} members registered")
+            await asyncio.sleep(0.1)
+
+
+def stop_mesh(mesh: Mesh, timeout: float | None = None) -> None:
+    """Engines, router, cache nodes, metadata: SIGTERM each tier, wait, SIGKILL stragglers."""
+    timeout = timeout if timeout is not None else mesh.spec.grace_seconds + 10.0
+    for role in ("engine", "router", "cachenode", "metadata"):
+        tier = mesh.of_role(role)
+        for c in tier:
+            c.terminate()
+        end = time.monotonic() + timeout
+        for c in tier:
+            if not c.wait(max(end - time.monotonic(), 0.1)):
+                c.kill()
+    for c in mesh.children:
+        c.kill()
+        c.close()
+
+
+def members_table(mesh: Mesh) -> Table:
+    table = Table(title=f"kvmesh up: {len(mesh.children)} processes (metadata backend {mesh.spec.backend})")
+    for col in ("member", "role", "address", "pid", "details"):
+        table.add_column(col)
+    spec = mesh.spec
+    details = {
+        "metadata": spec.backend,
+        "cachenode": f"memory, {format_size(spec.node_capacity_bytes())}",
+        "router": f"policy {spec.policy}",
+        "engine": f"{spec.capacity_blocks} blocks x {spec.block_tokens} tokens, speedup {spec.speedup:g}",
+    }
+    for c in mesh.children:
+        table.add_row(c.name, c.role, c.address or "-", str(c.pid), details[c.role])
+    return table
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = MeshSpec()) -> None:
+    """Flags describing a mesh (shared with `kvmesh bench trace --live`)."""
+    parser.add_argument("--backend", default=defaults.backend,
+                        help="metadata backend: memory:// (default), etcd://HOST:PORT, redis://HOST:PORT/DB")
+    parser.add_argument("--cachenodes", type=int, default=defaults.cachenodes, help="cache nodes to start")
+    parser.add_argument("--engines", type=int, default=defaults.engines, help="engine simulators to start")
+    parser.add_argument("--pool-blocks", type=int, default=defaults.pool_blocks,
+                        help="cache-pool size in blocks, over all cache nodes (0: no pool)")
+    parser.add_argument("--block-bytes", default=str(defaults.block_bytes),
+                        help="real bytes per block moved to and from the pool (accepts 4KiB)")
+    parser.add_argument("--capacity-blocks", type=int, default=defaults.capacity_blocks,
+                        help="GPU prefix-cache blocks per engine")
+    parser.add_argument("--block-tokens", type=int, default=defaults.block_tokens, help="tokens per block")
+    parser.add_argument("--speedup", type=float, default=defaults.speedup,
+                        help="engines run simulated time this many times faster than real time")
+    parser.add_argument("--base-port", type=int, default=defaults.base_port,
+                        help="metadata on BASE, cache nodes BASE+100+i, router BASE+200, engines BASE+300+i "
+                             "(0: free ports)")
+    parser.add_argument("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-dir", type=Path, default=None, help="write each child's output to DIR/NAME.log")
+    parser.add_argument("--router-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra router flag, e.g. imbalance_abs=32 (repeatable)")
+    parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
+                        help="seconds the whole mesh may take to come up")
+
+
+def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
+    settings: list[tuple[str, str]] = []
+    for item in args.router_setting:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"kvmesh: --router-setting wants KEY=VALUE, got {item!r}")
+        settings.append((key.strip().replace("-", "_"), value.strip()))
+    for name in ("cachenodes", "engines", "pool_blocks", "capacity_blocks", "block_tokens"):
+        if getattr(args, name) < (1 if name in ("engines", "capacity_blocks", "block_tokens") else 0):
+            raise SystemExit(f"kvmesh: --{name.replace('_', '-')} is out of range")
+    if args.speedup <= 0:
+        raise SystemExit("kvmesh: --speedup must be positive")
+    return MeshSpec(
+        backend=args.backend,
+        cachenodes=args.cachenodes,
+        engines=args.engines,
+        pool_blocks=args.pool_blocks,
+        block_bytes=parse_size(args.block_bytes),
+        capacity_blocks=args.capacity_blocks,
+        block_tokens=args.block_tokens,
+        policy=policy,
+        speedup=args.speedup,
+        base_port=args.base_port,
+        log_level=args.log_level,
+        log_dir=args.log_dir,
+        router_settings=tuple(settings),
+        start_timeout=args.start_timeout,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_mesh_arguments(parser)
+    parser.add_argument("--policy", default="prefix", help="router policy")
+    parser.add_argument("--demo", action="store_true",
+                        help="run a short built-in workload through the mesh, print the results and stop")
+    parser.add_argument("--demo-conversations", type=int, default=12, help="conversations in the demo workload")
+    parser.add_argument("--demo-speedup", type=float, default=20.0, help="--speedup used by --demo")
+
+
+class _Stop:
+    """Signal handlers only set this flag (the main thread polls it)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.event.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvmesh.replay.report import wide_console
+
+    console = wide_console()
+    if args.demo and args.speedup == MeshSpec.speedup:
+        args.speedup = args.demo_speedup
+    spec = spec_from_args(args, args.policy)
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mesh: Mesh | None = None
+    try:
+        console.print(f"starting the mesh: metadata ({spec.backend}), {spec.cachenodes} cache nodes, "
+                      f"router ({spec.policy}), {spec.engines} engine simulators ...")
+        mesh = start_mesh(spec)
+        console.print(members_table(mesh))
+        pids = ",".join(str(c.pid) for c in mesh.children)
+        # One line tools and tests wait for (address = the router, where requests go).
+        print(f"KVMESH_READY service=mesh address={mesh.router_address} metadata={mesh.metadata_address} "
+              f"pids={pids}", flush=True)
+        if args.demo:
+            return _demo(mesh, args, console, stop)
+        console.print("mesh is up; Ctrl-C stops it")
+        while not stop.event.wait(0.5):
+            dead = mesh.dead()
+            if dead:
+                for c in dead:
+                    tail = "\n".join(list(c.tail)[-20:])
+                    console.print(f"[red]{c.name} exited with {c.proc.returncode}[/red]\n{tail}")
+                return 1
+        console.print("stopping ...")
+        return 0
+    except RuntimeError as exc:
+        console.print(f"[red]kvmesh up failed:[/red] {exc}")
+        return 1
+    finally:
+        if mesh is not None:
+            stop_mesh(mesh)
+            console.print("all members stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -> int:
+    from kvmesh.replay.live import replay_live
+    from kvmesh.replay.report import print_summary
+    from kvmesh.workload.generator import WorkloadSpec, generate_workload
+    from kvmesh.workload.trace import infinite_cache_bound
+
+    workload = generate_workload(WorkloadSpec(conversations=args.demo_conversations, seed=1))
+    console.print(f"demo: {len(workload)} requests from {args.demo_conversations} generated conversations "
+                  f"(shared system prompts, multi-turn, tool-use branches), speedup {mesh.spec.speedup:g}")
+    result = asyncio.run(replay_live(
+        workload, mesh.router_address, mesh.spec.speedup, label=mesh.spec.policy,
+        engine_ids=[c.name for c in mesh.of_role("engine")], stop=stop.event,
+        settings={"pool_blocks": mesh.spec.pool_blocks, "engines": mesh.spec.engines,
+                  "capacity_blocks": mesh.spec.capacity_blocks},
+    ))
+    result.bound = infinite_cache_bound(workload)
+    print_summary([result], console, title="kvmesh demo (simulated times)")
+    return 0 if result.records else 1
