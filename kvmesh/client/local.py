@@ -239,34 +239,59 @@ class LocalDataPath:
         self, namespace: str, key: bytes, value: bytes | bytearray | memoryview, ttl_seconds: int = 0
     ) -> None:
         """Stores a value by writing it straight into the node's memory."""
+        await self.put_many(namespace, [(key, value)], ttl_seconds)
+
+    async def put_many(
+        self,
+        namespace: str,
+        items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
+        ttl_seconds: int = 0,
+    ) -> None:
+        """Stores several values with two round trips in all (one Allocate, one Seal).
+
+        All values become visible together when the Seal returns; on any failure none is
+        published (the allocations are aborted).
+        """
         self._check()
-        src = memoryview(value).cast("B")
-        allocated = await self._stub.Allocate(
-            cachenode_pb2.AllocateRequest(
-                session_id=self.session_id, namespace=namespace, key=key, size=len(src), ttl_seconds=ttl_seconds
-            ),
-            timeout=self._timeout,
+        if not items:
+            return
+        sources = [memoryview(value).cast("B") for _, value in items]
+        single = len(items) == 1
+        request = cachenode_pb2.AllocateRequest(
+            session_id=self.session_id, namespace=namespace, ttl_seconds=ttl_seconds
         )
-        region = allocated.region
+        if single:
+            request.key, request.size = items[0][0], len(sources[0])
+        else:
+            request.items.extend(
+                cachenode_pb2.AllocateItem(key=key, size=len(src)) for (key, _), src in zip(items, sources, strict=True)
+            )
+        response = await self._stub.Allocate(request, timeout=self._timeout)
+        allocations = (
+            [cachenode_pb2.Allocation(allocation_id=response.allocation_id, region=response.region)]
+            if single
+            else list(response.allocations)
+        )
+        ids = [a.allocation_id for a in allocations]
         sealed = False
         try:
-            dst = self._mapping.view(region.offset, region.size)
-            try:
-                await self._copy(dst, src)
-            finally:
-                dst.release()
+            if len(allocations) != len(items):
+                raise LocalPathUnavailable(f"node answered {len(allocations)} allocations for {len(items)} values")
+            for allocation, src in zip(allocations, sources, strict=True):
+                dst = self._mapping.view(allocation.region.offset, len(src))
+                try:
+                    await self._copy(dst, src)
+                finally:
+                    dst.release()
             await self._stub.Seal(
-                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_id=allocated.allocation_id),
-                timeout=self._timeout,
+                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids), timeout=self._timeout
             )
             sealed = True
         finally:
-            if not sealed:
+            if not sealed and ids:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
                     await self._stub.Seal(
-                        cachenode_pb2.SealRequest(
-                            session_id=self.session_id, allocation_id=allocated.allocation_id, abort=True
-                        ),
+                        cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids, abort=True),
                         timeout=self._timeout,
                     )
 
@@ -314,6 +339,17 @@ class LocalDataPath:
             return view.tobytes()
         finally:
             await self.release([view])
+
+    async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Copies of several values with two round trips (one Acquire, one ReleaseViews)."""
+        views = await self.acquire(namespace, keys)
+        try:
+            total = sum(v.size for v in views if v is not None)
+            if total >= self._offload_bytes:
+                return await asyncio.to_thread(lambda: [None if v is None else v.tobytes() for v in views])
+            return [None if v is None else v.tobytes() for v in views]
+        finally:
+            await self.release(views)
 
     async def get_into(self, namespace: str, key: bytes, out: memoryview) -> int | None:
         """Copies one value into a caller's buffer (no intermediate bytes); returns its size or None."""

@@ -524,11 +524,18 @@ class AllocateRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     namespace: _builtins.str
     key: _builtins.bytes
     size: _builtins.int
     ttl_seconds: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocateItem]:
+        """Batch form (one round trip for many values): when `items` is set, key and size above are
+        ignored and every item is allocated, or none (the first failure aborts the others).
+        """
+
     def __init__(
         self,
         *,
@@ -537,17 +544,40 @@ class AllocateRequest(_message.Message):
         key: _builtins.bytes = ...,
         size: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
+        items: _abc.Iterable[Global___AllocateItem] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "namespace", b"namespace", "session_id", b"session_id", "size", b"size", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "key", b"key", "namespace", b"namespace", "session_id", b"session_id", "size", b"size", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AllocateRequest: _TypeAlias = AllocateRequest  # noqa: Y015
 
 @_typing.final
-class AllocateResponse(_message.Message):
+class AllocateItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateItem: _TypeAlias = AllocateItem  # noqa: Y015
+
+@_typing.final
+class Allocation(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ALLOCATION_ID_FIELD_NUMBER: _builtins.int
@@ -567,6 +597,35 @@ class AllocateResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+Global___Allocation: _TypeAlias = Allocation  # noqa: Y015
+
+@_typing.final
+class AllocateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALLOCATION_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    allocation_id: _builtins.int
+    @_builtins.property
+    def region(self) -> Global___Region: ...
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]:
+        """Batch form: one per requested item, in order."""
+
+    def __init__(
+        self,
+        *,
+        allocation_id: _builtins.int = ...,
+        region: Global___Region | None = ...,
+        allocations: _abc.Iterable[Global___Allocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_id", b"allocation_id", "allocations", b"allocations", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
 Global___AllocateResponse: _TypeAlias = AllocateResponse  # noqa: Y015
 
 @_typing.final
@@ -576,19 +635,25 @@ class SealRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ALLOCATION_ID_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    ALLOCATION_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     allocation_id: _builtins.int
     abort: _builtins.bool
+    @_builtins.property
+    def allocation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Batch form: these allocations too (all are checked before any is sealed)."""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         allocation_id: _builtins.int = ...,
         abort: _builtins.bool = ...,
+        allocation_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "allocation_id", b"allocation_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "allocation_id", b"allocation_id", "allocation_ids", b"allocation_ids", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -181,3 +181,39 @@ async def test_engine_without_shared_memory_is_refused_and_locality_detected() -
     assert await is_local_address("localhost:5000")
     assert not await is_local_address("192.0.2.1:5000")  # TEST-NET-1: never an interface here
     assert not await is_local_address("no-such-host.invalid:1")
+
+
+async def test_batches_are_all_or_nothing() -> None:
+    async with datapath_node("memory://?capacity=8MiB&arena=shm") as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            items = [(f"b{i}".encode(), os.urandom(100_000 + i)) for i in range(8)]
+            await path.put_many(NS, items)
+            assert await path.get_many(NS, [k for k, _ in items] + [b"nope"]) == [v for _, v in items] + [None]
+            used = node.engine.used_bytes
+            stub, sid = node.stub, path.session_id
+            # One item cannot fit: nothing of the batch stays reserved.
+            request = cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS)
+            request.items.extend(
+                [cachenode_pb2.AllocateItem(key=b"x", size=10), cachenode_pb2.AllocateItem(key=b"y", size=1 << 40)]
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Allocate(request)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert node.engine.used_bytes == used
+            # A seal naming one bad id seals nothing; the good ones stay open and can be sealed after.
+            request = cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS)
+            request.items.extend(cachenode_pb2.AllocateItem(key=k, size=3) for k in (b"x", b"y"))
+            allocated = await stub.Allocate(request)
+            ids = [a.allocation_id for a in allocated.allocations]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=[*ids, 999_999]))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert await node.engine.exists(NS, [b"x", b"y"]) == [False, False]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=[ids[0], ids[0]]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=ids))
+            assert await node.engine.exists(NS, [b"x", b"y"]) == [True, True]
+        finally:
+            await path.close()

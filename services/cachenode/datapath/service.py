@@ -141,21 +141,28 @@ class DataPath:
         self, request: cachenode_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.AllocateResponse:
         session = self._session(request.session_id)
-        allocation = self._table().allocate(
-            session, request.namespace, request.key, request.size, request.ttl_seconds
-        )
-        res = allocation.reservation
-        return cachenode_pb2.AllocateResponse(
-            allocation_id=allocation.id,
-            region=cachenode_pb2.Region(segment=session.export.segment, offset=res.offset, size=res.size),
-        )
+        items = [(i.key, i.size) for i in request.items] or [(request.key, request.size)]
+        allocations = self._table().allocate(session, request.namespace, items, request.ttl_seconds)
+        segment = session.export.segment
+        messages = [
+            cachenode_pb2.Allocation(
+                allocation_id=a.id,
+                region=cachenode_pb2.Region(segment=segment, offset=a.reservation.offset, size=a.reservation.size),
+            )
+            for a in allocations
+        ]
+        if request.items:
+            return cachenode_pb2.AllocateResponse(allocations=messages)
+        return cachenode_pb2.AllocateResponse(allocation_id=messages[0].allocation_id, region=messages[0].region)
 
     @guard
     async def seal(
         self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.SealResponse:
         session = self._session(request.session_id)
-        self._table().seal(session, request.allocation_id, request.abort)
+        ids = [request.allocation_id] if request.allocation_id else []
+        ids.extend(request.allocation_ids)
+        self._table().seal(session, ids, request.abort)
         return cachenode_pb2.SealResponse()
 
     @guard

@@ -157,9 +157,8 @@ class SessionTable:
 
     # -- writes --------------------------------------------------------------------------
 
-    def allocate(self, session: Session, namespace: str, key: bytes, size: int, ttl_seconds: int) -> Allocation:
+    def _check_item(self, key: bytes, size: int) -> None:
         limits = self.limits
-        self._check_namespace(namespace)
         if not key:
             raise InvalidArgument("key must not be empty")
         if len(key) > limits.max_key_bytes:
@@ -168,29 +167,56 @@ class SessionTable:
             raise ResourceExhausted(
                 f"value of {format_size(size)} is over --max-value-bytes {format_size(limits.max_value_bytes)}"
             )
-        if len(session.allocations) >= limits.max_pending_allocations:
-            raise ResourceExhausted(
-                f"session holds {len(session.allocations)} unsealed allocations "
-                f"(limit {limits.max_pending_allocations})"
-            )
-        reservation = self.engine.reserve(namespace, bytes(key), size, ttl_seconds)
-        allocation = Allocation(next(self._ids), reservation, time.monotonic() + limits.allocation_timeout_s)
-        session.allocations[allocation.id] = allocation
-        return allocation
 
-    def seal(self, session: Session, allocation_id: int, abort: bool) -> None:
-        allocation = session.allocations.pop(allocation_id, None)
-        if allocation is None:
+    def allocate(
+        self, session: Session, namespace: str, items: Sequence[tuple[bytes, int]], ttl_seconds: int
+    ) -> list[Allocation]:
+        """Reserves space for every (key, size), or for none: a failure aborts what was reserved."""
+        self._check_namespace(namespace)
+        if not items:
+            raise InvalidArgument("nothing to allocate")
+        for key, size in items:
+            self._check_item(key, size)
+        limit = self.limits.max_pending_allocations
+        if len(session.allocations) + len(items) > limit:
+            raise ResourceExhausted(
+                f"session would hold more than {limit} unsealed allocations: seal or abort some first"
+            )
+        deadline = time.monotonic() + self.limits.allocation_timeout_s
+        reserved: list[Reservation] = []
+        try:
+            for key, size in items:
+                reserved.append(self.engine.reserve(namespace, bytes(key), size, ttl_seconds))
+        except BaseException:
+            for reservation in reserved:
+                self.engine.abort(reservation)
+            raise
+        out = [Allocation(next(self._ids), reservation, deadline) for reservation in reserved]
+        for allocation in out:
+            session.allocations[allocation.id] = allocation
+        return out
+
+    def seal(self, session: Session, allocation_ids: Sequence[int], abort: bool) -> None:
+        """Publishes (or drops) allocations; every id is checked before any is sealed."""
+        if not allocation_ids:
+            raise InvalidArgument("no allocation to seal")
+        if len(set(allocation_ids)) != len(allocation_ids):
+            raise InvalidArgument("an allocation is listed twice")
+        for allocation_id in allocation_ids:
+            if allocation_id in session.allocations:
+                continue
             outcome = session.finished_allocations.get(allocation_id)
             if outcome is not None:
                 raise FailedPrecondition(f"allocation {allocation_id} is no longer open: it was {outcome}")
             raise NotFound(f"unknown allocation {allocation_id} in session {session.id}")
-        if abort:
-            self.engine.abort(allocation.reservation)
-            session.finished_allocations.add(allocation_id, "aborted")
-        else:
-            self.engine.commit(allocation.reservation)
-            session.finished_allocations.add(allocation_id, "sealed")
+        for allocation_id in allocation_ids:
+            allocation = session.allocations.pop(allocation_id)
+            if abort:
+                self.engine.abort(allocation.reservation)
+                session.finished_allocations.add(allocation_id, "aborted")
+            else:
+                self.engine.commit(allocation.reservation)
+                session.finished_allocations.add(allocation_id, "sealed")
 
     def expire(self, now: float | None = None) -> int:
         """Drops unsealed allocations past their deadline; returns how many."""
