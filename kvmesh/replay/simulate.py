@@ -105,7 +105,7 @@ def replay_in_process(
         served_by[rid] = member
         engine = engines[member]
         local = engine.lookup(blocks)
-        pooled = max(pool.prefix_hits(blocks) - local, 0) if pool is not None else 0
+        pooled = pool.prefix_hits(blocks[local:]) if pool is not None else 0
         sim = SimRequest(rid, blocks, req.input_length, req.output_length, t)
         engine.submit(sim, t, local, pooled)
         if progress is not None:

@@ -1,0 +1,101 @@
+"""`kvmesh enginesim` as a real process: registration and load, Generate, KV events to the router."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from kvmesh.runtime.channels import open_channel
+from kvmesh.testing.ports import free_port
+from kvmesh.v1 import (
+    common_pb2,
+    enginesim_pb2,
+    enginesim_pb2_grpc,
+    metadata_pb2,
+    metadata_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from tests.conftest import KvmeshFactory
+
+pytestmark = pytest.mark.integration
+
+
+def _mesh(kvmesh: KvmeshFactory) -> tuple[str, str, str]:
+    md = f"127.0.0.1:{free_port()}"
+    kvmesh("metadata", "--listen", md)
+    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0").wait_ready()
+    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--router", router,
+                    "--no-pool", "--speedup", "50", "--member-id", "sim-0", "--capacity-blocks", "64").wait_ready()
+    return md, router, engine
+
+
+def _gen(rid: str, blocks: list[int], out: int = 20, tokens: int = 0) -> enginesim_pb2.GenerateRequest:
+    return enginesim_pb2.GenerateRequest(request_id=rid, blocks=router_pb2.BlockIds(ids=blocks),
+                                         output_tokens=out, input_tokens=tokens)
+
+
+async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata(kvmesh: KvmeshFactory) -> None:
+    md, router, engine = _mesh(kvmesh)
+    async with open_channel(engine) as ch, open_channel(router) as rch, open_channel(md) as mch:
+        sim = enginesim_pb2_grpc.EngineSimStub(ch)
+        started = time.monotonic()
+        first = await sim.Generate(_gen("a", [11, 12, 13, 14], out=100), timeout=30)
+        wall = time.monotonic() - started
+        assert first.member_id == "sim-0" and first.prompt_blocks == 4
+        assert first.local_hit_blocks == 0 and first.computed_blocks == 4
+        assert 150 < first.ttft_ms < 600  # 2048 prompt tokens of an 8B model on an A100
+        assert first.e2e_ms > first.ttft_ms + 99 * 10  # 99 decode steps of at least ~10 ms
+        assert wall < first.e2e_ms / 1000.0  # --speedup 50 compressed it
+        second = await sim.Generate(_gen("b", [11, 12, 13, 14, 15, 16]), timeout=30)
+        assert second.local_hit_blocks == 4 and second.computed_blocks == 2
+        assert second.ttft_ms < first.ttft_ms
+
+        # The router learnt the engine's blocks precisely from its KV events.
+        rstub = router_pb2_grpc.RouterStub(rch)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = await rstub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+            if stats.tree_nodes >= 6 and stats.events_applied >= 2:
+                break
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.1)
+        decision = await rstub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[11, 12, 13, 99])))
+        assert decision.member_id == "sim-0" and decision.matched_blocks == 3
+
+        # It registered as an engine and reports its KV usage through KeepAlive.
+        mstub = metadata_pb2_grpc.MembershipStub(mch)
+        deadline = time.monotonic() + 10
+        while True:
+            listed = await mstub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_ENGINE), timeout=5)
+            engines = {m.id: m for m in listed.members}
+            if "sim-0" in engines and engines["sim-0"].load.kv_usage > 0:
+                break
+            assert time.monotonic() < deadline, engines
+            await asyncio.sleep(0.1)
+        assert engines["sim-0"].address == engine
+        assert engines["sim-0"].load.kv_usage == pytest.approx(6 / 64)
+
+
+async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kvmesh: KvmeshFactory) -> None:
+    _, _, engine = _mesh(kvmesh)
+    async with open_channel(engine) as ch:
+        sim = enginesim_pb2_grpc.EngineSimStub(ch)
+        bad = [
+            enginesim_pb2.GenerateRequest(request_id="x"),  # no prompt
+            _gen("y", []),  # empty prompt
+            _gen("z", [1, 2], tokens=5000),  # more tokens than 2 blocks hold
+            _gen("w", [1], out=10_000_000),  # absurd output length
+        ]
+        for req in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await sim.Generate(req, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = await sim.Generate(
+            enginesim_pb2.GenerateRequest(request_id="t", tokens=router_pb2.TokenIds(ids=list(range(1200)))),
+            timeout=30,
+        )
+        assert ok.prompt_blocks == 2  # 1200 tokens = two full 512-token blocks
