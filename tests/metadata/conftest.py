@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from kvmesh.v1 import common_pb2, metadata_pb2_grpc
 from services.metadata.service import MetadataService
 from services.metadata.settings import MetadataSettings
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "etcd", "redis"]
 
 
 def backend_uri(request: pytest.FixtureRequest, name: str) -> str:
@@ -65,7 +66,16 @@ async def md(backend: str) -> AsyncIterator[MetadataClient]:
         yield client
     finally:
         await client.channel.close()
-        await runtime.stop()
+        await stop_metadata(runtime)
+
+
+async def stop_metadata(runtime: ServerRuntime, timeout: float = 3.0) -> None:
+    """Stops the service and waits for its cancelled handlers to unwind (a blocked XREAD takes a moment)."""
+    await runtime.stop()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(t.get_name().startswith("HandleExceptions") and not t.done() for t in asyncio.all_tasks()):
+        assert asyncio.get_running_loop().time() < deadline, "RPC handlers still running after stop"
+        await asyncio.sleep(0.01)
 
 
 def member(member_id: str, role: int = common_pb2.ROLE_ENGINE, port: int = 9000, **fields: object

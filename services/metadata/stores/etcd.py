@@ -1,0 +1,277 @@
+"""`etcd://host:port[,host:port]?prefix=/kvmesh`: stateless replicas over etcd, through etcd3gw.
+
+The model maps one to one: leases are etcd leases (etcd expires them and deletes their
+keys itself, so LEAVE comes from etcd, not from a replica), compare-and-swap is one etcd
+transaction, watches are etcd watches with `start_revision` and `prev_kv`, and revisions
+are etcd's. etcd3gw talks to etcd's JSON gateway with `requests`, which blocks: every call
+runs in this store's own thread pool, and each watch stream is read by a thread of its own
+that hands events to the event loop. Needs etcd >= 3.4 (the `/v3/` gateway).
+
+URI parameters: `prefix` (default /kvmesh), `timeout` seconds per call (default 5),
+`threads` (default 32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import AsyncGenerator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import etcd3gw
+import requests
+from etcd3gw import exceptions as etcd_exc
+from requests.adapters import HTTPAdapter
+
+from kvmesh.runtime.errors import Unavailable
+from kvmesh.uri import Uri, UriError
+from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, prefix_end
+
+log = logging.getLogger("kvmesh.metadata.etcd")
+
+T = TypeVar("T")
+
+
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _unb64(data: str | None) -> bytes:
+    return base64.b64decode(data) if data else b""
+
+
+class EtcdStore(Store):
+    def __init__(self, hosts: list[tuple[str, int]], prefix: str, timeout: float, threads: int) -> None:
+        self._hosts = hosts
+        self._prefix = prefix.rstrip("/") + "/"
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvmesh-etcd")
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(pool_connections=len(hosts), pool_maxsize=threads))
+        self._clients = [
+            etcd3gw.client(host=h, port=p, timeout=timeout, api_path="/v3/", session=session) for h, p in hosts
+        ]
+        self._current = 0
+        self._watch_threads: set[threading.Thread] = set()
+
+    @classmethod
+    async def create(cls, uri: Uri) -> EtcdStore:
+        hosts = [(h or "127.0.0.1", p or 2379) for h, p in uri.hosts] or [("127.0.0.1", 2379)]
+        prefix = uri.param("prefix", uri.path or "/kvmesh") or "/kvmesh"
+        if not prefix.startswith("/"):
+            raise UriError(f"{uri.redacted()}: prefix must start with '/'")
+        timeout = uri.float_param("timeout", 5.0)
+        threads = uri.int_param("threads", 32)
+        if timeout <= 0 or not 1 <= threads <= 1024:
+            raise UriError(f"{uri.redacted()}: timeout must be > 0 and threads in 1..1024")
+        return cls(hosts, prefix, timeout, threads)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        """One gateway call, trying the next endpoint when one is unreachable (runs in a thread)."""
+        last: Exception | None = None
+        for _ in range(len(self._clients)):
+            client = self._clients[self._current % len(self._clients)]
+            try:
+                return client.post(client.get_url(path), json=body)
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
+                last = exc
+                self._current += 1
+        raise Unavailable(f"etcd unreachable: {last}")
+
+    async def _call(self, path: str, body: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._post, path, body)
+        except etcd_exc.Etcd3Exception as exc:
+            detail = (exc.detail_text or str(exc)).lower()
+            if "lease not found" in detail:
+                raise LeaseNotFound(int(body.get("ID") or body.get("lease") or 0)) from None
+            if "compacted" in detail:
+                raise Compacted(detail) from None
+            raise Unavailable(f"etcd error: {exc.detail_text or exc}") from None
+        except RuntimeError as exc:  # executor shut down
+            raise Unavailable(str(exc)) from None
+
+    def _full(self, key: str) -> str:
+        return self._prefix + key
+
+    def _entry(self, kv: dict[str, Any]) -> Entry:
+        return Entry(
+            key=_unb64(kv["key"]).decode()[len(self._prefix) :],
+            value=_unb64(kv.get("value")),
+            mod_revision=int(kv.get("mod_revision", 0)),
+            create_revision=int(kv.get("create_revision", 0)),
+            lease_id=int(kv.get("lease", 0)),
+        )
+
+    @staticmethod
+    def _rev(resp: dict[str, Any]) -> int:
+        return int(resp.get("header", {}).get("revision", 0))
+
+    async def ping(self) -> None:
+        await self.revision()
+
+    # -- leases --------------------------------------------------------------------------
+    async def grant(self, ttl_seconds: int) -> tuple[int, int]:
+        resp = await self._call("/lease/grant", {"TTL": ttl_seconds, "ID": 0})
+        if resp.get("error"):
+            raise Unavailable(f"etcd refused the lease: {resp['error']}")
+        return int(resp["ID"]), int(resp.get("TTL", ttl_seconds))
+
+    async def refresh(self, lease_id: int) -> int:
+        resp = await self._call("/lease/keepalive", {"ID": lease_id})
+        ttl = int(resp.get("result", {}).get("TTL", -1))
+        if ttl <= 0:
+            raise LeaseNotFound(lease_id)
+        return ttl
+
+    async def revoke(self, lease_id: int) -> int:
+        resp = await self._call("/kv/lease/revoke", {"ID": lease_id})
+        return self._rev(resp)
+
+    # -- keys ----------------------------------------------------------------------------
+    async def get(self, key: str) -> Entry | None:
+        resp = await self._call("/kv/range", {"key": _b64(self._full(key))})
+        kvs = resp.get("kvs") or []
+        return self._entry(kvs[0]) if kvs else None
+
+    async def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
+        resp = await self._call("/kv/put", {"key": _b64(self._full(key)), "value": _b64(value), "lease": lease_id})
+        return self._rev(resp)
+
+    async def delete(self, key: str) -> tuple[bool, int]:
+        resp = await self._call("/kv/deleterange", {"key": _b64(self._full(key))})
+        return int(resp.get("deleted", 0)) > 0, self._rev(resp)
+
+    def _range_body(self, prefix: str) -> dict[str, Any]:
+        full = self._full(prefix)
+        return {"key": _b64(full), "range_end": _b64(prefix_end(full))}
+
+    async def range(self, prefix: str, limit: int = 0) -> tuple[list[Entry], int]:
+        body = self._range_body(prefix)
+        if limit:
+            body["limit"] = limit
+        resp = await self._call("/kv/range", body)
+        return [self._entry(kv) for kv in resp.get("kvs") or []], self._rev(resp)
+
+    async def compare_and_swap(
+        self, key: str, expected_mod_revision: int, value: bytes, lease_id: int = 0
+    ) -> tuple[bool, int, Entry | None]:
+        k = _b64(self._full(key))
+        txn = {
+            "compare": [{"key": k, "result": "EQUAL", "target": "MOD", "mod_revision": expected_mod_revision}],
+            "success": [
+                {"request_put": {"key": k, "value": _b64(value), "lease": lease_id}},
+                {"request_range": {"key": k}},
+            ],
+            "failure": [{"request_range": {"key": k}}],
+        }
+        resp = await self._call("/kv/txn", txn)
+        ok = bool(resp.get("succeeded"))
+        kvs = (resp.get("responses") or [{}])[-1].get("response_range", {}).get("kvs") or []
+        return ok, self._rev(resp), self._entry(kvs[0]) if kvs else None
+
+    async def revision(self) -> int:
+        resp = await self._call("/kv/range", {"key": _b64(self._prefix), "keys_only": True, "limit": 1})
+        return self._rev(resp)
+
+    # -- watch ---------------------------------------------------------------------------
+    def _change(self, event: dict[str, Any]) -> Change:
+        kv = event["kv"]
+        key = _unb64(kv["key"]).decode()[len(self._prefix) :]
+        revision = int(kv.get("mod_revision", 0))
+        if event.get("type") == "DELETE":
+            prev = event.get("prev_kv") or {}
+            return Change("delete", key, _unb64(prev.get("value")), revision, lease_id=int(prev.get("lease", 0)))
+        return Change("put", key, _unb64(kv.get("value")), revision,
+                      created=int(kv.get("version", 0)) == 1, lease_id=int(kv.get("lease", 0)))
+
+    def _read_watch(self, body: dict[str, Any], deliver: Callable[[object], None],
+                    opened: list[requests.Response], stop: threading.Event) -> None:
+        """Thread body: reads one etcd watch stream, handing each batch of changes to the loop."""
+        import json
+
+        client = self._clients[self._current % len(self._clients)]
+        try:
+            resp = client.session.post(client.get_url("/watch"), json=body, stream=True,
+                                       timeout=(self._timeout, None))
+            opened.append(resp)
+            if stop.is_set():
+                return
+            for line in _lines(resp.iter_content(chunk_size=None)):
+                result = json.loads(line).get("result") or {}
+                if int(result.get("compact_revision", 0) or 0) > 0:
+                    deliver(Compacted(f"etcd compacted through {result['compact_revision']}"))
+                    return
+                if result.get("canceled"):
+                    deliver(Unavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}"))
+                    return
+                events = result.get("events")
+                if events:
+                    deliver([self._change(e) for e in events])
+            deliver(Unavailable("etcd watch stream ended"))
+        except Exception as exc:
+            if not stop.is_set():
+                deliver(Unavailable(f"etcd watch failed: {exc}"))
+
+    async def watch(self, prefix: str, after_revision: int) -> AsyncGenerator[Change, None]:
+        current = await self.revision()
+        if after_revision > current:
+            raise Compacted(f"revision {after_revision} is ahead of etcd's {current}")
+        if after_revision < current:  # events after it must still be in etcd's history
+            await self._call("/kv/range", {**self._range_body(prefix), "revision": after_revision + 1,
+                                           "keys_only": True, "limit": 1})
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop = threading.Event()
+        opened: list[requests.Response] = []
+
+        def deliver(item: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        body = {"create_request": {**self._range_body(prefix), "start_revision": after_revision + 1,
+                                   "prev_kv": True}}
+        thread = threading.Thread(target=self._read_watch, args=(body, deliver, opened, stop),
+                                  name="kvmesh-etcd-watch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for change in item:  # type: ignore[attr-defined]
+                    yield change
+        finally:
+            stop.set()
+            for resp in opened:
+                _shutdown(resp)
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Newline-delimited JSON messages from the gateway's chunked stream."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from (line for line in complete if line.strip())
+    if pending.strip():
+        yield pending
+
+
+def _shutdown(resp: requests.Response) -> None:
+    """Unblocks the thread reading a streaming response (closing alone does not wake a recv)."""
+    with contextlib.suppress(Exception):
+        sock = resp.raw.connection.sock
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(Exception):
+        resp.close()
