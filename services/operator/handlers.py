@@ -1,13 +1,16 @@
 """kopf glue: fetch what exists, call the pure reconcile, send the result. No decisions here.
 
-Deletion needs no handler (and so no finalizer): every owned object carries an
-ownerReference to its pool and the garbage collector removes it.
+Deletion needs no handler: every owned object carries an ownerReference to its pool and the
+garbage collector removes it. (kopf still puts its own finalizer on a pool while the status
+timer runs, and removes it when the pool is deleted.)
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -29,13 +32,20 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-def reconcile_pool(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """kopf's bookkeeping goes in annotations: the structural status schema would prune it."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/operator"
+
+
+def reconcile_pool(body: Mapping[str, Any], patch: kopf.Patch, logger: logging.Logger | kopf.Logger,
+                   **_: Any) -> None:
+    """On create, on spec change, and for every pool when the operator starts."""
     pool = dict(body)
+    namespace = pool["metadata"]["namespace"]
     api = cluster()
-    existing = api.list_owned(body.metadata.namespace or "", owned_label_selector(pool))
+    existing = api.list_owned(namespace, owned_label_selector(pool))
     result = plan(pool, existing)
     if result.error is None:
         for obj in result.apply:
@@ -43,19 +53,28 @@ def reconcile_pool(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_:
         for obj in result.delete:
             api.delete(obj)
         logger.info(f"applied {len(result.create)} new, {len(result.update)} changed, deleted {len(result.delete)}")
-        existing = api.list_owned(body.metadata.namespace or "", owned_label_selector(pool))
+        existing = api.list_owned(namespace, owned_label_selector(pool))
     else:
         logger.error(f"not reconciled: {result.error}")
     patch.status.update(compute_status(pool, existing, _now(), result.error, result.error_reason))
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_REFRESH_SECONDS, initial_delay=STATUS_REFRESH_SECONDS)
-def refresh_status(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def refresh_status(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     """Children change without the pool changing (pods become ready): keep status current."""
     pool = dict(body)
-    existing = cluster().list_owned(body.metadata.namespace or "", owned_label_selector(pool))
+    existing = cluster().list_owned(pool["metadata"]["namespace"], owned_label_selector(pool))
     result = plan(pool, existing)
     status = compute_status(pool, existing, _now(), result.error, result.error_reason)
     current = dict(body.get("status") or {})
     if any(current.get(k) != v for k, v in status.items()):
         patch.status.update(status)
+
+
+kopf.on.startup()(configure)
+# Registered here rather than by decorators, so the functions keep their plain signatures.
+kopf.on.resume(GROUP, VERSION, PLURAL)(reconcile_pool)
+kopf.on.create(GROUP, VERSION, PLURAL)(reconcile_pool)
+kopf.on.update(GROUP, VERSION, PLURAL)(reconcile_pool)
+kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_REFRESH_SECONDS, initial_delay=STATUS_REFRESH_SECONDS)(
+    refresh_status
+)
