@@ -28,7 +28,7 @@ class WorkloadSpec:
     output_tokens: tuple[int, int] = (32, 400)
     tool_use_probability: float = 0.3
     tool_branches: tuple[int, int] = (2, 3)
-    conversation_rate_per_s: float = 2.0
+    conversation_rate_per_s: float = 0.5
     think_time_s: tuple[float, float] = (1.0, 8.0)
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
     seed: int = 0
