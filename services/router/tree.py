@@ -296,27 +296,32 @@ class PrefixTree:
         clock = self._clock
         nodes = self._nodes
         held = self._held
-        # Each node is passed over at most twice per call (once to clear its flag, once more
-        # if it still had children), so the loop is bounded even when few leaves exist.
-        budget = 2 * len(clock) + 2 * count + 2
+        # Pass one clears flags; in pass two every unreferenced leaf goes, and with it each
+        # ancestor that becomes an unreferenced (or unheld) leaf, so a whole stale chain goes
+        # at once. Two passes bound the loop even when few leaves exist.
+        budget = 2 * len(clock) + 2
         while len(out) < count and clock and budget > 0:
             budget -= 1
-            node = clock.popleft()
+            node: Node | None = clock.popleft()
+            assert node is not None
             if node.children < 0:
                 continue  # already gone
             if node.ref or node.children:
                 node.ref = False
                 clock.append(node)
                 continue
-            del nodes[node.bid]
-            node.children = -1
-            if node.parent is not None:
-                node.parent.children -= 1
-            mask = node.mask
-            while mask:
-                low = mask & -mask
-                held[low.bit_length() - 1].pop(node.bid, None)
-                mask ^= low
-            out.append(node.bid)
+            while node is not None and node.children == 0 and (node.mask == 0 or (not node.ref and len(out) < count)):
+                del nodes[node.bid]
+                node.children = -1
+                mask = node.mask
+                while mask:
+                    low = mask & -mask
+                    held[low.bit_length() - 1].pop(node.bid, None)
+                    mask ^= low
+                out.append(node.bid)
+                node = node.parent
+                if node is not None:
+                    node.children -= 1
         self.evicted += len(out)
+        self._compact()
         return out

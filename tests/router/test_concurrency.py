@@ -1,0 +1,105 @@
+"""Thousands of concurrent routes while engines join and leave through a real metadata service.
+
+The check is made where it matters, inside the router: every decision is compared with the
+set of members whose LEAVE the router has already applied. No decision may name one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from kvmesh.v1 import router_pb2
+from services.router.core import Decision
+from tests.router.conftest import Mesh
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..., Any]) -> None:
+    mesh: Mesh = await mesh_factory(policy="prefix")
+    core = mesh.service.core
+    gone: set[str] = set()
+    violations: list[str] = []
+    decisions: list[str] = []
+    route, remove = core.route, core.remove_member
+
+    def checked_route(*args: Any, **kwargs: Any) -> Decision:
+        d = route(*args, **kwargs)
+        if d.member_id in gone or d.member_id not in core.pods.by_id:
+            violations.append(d.member_id)
+        decisions.append(d.member_id)
+        return d
+
+    def tracked_remove(member_id: str) -> bool:
+        removed = remove(member_id)
+        gone.add(member_id)
+        return removed
+
+    core.route = checked_route  # type: ignore[method-assign]
+    core.remove_member = tracked_remove  # type: ignore[method-assign]
+
+    live: list[str] = []
+    for i in range(4):
+        await mesh.join(f"e{i}", port=9000 + i)
+        live.append(f"e{i}")
+    await mesh.wait_members(lambda ids: ids == set(live))
+
+    stop = asyncio.Event()
+    churned = 0
+
+    async def churn() -> None:
+        nonlocal churned
+        n = len(live)
+        rng = random.Random(1)
+        while not stop.is_set():
+            if len(live) > 3 and rng.random() < 0.5:
+                await mesh.leave(live.pop(rng.randrange(len(live))))
+            else:
+                await mesh.join(f"e{n}", port=9000 + n)
+                live.append(f"e{n}")
+                n += 1
+            churned += 1
+            await asyncio.sleep(0.01)
+
+    rng = random.Random(2)
+    prefixes = [[rng.getrandbits(63) for _ in range(8)] for _ in range(20)]
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        ids = [*rng.choice(prefixes), *(rng.getrandbits(63) for _ in range(rng.randrange(0, 8)))]
+        try:
+            resp = await mesh.stub.Route(
+                router_pb2.RouteRequest(request_id=f"c{i}", blocks=router_pb2.BlockIds(ids=ids))
+            )
+            assert resp.member_id
+            if i % 2:
+                await mesh.stub.Release(router_pb2.ReleaseRequest(request_id=f"c{i}"))
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{exc.code()}: {exc.details()}")
+
+    churner = asyncio.create_task(churn())
+    try:
+        for start in range(0, 3000, 250):
+            await asyncio.gather(*(one(i) for i in range(start, start + 250)))
+    finally:
+        stop.set()
+        await churner
+    assert not errors, errors[:5]
+    assert not violations, violations[:5]
+    assert len(decisions) == 3000
+    assert churned >= 5 and len(gone) >= 2
+    # Pods that left hold nothing in the tree.
+    for member_id in gone:
+        assert core.pods.get(member_id) is None
+    assert set(core.pods.by_id) == set(live) or await _eventually(mesh, live)
+
+
+async def _eventually(mesh: Mesh, live: list[str]) -> bool:
+    await mesh.wait_members(lambda ids: ids == set(live))
+    return True
