@@ -1,0 +1,383 @@
+"""`CacheClient`: what an inference engine embeds to offload and reuse KV-cache blocks.
+
+It follows `Watch(ROLE_CACHENODE)` (or takes a static node list), places each key on
+`replicas` nodes by a capacity-weighted consistent-hash ring, keeps one pooled gRPC channel
+per node, fans batches out to the nodes concurrently (values chunked over BatchPut and
+BatchGet streams), and retries transient failures with full-jitter backoff under a
+deadline. A node that is down or dies mid-call turns into cache misses (and failed puts),
+never into an exception for the caller: a cache must never fail the inference it speeds up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from kvmesh.backoff import Backoff
+from kvmesh.blocks import BlockHasher
+from kvmesh.client.hashring import HashRing
+from kvmesh.membership import MembershipChange, MembershipWatcher
+from kvmesh.runtime.channels import DEFAULT_MAX_MESSAGE_BYTES, open_channel
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
+
+log = logging.getLogger("kvmesh.client")
+
+T = TypeVar("T")
+
+# Worth retrying on the same node; anything else (INVALID_ARGUMENT...) is final.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A cache node as the client knows it."""
+
+    id: str
+    address: str
+    capacity_bytes: int = 0
+
+
+class _Node:
+    """One node's pooled channel and stub (a gRPC channel multiplexes all calls over HTTP/2)."""
+
+    def __init__(self, info: NodeInfo, max_message_bytes: int) -> None:
+        self.info = info
+        self.channel = open_channel(info.address, max_message_bytes)
+        self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class CacheClient:
+    """Async client of a mesh of cache nodes. Build it with `connect()` or `from_nodes()`."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str = "",
+        replicas: int = 1,
+        retry_deadline_s: float = 1.0,
+        call_timeout_s: float = 30.0,
+        chunk_bytes: int = 4 * 1024**2,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        backoff: Backoff | None = None,
+        hasher: BlockHasher | None = None,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        self.namespace = namespace
+        self.replicas = replicas
+        self.retry_deadline_s = retry_deadline_s
+        self.call_timeout_s = call_timeout_s
+        self.chunk_bytes = min(chunk_bytes, max_message_bytes - 64 * 1024)
+        self.max_message_bytes = max_message_bytes
+        self.backoff = backoff or Backoff(base_s=0.02, cap_s=0.5)
+        self.hasher = hasher or BlockHasher(namespace=namespace)
+        self._nodes: dict[str, _Node] = {}
+        self.ring = HashRing({})
+        self._watcher: MembershipWatcher | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, metadata_addresses: Sequence[str] | str, *, sync_timeout_s: float = 10.0, **kwargs: object
+    ) -> CacheClient:
+        """Follows the cache nodes registered with the metadata service."""
+        if isinstance(metadata_addresses, str):
+            metadata_addresses = [a.strip() for a in metadata_addresses.split(",") if a.strip()]
+        client = cls(**kwargs)  # type: ignore[arg-type]
+        client._watcher = MembershipWatcher(metadata_addresses, common_pb2.ROLE_CACHENODE, client._on_change)
+        await client._watcher.start()
+        try:
+            await client._watcher.wait_synced(sync_timeout_s)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @classmethod
+    async def from_nodes(cls, nodes: Sequence[NodeInfo], **kwargs: object) -> CacheClient:
+        """A client over a fixed node list (no metadata service)."""
+        client = cls(**kwargs)  # type: ignore[arg-type]
+        client.set_nodes(nodes)
+        return client
+
+    def set_nodes(self, nodes: Sequence[NodeInfo]) -> None:
+        """Replaces the node set (static use, and tests); channels of unchanged nodes are kept."""
+        wanted = {n.id: n for n in nodes}
+        for node_id in list(self._nodes):
+            node = self._nodes[node_id]
+            if node_id not in wanted or wanted[node_id].address != node.info.address:
+                self._close_later(self._nodes.pop(node_id))
+        for node_id, info in wanted.items():
+            if node_id in self._nodes:
+                self._nodes[node_id].info = info
+            else:
+                self._nodes[node_id] = _Node(info, self.max_message_bytes)
+        self.ring = HashRing({n.id: n.capacity_bytes for n in wanted.values()})
+
+    def _close_later(self, node: _Node) -> None:
+        # Calls in flight on a departing node finish or fail on their own; the channel is
+        # closed with a grace period, tracked so close() can wait for it.
+        task = asyncio.get_running_loop().create_task(node.channel.close(grace=1.0), name="kvmesh-client-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _on_change(self, change: MembershipChange) -> None:
+        assert self._watcher is not None
+        members = self._watcher.members.values()
+        self.set_nodes([NodeInfo(m.id, m.address, m.capacity_bytes) for m in members if m.address])
+        log.info(
+            "cache nodes changed",
+            extra={"nodes": len(self._nodes), "joined": len(change.joined), "left": len(change.left)},
+        )
+
+    @property
+    def nodes(self) -> dict[str, NodeInfo]:
+        return {node_id: node.info for node_id, node in self._nodes.items()}
+
+    async def close(self) -> None:
+        """Stops following membership and closes every channel (safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            await self._watcher.close()
+        nodes, self._nodes = list(self._nodes.values()), {}
+        await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def __aenter__(self) -> CacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- placement and retries -----------------------------------------------------------
+
+    def placement(self, key: bytes) -> list[str]:
+        """Node ids holding `key`, primary first."""
+        return self.ring.lookup(key, self.replicas)
+
+    async def _call(self, node_id: str, op: Callable[[cachenode_pb2_grpc.KVCacheStub], Awaitable[T]]) -> T | None:
+        """Runs `op` on a node, retrying transient errors until the deadline; None when it fails."""
+        end = time.monotonic() + self.retry_deadline_s
+        attempt = 0
+        while True:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return None
+            try:
+                return await op(node.stub)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    log.warning("cache node %s refused a call: %s %s", node_id, exc.code().name, exc.details())
+                    return None
+                left = end - time.monotonic()
+                if left <= 0:
+                    log.debug("cache node %s unavailable: %s", node_id, exc.code().name)
+                    return None
+                await asyncio.sleep(min(left, self.backoff.delay(attempt)))
+                attempt += 1
+
+    # -- single keys ---------------------------------------------------------------------
+
+    async def put(self, key: bytes, value: bytes, ttl_seconds: int = 0) -> bool:
+        """Stores on every replica; True when at least one node stored it."""
+        return (await self.put_many([(key, value)], ttl_seconds)) == 1
+
+    async def get(self, key: bytes) -> bytes | None:
+        return (await self.get_many([key]))[0]
+
+    async def delete(self, key: bytes) -> bool:
+        request = cachenode_pb2.DeleteRequest(namespace=self.namespace, key=key)
+        timeout = self.call_timeout_s
+        results = await asyncio.gather(
+            *(self._call(n, lambda stub: stub.Delete(request, timeout=timeout)) for n in self.placement(key))
+        )
+        return any(r is not None and r.deleted for r in results)
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _put_chunks(
+        self, items: Sequence[tuple[bytes, bytes]], ttl: int
+    ) -> Callable[[], AsyncIterator[cachenode_pb2.PutChunk]]:
+        step = self.chunk_bytes
+        namespace = self.namespace
+
+        async def chunks() -> AsyncIterator[cachenode_pb2.PutChunk]:
+            for key, value in items:
+                size = len(value)
+                if size <= step:
+                    yield cachenode_pb2.PutChunk(
+                        namespace=namespace, key=key, total_size=size, data=value, ttl_seconds=ttl
+                    )
+                    continue
+                view = memoryview(value)
+                for offset in range(0, size, step):
+                    yield cachenode_pb2.PutChunk(
+                        namespace=namespace,
+                        key=key,
+                        total_size=size,
+                        offset=offset,
+                        data=bytes(view[offset : offset + step]),
+                        ttl_seconds=ttl,
+                    )
+
+        return chunks
+
+    async def _batch_put_node(self, node_id: str, items: list[tuple[bytes, bytes]], ttl: int) -> set[bytes]:
+        """Keys the node acknowledged."""
+        make = self._put_chunks(items, ttl)
+
+        async def op(stub: cachenode_pb2_grpc.KVCacheStub) -> cachenode_pb2.BatchPutResponse:
+            return await stub.BatchPut(make(), timeout=self.call_timeout_s)
+
+        resp = await self._call(node_id, op)
+        if resp is None:
+            return set()
+        failed = {e.key for e in resp.errors}
+        for err in resp.errors[:3]:
+            log.debug("node %s did not store a key: %s %s", node_id, err.code, err.message)
+        return {k for k, _ in items if k not in failed}
+
+    async def put_many(self, items: Sequence[tuple[bytes, bytes]], ttl_seconds: int = 0) -> int:
+        """Stores values on their replicas, one stream per node, all nodes at once.
+
+        Returns how many keys at least one node stored.
+        """
+        by_node: dict[str, list[tuple[bytes, bytes]]] = {}
+        for key, value in items:
+            for node_id in self.placement(key):
+                by_node.setdefault(node_id, []).append((key, value))
+        results = await asyncio.gather(*(self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()))
+        stored: set[bytes] = set().union(*results) if results else set()
+        return sum(1 for key, _ in items if key in stored)
+
+    async def _batch_get_node(self, node_id: str, keys: list[bytes]) -> list[bytes | None]:
+        """Values from one node; what it could not answer (it died mid-stream) stays None."""
+        out: list[bytes | None] = [None] * len(keys)
+        buffers: dict[int, bytearray] = {}
+        request = cachenode_pb2.BatchGetRequest(namespace=self.namespace, keys=keys)
+        end = time.monotonic() + self.retry_deadline_s
+        attempt = 0
+        while True:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return out
+            try:
+                async for chunk in node.stub.BatchGet(request, timeout=self.call_timeout_s):
+                    if not chunk.found or chunk.index >= len(keys):
+                        continue
+                    if chunk.offset == 0 and len(chunk.data) == chunk.total_size:
+                        out[chunk.index] = chunk.data  # the common case: one message, no copy
+                        continue
+                    buf = buffers.get(chunk.index)
+                    if buf is None or chunk.offset == 0:
+                        buf = buffers[chunk.index] = bytearray()
+                    if chunk.offset != len(buf):
+                        continue  # out of order: the value is dropped (a miss), never returned torn
+                    buf += chunk.data
+                    if len(buf) == chunk.total_size:
+                        out[chunk.index] = bytes(buffers.pop(chunk.index))
+                return out
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or any(v is not None for v in out) or buffers:
+                    # Already got part of the answer: keep it, the rest are misses.
+                    return out
+                left = end - time.monotonic()
+                if left <= 0:
+                    return out
+                await asyncio.sleep(min(left, self.backoff.delay(attempt)))
+                attempt += 1
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Values in order (None = miss). Each key is read from its primary; misses caused by
+        a node failure are read again from the next replica."""
+        keys = list(keys)
+        found: list[bytes | None] = [None] * len(keys)
+        places = [self.placement(k) for k in keys]
+        for rank in range(self.replicas):
+            by_node: dict[str, list[int]] = {}
+            for i, nodes in enumerate(places):
+                if found[i] is None and rank < len(nodes):
+                    by_node.setdefault(nodes[rank], []).append(i)
+            if not by_node:
+                break
+            results = await asyncio.gather(
+                *(self._batch_get_node(n, [keys[i] for i in idx]) for n, idx in by_node.items())
+            )
+            for idx, values in zip(by_node.values(), results, strict=True):
+                for i, value in zip(idx, values, strict=True):
+                    if value is not None:
+                        found[i] = value
+        return found
+
+    async def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Presence of each key anywhere in its replica set."""
+        keys = list(keys)
+        present = [False] * len(keys)
+        places = [self.placement(k) for k in keys]
+        for rank in range(self.replicas):
+            by_node: dict[str, list[int]] = {}
+            for i, nodes in enumerate(places):
+                if not present[i] and rank < len(nodes):
+                    by_node.setdefault(nodes[rank], []).append(i)
+            if not by_node:
+                break
+
+            async def ask(node_id: str, idx: list[int]) -> list[bool]:
+                request = cachenode_pb2.ExistsRequest(namespace=self.namespace, keys=[keys[i] for i in idx])
+                resp = await self._call(node_id, lambda stub: stub.Exists(request, timeout=self.call_timeout_s))
+                return list(resp.present) if resp is not None else [False] * len(idx)
+
+            results = await asyncio.gather(*(ask(n, idx) for n, idx in by_node.items()))
+            for idx, answers in zip(by_node.values(), results, strict=True):
+                for i, hit in zip(idx, answers, strict=True):
+                    present[i] = present[i] or hit
+        return present
+
+    async def exists_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many keys, counted from the first, are present across the mesh (stops at the first absent)."""
+        prefix = 0
+        for hit in await self.exists(keys):
+            if not hit:
+                break
+            prefix += 1
+        return prefix
+
+    # -- block keys ----------------------------------------------------------------------
+
+    def keys_for_tokens(self, tokens: Sequence[int] | np.ndarray) -> list[bytes]:
+        """Cache keys of each full block of `tokens` (the shared chained block hash)."""
+        return self.hasher.token_keys(tokens)
+
+    async def cached_prefix_blocks(self, tokens: Sequence[int] | np.ndarray) -> int:
+        """How many leading blocks of a prompt are cached somewhere in the mesh."""
+        return await self.exists_prefix(self.keys_for_tokens(tokens))
+
+    async def stats(self) -> dict[str, list[cachenode_pb2.EngineStats]]:
+        """Stats of every reachable node."""
+
+        async def one(node_id: str) -> tuple[str, list[cachenode_pb2.EngineStats]]:
+            resp = await self._call(node_id, lambda stub: stub.Stats(cachenode_pb2.StatsRequest(), timeout=5.0))
+            return node_id, list(resp.engines) if resp is not None else []
+
+        return dict(await asyncio.gather(*(one(n) for n in list(self._nodes))))
+
+
+def node_infos(nodes: Mapping[str, str]) -> list[NodeInfo]:
+    """`{id: address}` → NodeInfo list (equal weights)."""
+    return [NodeInfo(node_id, address) for node_id, address in nodes.items()]

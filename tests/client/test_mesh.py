@@ -1,0 +1,129 @@
+"""A real mesh (metadata + cache nodes as `kvmesh` processes) driven by the client library."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+
+import pytest
+
+from kvmesh.client import CacheClient
+from kvmesh.runtime.channels import open_channel
+from kvmesh.testing.ports import free_port
+from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def start_mesh(kvmesh, nodes: int = 3, metadata_port: int | None = None):
+    port = metadata_port or free_port()
+    metadata = kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata")
+    cachenodes = [start_node(kvmesh, port, i) for i in range(nodes)]
+    return port, metadata, cachenodes
+
+
+def start_node(kvmesh, metadata_port: int, i: int):
+    return kvmesh(
+        "cachenode", "--listen", "127.0.0.1:0", "--metadata", f"127.0.0.1:{metadata_port}",
+        "--member-id", f"node{i}", "--ttl-seconds", "2", "--engine", "memory://?capacity=128MiB",
+        name=f"cachenode{i}",
+    )
+
+
+async def wait_for(predicate, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.05)
+
+
+async def test_placement_spread_and_replica_reads_after_a_node_leaves(kvmesh) -> None:
+    port, _, cachenodes = start_mesh(kvmesh)
+    async with await CacheClient.connect(f"127.0.0.1:{port}", replicas=2, retry_deadline_s=0.3) as client:
+        await wait_for(lambda: len(client.nodes) == 3)
+        items = [(os.urandom(16), os.urandom(4096)) for _ in range(300)]
+        assert await client.put_many(items) == len(items)
+        stats = await client.stats()
+        held = {node: engines[0].items for node, engines in stats.items()}
+        assert set(held) == {"node0", "node1", "node2"}
+        assert all(n > 100 for n in held.values()) and sum(held.values()) == 2 * len(items)  # 2 replicas
+        assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
+
+        cachenodes[0].terminate()  # graceful: it deregisters, the client sees LEAVE
+        await wait_for(lambda: "node0" not in client.nodes)
+        assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
+
+
+async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> None:
+    port, _, cachenodes = start_mesh(kvmesh)
+    async with await CacheClient.connect(f"127.0.0.1:{port}", retry_deadline_s=0.3) as client:
+        await wait_for(lambda: len(client.nodes) == 3)
+        items = [(os.urandom(16), os.urandom(256 * 1024)) for _ in range(120)]  # 30 MiB
+        assert await client.put_many(items) == len(items)
+        keys = [k for k, _ in items]
+        victim_keys = {k for k in keys if client.placement(k)[0] == "node1"}
+        assert victim_keys
+
+        async def reads() -> list[list[bytes | None]]:
+            return [await client.get_many(keys) for _ in range(6)]
+
+        task = asyncio.create_task(reads())
+        await asyncio.sleep(0.15)
+        assert not task.done()
+        cachenodes[1].kill()  # SIGKILL, no deregistration, in the middle of the reads
+        rounds = await task  # no exception reaches the caller
+        for got in rounds:
+            for (key, value), result in zip(items, got, strict=True):
+                assert result is None or result == value  # never a wrong or torn value
+                if result is None:
+                    assert key in victim_keys  # only the dead node's keys miss
+        assert None in rounds[-1]  # the dead node's keys did miss
+        after = await client.get_many(keys)
+        assert {k for k, v in zip(keys, after, strict=True) if v is None} <= victim_keys
+        stored = await client.put_many([(os.urandom(16), b"x") for _ in range(30)])
+        assert stored >= 10  # keys placed on the dead node fail until its lease expires
+
+
+async def test_a_joining_node_takes_about_its_share(kvmesh) -> None:
+    port, _, _ = start_mesh(kvmesh)
+    async with await CacheClient.connect(f"127.0.0.1:{port}") as client:
+        await wait_for(lambda: len(client.nodes) == 3)
+        keys = [os.urandom(16) for _ in range(4000)]
+        before = {k: client.placement(k)[0] for k in keys}
+        start_node(kvmesh, port, 3)
+        await wait_for(lambda: len(client.nodes) == 4)
+        after = {k: client.placement(k)[0] for k in keys}
+        moved = [k for k in keys if before[k] != after[k]]
+        assert all(after[k] == "node3" for k in moved)
+        assert 0.12 < len(moved) / len(keys) < 0.38  # about 1/4
+        new_items = [(k, b"v") for k in keys[:200]]
+        assert await client.put_many(new_items) == 200
+        stats = await client.stats()
+        assert stats["node3"][0].items > 20
+        assert Counter(after.values())["node3"] == len(moved)
+
+
+async def test_nodes_register_again_after_the_metadata_service_restarts(kvmesh) -> None:
+    port, metadata, _ = start_mesh(kvmesh)
+    async with await CacheClient.connect(f"127.0.0.1:{port}") as client:
+        await wait_for(lambda: len(client.nodes) == 3)
+        metadata.kill()  # memory:// backend: every lease is gone with it
+        kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata-restarted")
+        # The nodes re-register by themselves; the client's watch reconnects and resyncs.
+        async with open_channel(f"127.0.0.1:{port}") as channel:
+            stub = metadata_pb2_grpc.MembershipStub(channel)
+            end = time.monotonic() + 30
+            while True:
+                listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_CACHENODE))
+                if len(listed.members) == 3:
+                    break
+                assert time.monotonic() < end, "cache nodes did not register again"
+                await asyncio.sleep(0.1)
+        assert client._watcher is not None
+        await wait_for(lambda: client._watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30)
+        items = [(os.urandom(16), b"after restart") for _ in range(30)]
+        assert await client.put_many(items) == 30
+        assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
