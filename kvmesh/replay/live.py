@@ -19,7 +19,7 @@ import grpc
 from kvmesh.replay.metrics import ReplayResult, RequestRecord
 from kvmesh.runtime.channels import open_channel
 from kvmesh.v1 import enginesim_pb2, enginesim_pb2_grpc, router_pb2, router_pb2_grpc
-from kvmesh.workload.trace import TraceRequest, infinite_cache_bound
+from kvmesh.workload.trace import TraceRequest, infinite_cache_bound, infinite_cache_hits
 
 ProgressFn = Callable[[int], None]
 
@@ -116,6 +116,9 @@ async def replay_live(
         await router_channel.close()
     if not result.engines:
         result.engines = sorted({r.engine for r in result.records})
+    ideal = infinite_cache_hits(requests)
+    for rec in result.records:
+        rec.ideal_hit_blocks = ideal[int(rec.request_id[1:])]
     result.records.sort(key=lambda r: r.arrival_ms)
     result.settings["errors"] = len(errors)
     result.settings["error_samples"] = errors[:5]

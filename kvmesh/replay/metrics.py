@@ -29,6 +29,7 @@ class RequestRecord:
     queue_ms: float
     ttft_ms: float
     e2e_ms: float
+    ideal_hit_blocks: int = 0  # what one infinite cache would have served
 
     @property
     def computed_blocks(self) -> int:
@@ -51,22 +52,26 @@ class ReplayResult:
     def summary(self) -> dict[str, float | int | str]:
         return summarize(self)
 
-    def hit_rate_over_time(self, window_s: float = 60.0) -> tuple[list[float], list[float], list[float]]:
-        """(window start in s, local hit rate, total hit rate) per window of arrivals."""
+    def hit_rate_over_time(
+        self, window_s: float = 60.0
+    ) -> tuple[list[float], list[float], list[float], list[float]]:
+        """(window start in s, local, total and infinite-cache hit rates) per window of arrivals."""
         if not self.records:
-            return [], [], []
+            return [], [], [], []
         step = window_s * 1000.0
         buckets: dict[int, list[int]] = {}
         for r in self.records:
-            b = buckets.setdefault(int(r.arrival_ms // step), [0, 0, 0])
+            b = buckets.setdefault(int(r.arrival_ms // step), [0, 0, 0, 0])
             b[0] += r.prompt_blocks
             b[1] += r.local_hit_blocks
             b[2] += r.local_hit_blocks + r.pool_hit_blocks
+            b[3] += r.ideal_hit_blocks
         keys = sorted(buckets)
         xs = [k * window_s for k in keys]
         local = [buckets[k][1] / max(buckets[k][0], 1) for k in keys]
         total = [buckets[k][2] / max(buckets[k][0], 1) for k in keys]
-        return xs, local, total
+        ideal = [buckets[k][3] / max(buckets[k][0], 1) for k in keys]
+        return xs, local, total, ideal
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -75,7 +80,9 @@ class ReplayResult:
             "engines": self.engines,
             "settings": self.settings,
             "summary": self.summary(),
-            "hit_rate_over_time": dict(zip(("t_s", "local", "total"), self.hit_rate_over_time(), strict=True)),
+            "hit_rate_over_time": dict(
+                zip(("t_s", "local", "total", "infinite_cache"), self.hit_rate_over_time(), strict=True)
+            ),
             "requests": [asdict(r) for r in self.records],
         }
 

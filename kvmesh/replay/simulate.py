@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from kvmesh.replay.metrics import ReplayResult, RequestRecord
 from kvmesh.replay.pool import PoolModel
 from kvmesh.replay.routing import ReplayRouter
-from kvmesh.workload.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, infinite_cache_bound
+from kvmesh.workload.trace import MOONCAKE_BLOCK_TOKENS, TraceRequest, infinite_cache_bound, infinite_cache_hits
 from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
 from services.enginesim.timing import TimingModel
 
@@ -113,6 +113,9 @@ def replay_in_process(
     for member, engine in engines.items():
         collect(member, engine.run_until(float("inf")))
     apply_until(float("inf"))
+    ideal = infinite_cache_hits(requests)
+    for rec in result.records:
+        rec.ideal_hit_blocks = ideal[int(rec.request_id[1:])]
     result.records.sort(key=lambda r: r.arrival_ms)
     result.wall_s = time.perf_counter() - started
     return result

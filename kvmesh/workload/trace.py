@@ -73,6 +73,21 @@ def write_trace(path: str | Path, requests: Iterable[TraceRequest]) -> None:
             f.write(r.to_json() + "\n")
 
 
+def infinite_cache_hits(requests: Sequence[TraceRequest]) -> list[int]:
+    """Per request, the prompt blocks one cache that never evicts would serve (ids seen before)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    for r in requests:
+        hits = 0
+        for h in r.hash_ids:
+            if h in seen:
+                hits += 1
+            else:
+                seen.add(h)
+        out.append(hits)
+    return out
+
+
 def infinite_cache_bound(requests: Sequence[TraceRequest]) -> float:
     """Fraction of prompt blocks a single cache that never evicts would serve from cache.
 

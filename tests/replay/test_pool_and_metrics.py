@@ -44,5 +44,5 @@ def test_summary_figures() -> None:
     assert s["max_over_mean_requests"] == pytest.approx(2 / 1.5)
     assert s["inflight_spread_max"] == 2
     assert s["ttft_p50_ms"] == pytest.approx(50.0)
-    xs, local, total = res.hit_rate_over_time(window_s=2.0)
+    xs, local, total, _ = res.hit_rate_over_time(window_s=2.0)
     assert xs == [0.0, 2.0] and local[0] == pytest.approx(2 / 8) and total[1] == pytest.approx(0.5)
