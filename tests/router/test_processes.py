@@ -1,0 +1,155 @@
+"""End to end through real processes: `kvmesh metadata`, `kvmesh router`, `kvmesh route`.
+
+Engine members are registered from the test process with MemberSession (real leases,
+real KeepAlive streams), so the router learns them only through Watch(ROLE_ENGINE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from kvmesh.membership import MemberSession
+from kvmesh.runtime.channels import open_channel
+from kvmesh.testing.ports import free_port
+from kvmesh.testing.processes import KvmeshProcess
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.router.helpers import member
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+async def wait_members(stub: router_pb2_grpc.RouterStub, count: int, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        stats = await stub.Stats(router_pb2.RouterStatsRequest())
+        if stats.members == count:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"router sees {stats.members} members, expected {count}")
+        await asyncio.sleep(0.05)
+
+
+async def start(proc: KvmeshProcess) -> str:
+    return await asyncio.to_thread(proc.wait_ready, 30.0)
+
+
+async def run_cli(kvmesh: Callable[..., KvmeshProcess], *args: str) -> tuple[int, str]:
+    proc = kvmesh(*args, ready=False)
+    code = await asyncio.to_thread(proc.wait_exit, 30.0)
+    await asyncio.to_thread(proc._reader.join, 5)
+    return code, proc.output
+
+
+async def test_mesh_routes_learns_and_survives_a_metadata_restart(kvmesh: Callable[..., Any]) -> None:
+    md_port = free_port()
+    md_args = ("metadata", "--listen", f"127.0.0.1:{md_port}", "--backend", "memory://?sweep_ms=50")
+    metadata = kvmesh(*md_args, ready=False)
+    md = await start(metadata)
+    router_proc = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0", "--policy", "prefix", ready=False)
+    router_addr = await start(router_proc)
+    channel = open_channel(router_addr)
+    stub = router_pb2_grpc.RouterStub(channel)
+    sessions = [MemberSession([md], member(f"eng-{i}", model="m", port=9100 + i), ttl_seconds=2) for i in range(3)]
+    try:
+        # No engine yet: UNAVAILABLE.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[1])))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for s in sessions:
+            await s.start()
+            await s.wait_registered(10)
+        await wait_members(stub, 3)
+
+        code, out = await run_cli(
+            kvmesh, "route", "--router", router_addr, "--model", "m", "--tokens", ",".join(map(str, range(64)))
+        )
+        assert code == 0, out
+        assert "matched=0/4" in out and "member=eng-" in out
+        code, out = await run_cli(
+            kvmesh,
+            "route",
+            "--router",
+            router_addr,
+            "--json",
+            "--model",
+            "m",
+            "--tokens",
+            ",".join(map(str, range(80))),
+        )
+        assert code == 0, out
+        decision = json.loads(out.strip().splitlines()[-1])
+        assert decision["matched_blocks"] == 4 and decision["total_blocks"] == 5
+        chosen = decision["member_id"]
+
+        # The chosen engine leaves: never routed to again.
+        leaving = next(s for s in sessions if s.member.id == chosen)
+        await leaving.close(deregister=True)
+        sessions.remove(leaving)
+        await wait_members(stub, 2)
+        for _i in range(20):
+            resp = await stub.Route(router_pb2.RouteRequest(model="m", tokens=router_pb2.TokenIds(ids=list(range(80)))))
+            assert resp.member_id != chosen
+
+        # Metadata dies and comes back (empty memory backend): engines re-register, the
+        # router's watch reconnects and resumes; an engine that died meanwhile is gone.
+        metadata.kill()
+        dead = sessions.pop()
+        await dead.close(deregister=False)
+        metadata = kvmesh(*md_args, ready=False)
+        await start(metadata)
+        await wait_members(stub, 1, timeout=30)
+        resp = await stub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[7, 8])))
+        assert resp.member_id == sessions[0].member.id
+
+        stats = await stub.Stats(router_pb2.RouterStatsRequest())
+        assert stats.policy == "prefix" and stats.routed >= 23
+    finally:
+        for s in sessions:
+            await s.close()
+        await channel.close()
+    assert router_proc.terminate() == 0
+
+
+async def test_router_registers_itself_as_a_router_member(kvmesh: Callable[..., Any]) -> None:
+    metadata = kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", "memory://", ready=False)
+    md = await start(metadata)
+    router_proc = kvmesh("router", "--metadata", md, "--member-id", "r-1", ready=False)
+    router_addr = await start(router_proc)
+    from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+
+    channel = open_channel(md)
+    try:
+        stub = metadata_pb2_grpc.MembershipStub(channel)
+        for _ in range(100):
+            listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_ROUTER))
+            if listed.members:
+                break
+            await asyncio.sleep(0.05)
+        assert [(m.id, m.address) for m in listed.members] == [("r-1", router_addr)]
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--policy", "nope"), "unknown policy"),
+        (("--imbalance-abs", "-1"), "--imbalance-abs"),
+        (("--cache-threshold", "1.5"), "--cache-threshold"),
+        (("--max-tree-blocks", "0"), "--max-tree-blocks"),
+        (("--block-size", "abc"), "--block-size"),
+    ],
+)
+async def test_bad_flags_exit_2_with_a_message(
+    kvmesh: Callable[..., Any], flags: tuple[str, ...], message: str
+) -> None:
+    code, out = await run_cli(kvmesh, "router", "--listen", "127.0.0.1:0", *flags)
+    assert code == 2, out
+    assert message in out
