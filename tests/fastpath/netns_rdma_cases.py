@@ -1,0 +1,98 @@
+"""rdma:// cases that must run inside a private network namespace (Mooncake's TCP transport
+binds real ports); `test_rdma.py` runs this file with `unshare -n`. Not collected directly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+
+from kvmesh.client.local import LocalDataPath
+from kvmesh.client.rdma import RdmaDataPath
+from kvmesh.runtime.channels import open_channel
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+NS = "rdma"
+MiB = 1 << 20
+ENV = {"MC_TCP_BIND_ADDRESS": "127.0.0.1"}
+
+
+def start_node(kvmesh, capacity: str = "64MiB", timeout_ms: int = 30000):
+    return kvmesh(
+        "cachenode", "--standalone", "--engine", f"rdma://127.0.0.1?capacity={capacity}&protocol=tcp",
+        "--allocation-timeout-ms", str(timeout_ms), env=ENV, timeout=60,
+    )
+
+
+async def open_path(stub) -> RdmaDataPath:
+    return await RdmaDataPath.open(stub, local_hostname="127.0.0.1", protocol="tcp", buffer_bytes=4 * MiB)
+
+
+async def test_one_sided_put_and_get_round_trip(kvmesh) -> None:
+    node = start_node(kvmesh)
+    channel = open_channel(node.address or "")
+    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+    path = await open_path(stub)
+    try:
+        assert path.base_address > 0 and path.node_segment.startswith("127.0.0.1:")
+        # Larger than the 4 MiB staging buffer: split into several transfers.
+        values = {f"k{i}".encode(): os.urandom(n) for i, n in enumerate([1, 4095, MiB, 9 * MiB + 3])}
+        await path.put_many(NS, list(values.items()))
+        assert await path.get_many(NS, [*values, b"missing"]) == [*values.values(), None]
+        for key, value in values.items():  # the gRPC path sees what RDMA wrote
+            got = await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=key))
+            assert got.found and got.value == value
+        await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"via-grpc", value=b"g" * 5000))
+        out = memoryview(bytearray(8000))
+        assert await path.get_into(NS, b"via-grpc", out) == 5000 and bytes(out[:5000]) == b"g" * 5000
+        # A client on the node's host still gets the zero-copy path over the same memory.
+        local = await LocalDataPath.open(stub)
+        try:
+            assert await local.get(NS, b"k3") == values[b"k3"]
+        finally:
+            await local.close()
+        stats = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0]
+        assert stats.name.startswith("rdma(tcp,") and stats.items == 5
+    finally:
+        await path.close()
+        await channel.close()
+
+
+async def test_bad_input_and_session_end_over_rdma(kvmesh) -> None:
+    node = start_node(kvmesh, capacity="8MiB", timeout_ms=300)
+    channel = open_channel(node.address or "")
+    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+    path = await open_path(stub)
+    try:
+        sid = path.session_id
+        # Never sealed: dropped after the timeout, space back, later Seal refused clearly.
+        alloc = await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"u", size=MiB))
+        for _ in range(200):
+            stats = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0]
+            if stats.used_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert stats.used_bytes == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # Views held by a session are released when it ends.
+        await path.put(NS, b"h", b"h" * MiB)
+        views = await stub.Acquire(cachenode_pb2.AcquireRequest(session_id=sid, namespace=NS, keys=[b"h"]))
+        assert views.views[0].found
+        await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"h"))
+        assert (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes == MiB
+        await path.close()
+        for _ in range(200):
+            stats = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0]
+            if stats.used_bytes == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert stats.used_bytes == 0
+    finally:
+        await path.close()
+        await channel.close()
