@@ -148,9 +148,9 @@ class MeshSpec:
         return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
 
     def node_capacity_bytes(self) -> int:
-        """Each node's share of the pool, with room for per-value overhead."""
+        """Each node's share of the pool (the memory engine counts value bytes exactly)."""
         per_node = -(-self.pool_blocks // max(self.cachenodes, 1))
-        return max(per_node * self.block_bytes, 1 << 20)
+        return max(per_node, 1) * self.block_bytes
 
 
 @dataclass

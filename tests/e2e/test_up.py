@@ -13,7 +13,7 @@ from tests.e2e.mesh import alive, member_roles, ready_fields
 
 pytestmark = pytest.mark.integration
 
-SMALL = ("--base-port", "0", "--cachenodes", "1", "--engines", "2", "--pool-blocks", "0", "--log-level", "warning")
+SMALL = ("--base-port", "0", "--cachenodes", "1", "--engines", "2", "--pool-blocks", "256", "--log-level", "warning")
 
 
 def _check_up_and_stop(proc, sig: int = signal.SIGTERM) -> None:
