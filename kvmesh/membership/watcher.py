@@ -107,7 +107,11 @@ class MembershipWatcher:
             for m in event.members:
                 if m.id in self.members:
                     change.left.append(self.members.pop(m.id))
-        if event.revision:
+        if event.type == metadata_pb2.SNAPSHOT:
+            # A snapshot restarts the history: after a backend lost its data its revisions
+            # may be lower than the last one seen, and resuming must start from the new ones.
+            self.revision = event.revision
+        elif event.revision:
             self.revision = max(self.revision, event.revision)
         return change
 

@@ -1,0 +1,59 @@
+"""Two metadata processes on one etcd (and on one Redis) serve one membership."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
+from kvmesh.testing.ports import free_port
+from kvmesh.v1 import common_pb2
+from tests.conftest import KvmeshFactory
+from tests.metadata.conftest import backend_uri, member
+from tests.metadata.test_process import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("backend_name", ["etcd", "redis"])
+async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
+    kvmesh: KvmeshFactory, request: pytest.FixtureRequest, backend_name: str
+) -> None:
+    uri = backend_uri(request, backend_name)
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    replica_a = kvmesh("metadata", "--listen", a, "--backend", uri, name="metadata-a")
+    kvmesh("metadata", "--listen", b, "--backend", uri, name="metadata-b")
+
+    seen_on_b: list[MembershipChange] = []
+    seen_on_both: list[MembershipChange] = []
+    watcher_b = MembershipWatcher([b], common_pb2.ROLE_CACHENODE, on_change=seen_on_b.append)
+    watcher_ab = MembershipWatcher([a, b], common_pb2.ROLE_CACHENODE, on_change=seen_on_both.append)
+    session = MemberSession([a, b], member("cache-1", common_pb2.ROLE_CACHENODE), ttl_seconds=4)
+    for client in (watcher_b, watcher_ab):
+        await client.start()
+    try:
+        await watcher_b.wait_synced(10)
+        await watcher_ab.wait_synced(10)
+        await session.start()
+        lease = await session.wait_registered(10)
+        # Registered through A, seen by a watcher on B.
+        await eventually(lambda: "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members)
+
+        replica_a.kill()  # SIGKILL: no goodbye; the session and watcher_ab fail over to B
+        await eventually(lambda: watcher_ab.reconnects >= 1, 10)
+        # Outlive the TTL more than twice over: only heartbeats through B can keep the lease.
+
+        await asyncio.sleep(2 * 4 + 1)
+        assert session.lease_id == lease and session.registrations == 1  # same lease, never re-registered
+        assert "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members
+        assert not [m for c in seen_on_b + seen_on_both for m in c.left]  # no LEAVE, not even briefly
+        # watcher_ab resumed on B from its last revision: a replay, not a new snapshot.
+        assert [c.snapshot for c in seen_on_both].count(True) == 1
+
+        await session.close()
+        await eventually(lambda: "cache-1" not in watcher_b.members and "cache-1" not in watcher_ab.members)
+    finally:
+        await session.close()
+        await watcher_b.close()
+        await watcher_ab.close()
