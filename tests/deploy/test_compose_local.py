@@ -1,0 +1,238 @@
+"""The compose file, run for real without Docker: each service's command and environment as a local process.
+
+`docker compose config` resolves the file (anchors, profiles, interpolation); every kvmesh
+service then starts as `python -m kvmesh <command>` with exactly its compose environment,
+after three rewrites a container network would make unnecessary: service host names (and
+aliases) become 127.0.0.1, each container port becomes a free local port, and volume mount
+points become temporary directories. etcd and Redis are real servers started for this test.
+Services start in depends_on order and a service counts as healthy when its own compose
+healthcheck command says so. If the compose file drifts from the code (a renamed flag, a
+wrong port, a missing dependency), this test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from kvmesh.testing.ports import free_port
+from kvmesh.testing.processes import ROOT, KvmeshProcess, kvmesh_env
+from kvmesh.testing.servers import ServerHandle, etcd_server, redis_server
+from kvmesh.v1 import (
+    cachenode_pb2,
+    cachenode_pb2_grpc,
+    common_pb2,
+    metadata_pb2,
+    metadata_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from tests.deploy.compose import resolved_config
+
+SERVICE_COMMANDS = ("metadata", "cachenode", "router", "enginesim")
+# Small enough for a loaded 2-core machine; the same variables a user sets for `docker compose up`.
+TEST_VARIABLES = {"KVMESH_BENCH_LIMIT": "24", "KVMESH_BENCH_SPEEDUP": "20", "KVMESH_LOG_LEVEL": "warning"}
+ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*):(\d{1,5})(?!\d)")
+
+
+def _help_envs(command: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-m", "kvmesh", command, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, env=kvmesh_env({"COLUMNS": "1000"}), timeout=60)
+    assert done.returncode == 0, done.stderr
+    return set(re.findall(r"env (KVMESH_[A-Z0-9_]+)", done.stdout))
+
+
+def test_every_compose_variable_is_a_real_setting() -> None:
+    """A KVMESH_* variable that no flag reads would be silently ignored in a container."""
+    known = {command: _help_envs(command) for command in SERVICE_COMMANDS}
+    for profile in ("etcd", "redis"):
+        for name, svc in resolved_config(profile)["services"].items():
+            command = (svc.get("command") or [""])[0]
+            if command in known:
+                unknown = set(svc["environment"]) - known[command]
+                assert not unknown, f"{profile}/{name}: {sorted(unknown)} are not settings of `kvmesh {command}`"
+
+
+class LocalCompose:
+    """Runs a resolved compose model as local processes on loopback."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, infra: dict[str, ServerHandle]) -> None:
+        self.services: dict[str, dict[str, Any]] = config["services"]
+        self.workdir = workdir
+        self.addresses: dict[tuple[str, int], str] = {}
+        for name, handle in infra.items():
+            self.addresses[(name, {"etcd": 2379, "redis": 6379}[name])] = handle.address
+        self.infra = set(infra)
+        for name, svc in self.services.items():
+            if name in self.infra or "KVMESH_LISTEN" not in svc.get("environment", {}):
+                continue
+            port = int(svc["environment"]["KVMESH_LISTEN"].rpartition(":")[2])
+            local = f"127.0.0.1:{free_port()}"
+            aliases = (svc.get("networks", {}).get("default") or {}).get("aliases", [])
+            for host in (name, *aliases):
+                self.addresses[(host, port)] = local
+        self.processes: dict[str, KvmeshProcess] = {}
+
+    def local(self, service: str) -> str:
+        """Where a service listens here."""
+        port = int(self.services[service]["environment"]["KVMESH_LISTEN"].rpartition(":")[2])
+        return self.addresses[(service, port)]
+
+    def _rewrite(self, service: str, value: str) -> str:
+        if value.startswith("0.0.0.0:"):
+            return self.local(service)
+
+        def address(m: re.Match[str]) -> str:
+            return self.addresses.get((m.group(1), int(m.group(2))), m.group(0))
+
+        value = ADDRESS.sub(address, value)
+        for volume in self.services[service].get("volumes", []):
+            target, here = volume["target"], self.workdir / service / volume["source"]
+            here.mkdir(parents=True, exist_ok=True)
+            value = re.sub(rf"(?:(?<=://)|(?<==)){re.escape(target)}(?=$|[/?,])", str(here), value)
+        return value
+
+    def order(self) -> list[list[str]]:
+        """Services in waves: each wave depends only on earlier ones (what compose does)."""
+        pending = {n for n in self.services if n not in self.infra}
+        done = set(self.infra)
+        waves = []
+        while pending:
+            wave = sorted(n for n in pending if all(
+                d in done or d not in self.services for d in self.services[n].get("depends_on", {})))
+            assert wave, f"depends_on cycle among {pending}"
+            waves.append(wave)
+            done |= set(wave)
+            pending -= set(wave)
+        return waves
+
+    def start(self, name: str) -> KvmeshProcess:
+        svc = self.services[name]
+        assert svc["command"][0] in (*SERVICE_COMMANDS, "bench"), svc["command"]
+        env = {k: self._rewrite(name, v) for k, v in svc["environment"].items()}
+        args = [self._rewrite(name, a) for a in svc["command"]]
+        proc = KvmeshProcess(args, env=env, name=name)
+        self.processes[name] = proc
+        return proc
+
+    def healthy(self, name: str, timeout: float = 60.0) -> None:
+        """Runs the service's own compose healthcheck (`kvmesh health`) until it passes."""
+        test = self.services[name]["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "kvmesh", "health"]
+        env = {k: self._rewrite(name, v) for k, v in self.services[name]["environment"].items()}
+        end = time.monotonic() + timeout
+        while True:
+            done = subprocess.run([sys.executable, "-m", "kvmesh", *test[2:]], capture_output=True, text=True,
+                                  cwd=ROOT, env=kvmesh_env(env), timeout=60)
+            if done.returncode == 0:
+                return
+            proc = self.processes[name]
+            assert proc.running(), f"{name} exited:\n{proc.output[-3000:]}"
+            assert time.monotonic() < end, f"{name} never became healthy:\n{proc.output[-3000:]}"
+            time.sleep(0.5)
+
+    def stop(self) -> list[str]:
+        for proc in reversed(list(self.processes.values())):
+            proc.terminate()
+        return [n for n, p in self.processes.items() if p.running()]
+
+
+@pytest.fixture
+def infra(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
+    """This test's own etcd or Redis (not the session ones: other tests' members must not show up)."""
+    server = etcd_server if request.param == "etcd" else redis_server
+    with server() as handle:
+        yield {request.param: handle}
+
+
+def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
+    end = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+def _members(address: str, role: common_pb2.Role.ValueType) -> dict[str, str]:
+    with grpc.insecure_channel(address) as ch:
+        reply = metadata_pb2_grpc.MembershipStub(ch).List(metadata_pb2.ListRequest(role=role), timeout=5)
+    return {m.id: m.address for m in reply.members}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("infra", ["etcd", "redis"], indirect=True)
+def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: Path) -> None:
+    profile = next(iter(infra))
+    mesh = LocalCompose(resolved_config(profile, TEST_VARIABLES), tmp_path, infra)
+    waves = mesh.order()
+    assert waves[-1] == ["bench"], waves
+    try:
+        for wave in waves[:-1]:
+            for name in wave:
+                mesh.start(name)
+            for name in wave:
+                mesh.processes[name].wait_ready(60)
+                mesh.healthy(name)
+
+        # Both metadata replicas serve the same membership (one etcd / one Redis behind them).
+        cachenodes = {f"cachenode-{i}": mesh.local(f"cachenode-{i}") for i in (1, 2, 3)}
+        engines = {f"enginesim-{i}": mesh.local(f"enginesim-{i}") for i in (1, 2)}
+        for replica in ("metadata-1", "metadata-2"):
+            address = mesh.addresses[(replica, 7400)]
+            _wait(lambda a=address: _members(a, common_pb2.ROLE_CACHENODE) == cachenodes, f"cache nodes via {replica}")
+            _wait(lambda a=address: _members(a, common_pb2.ROLE_ENGINE) == engines, f"engines via {replica}")
+
+        # The router routes to a simulator.
+        with grpc.insecure_channel(mesh.local("router")) as ch:
+            router = router_pb2_grpc.RouterStub(ch)
+            request = router_pb2.RouteRequest(request_id="compose-1", model="llama-3-8b",
+                                              tokens=router_pb2.TokenIds(ids=list(range(1, 2049))))
+            decision = _wait(lambda: router.Route(request, timeout=5), "a route")
+            assert decision.address in engines.values() and decision.member_id in engines
+            assert decision.total_blocks > 0
+            router.Release(router_pb2.ReleaseRequest(request_id="compose-1"), timeout=5)
+
+        # A cache round trip on every node (DRAM L1 over the disk tier on its volume).
+        value = bytes(range(256)) * 1024
+        for name, address in cachenodes.items():
+            with grpc.insecure_channel(address) as ch:
+                cache = cachenode_pb2_grpc.KVCacheStub(ch)
+                key = f"compose-{name}".encode().ljust(16, b".")
+                cache.Put(cachenode_pb2.PutRequest(namespace="compose", key=key, value=value), timeout=10)
+                got = cache.Get(cachenode_pb2.GetRequest(namespace="compose", key=key), timeout=10)
+                assert got.found and got.value == value, name
+                tiers = [e.tier for e in cache.Stats(cachenode_pb2.StatsRequest(), timeout=10).engines]
+                assert len(tiers) >= 2, f"{name}: expected the memory and disk tiers, got {tiers}"
+            assert (tmp_path / name / f"{name}-data").is_dir()
+
+        if profile == "etcd":
+            # The one-shot benchmark job replays its workload through the running mesh and succeeds.
+            bench = mesh.start("bench")
+            code = bench.wait_exit(150)
+            assert code == 0, bench.output[-4000:]
+            results = tmp_path / "bench" / "bench-results" / "results.json"
+            assert results.exists(), bench.output[-2000:]
+            summary = next(line for line in bench.lines if line.startswith("KVMESH_BENCH_SUMMARY "))
+            rows = json.loads(summary.split(" ", 1)[1])
+            limit = int(TEST_VARIABLES["KVMESH_BENCH_LIMIT"])
+            assert len(rows) == 1 and rows[0]["mode"] == "live", rows
+            assert rows[0]["requests"] == limit and rows[0]["prompt_blocks"] > 0, rows
+    finally:
+        leaked = mesh.stop()
+    assert not leaked, f"still running after SIGTERM: {leaked}"
