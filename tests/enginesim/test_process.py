@@ -99,3 +99,41 @@ async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kv
             timeout=30,
         )
         assert ok.prompt_blocks == 2  # 1200 tokens = two full 512-token blocks
+
+
+async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory) -> None:
+    from kvmesh.blocks import BlockHasher
+    from kvmesh.client import CacheClient
+
+    md = f"127.0.0.1:{free_port()}"
+    kvmesh("metadata", "--listen", md)
+    kvmesh("cachenode", "--metadata", md, "--listen", "127.0.0.1:0", "--engine", "memory://?capacity=8MiB")
+    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0").wait_ready()
+    common = ["--metadata", md, "--listen", "127.0.0.1:0", "--router", router, "--pool", "--speedup", "50",
+              "--block-bytes", "8KiB"]
+    a = kvmesh("enginesim", *common, "--member-id", "sim-a").wait_ready()
+    b = kvmesh("enginesim", *common, "--member-id", "sim-b").wait_ready()
+    client = await CacheClient.connect([md], namespace="kvmesh")
+    try:
+        # A value that is not what the engine wrote for this block must never count as a hit.
+        key = BlockHasher(namespace="kvmesh", model="llama-3-8b", block_size=512).id_keys([777])[0]
+        assert await client.put_many([(key, b"x" * 8192)]) == 1
+        async with open_channel(a) as cha, open_channel(b) as chb:
+            sim_a = enginesim_pb2_grpc.EngineSimStub(cha)
+            sim_b = enginesim_pb2_grpc.EngineSimStub(chb)
+            first = await sim_a.Generate(_gen("a1", [1, 2, 3, 4, 5]), timeout=30)
+            assert first.pool_hit_blocks == 0 and first.computed_blocks == 5
+            deadline = time.monotonic() + 10
+            keys = BlockHasher(namespace="kvmesh", model="llama-3-8b", block_size=512).id_keys([1, 2, 3, 4, 5])
+            while await client.exists_prefix(keys) < 5:  # offloaded after the prefill
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            values = await client.get_many(keys)
+            assert all(v is not None and len(v) == 8192 for v in values)  # --block-bytes of real data
+            second = await sim_b.Generate(_gen("b1", [1, 2, 3, 4, 5, 6]), timeout=30)
+            assert second.local_hit_blocks == 0 and second.pool_hit_blocks == 5 and second.computed_blocks == 1
+            assert second.ttft_ms < first.ttft_ms / 2  # copying 5 blocks beats recomputing them
+            corrupt = await sim_b.Generate(_gen("b2", [777, 778]), timeout=30)
+            assert corrupt.pool_hit_blocks == 0 and corrupt.computed_blocks == 2
+    finally:
+        await client.close()
