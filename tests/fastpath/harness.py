@@ -13,12 +13,14 @@ from kvmesh.v1 import cachenode_pb2_grpc
 from services.cachenode.config import CacheNodeSettings
 from services.cachenode.datapath.service import DataPath
 from services.cachenode.engines.memory import MemoryEngine
+from services.cachenode.engines.tiered import TieredEngine
 from services.cachenode.service import CacheNodeService
 
 
 @dataclass
 class Node:
-    engine: MemoryEngine
+    engine: MemoryEngine  # the engine clients map (L1 of a tier list)
+    tiered: TieredEngine | None
     datapath: DataPath | None  # None when the engine offers no data path (heap arena)
     address: str
     stub: cachenode_pb2_grpc.KVCacheStub
@@ -47,9 +49,12 @@ async def datapath_node(
     channel = open_channel(address)
     try:
         engine, datapath = service.engine, service.servicer.datapath
+        tiered = engine if isinstance(engine, TieredEngine) else None
+        if tiered is not None:
+            engine = tiered.tiers[0]
         assert isinstance(engine, MemoryEngine)
         assert datapath is None or isinstance(datapath, DataPath)
-        yield Node(engine, datapath, address, cachenode_pb2_grpc.KVCacheStub(channel))
+        yield Node(engine, tiered, datapath, address, cachenode_pb2_grpc.KVCacheStub(channel))
     finally:
         await channel.close()
         await runtime.stop()

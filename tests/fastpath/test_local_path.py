@@ -217,3 +217,18 @@ async def test_batches_are_all_or_nothing() -> None:
             assert await node.engine.exists(NS, [b"x", b"y"]) == [True, True]
         finally:
             await path.close()
+
+
+async def test_tier_list_writes_through_and_promotes_for_the_data_path() -> None:
+    async with datapath_node("memory://?capacity=4MiB&arena=shm,memory://?capacity=32MiB") as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            l1, l2 = node.tiered.tiers  # type: ignore[union-attr]
+            await path.put(NS, b"w", b"w" * 1000)
+            assert await l2.get(NS, b"w") == b"w" * 1000  # written through at the seal
+            await l2.put(NS, b"only-l2", b"deep" * 100)
+            assert await path.get(NS, b"only-l2") == b"deep" * 100  # promoted into L1, then read in place
+            assert await l1.exists(NS, [b"only-l2"]) == [True]
+            assert await path.get(NS, b"nowhere") is None
+        finally:
+            await path.close()

@@ -20,17 +20,17 @@ from kvmesh.v1 import cachenode_pb2
 from services.cachenode.datapath.exports import exports_of
 from services.cachenode.datapath.sessions import DataPathLimits, Session, SessionTable
 from services.cachenode.engines.base import Engine, ZeroCopyEngine
+from services.cachenode.engines.tiered import TieredEngine
 
 log = logging.getLogger("kvmesh.cachenode.datapath")
 
 
 def zero_copy_engine(engine: Engine) -> ZeroCopyEngine | None:
-    """The engine whose memory clients reach: the engine itself, or the first tier of a tier list."""
+    """The engine whose memory clients reach: the engine itself, or the L1 of a tier list."""
     if isinstance(engine, ZeroCopyEngine):
         return engine
-    first = getattr(engine, "engines", None)  # TieredEngine: L1 first
-    if isinstance(first, list | tuple) and first and isinstance(first[0], ZeroCopyEngine):
-        return first[0]
+    if isinstance(engine, TieredEngine) and isinstance(engine.tiers[0], ZeroCopyEngine):
+        return engine.tiers[0]
     return None
 
 
@@ -40,6 +40,10 @@ class DataPath:
     def __init__(self, engine: Engine, limits: DataPathLimits | None = None) -> None:
         self.limits = limits or DataPathLimits()
         self._engine = zero_copy_engine(engine)
+        # With a tier list, the data path works on L1 and keeps the tiers' contract: sealed
+        # values are written through to the lower tiers, and acquiring a value that only a
+        # lower tier holds promotes it into L1 first.
+        self._tiered = engine if isinstance(engine, TieredEngine) and self._engine is not None else None
         self._engine_name = engine.name
         exports = exports_of(self._engine) if self._engine is not None else {}
         self.table: SessionTable | None = (
@@ -162,8 +166,20 @@ class DataPath:
         session = self._session(request.session_id)
         ids = [request.allocation_id] if request.allocation_id else []
         ids.extend(request.allocation_ids)
-        self._table().seal(session, ids, request.abort)
+        published = self._table().seal(session, ids, request.abort)
+        if published and self._tiered is not None and self._tiered.write_mode == "through":
+            await self._write_through(published)
         return cachenode_pb2.SealResponse()
+
+    async def _write_through(self, published: list[tuple[str, bytes]]) -> None:
+        assert self._tiered is not None and self._engine is not None
+        for namespace, key in published:
+            pinned = self._engine.pin(namespace, key)
+            if pinned is None:  # already replaced or evicted: nothing to write down
+                continue
+            with pinned:
+                for tier in reversed(self._tiered.tiers[1:]):
+                    await tier.put(namespace, key, pinned.view)
 
     @guard
     async def acquire(
@@ -171,8 +187,20 @@ class DataPath:
     ) -> cachenode_pb2.AcquireResponse:
         session = self._session(request.session_id)
         segment = session.export.segment
+        table = self._table()
+        held_views = table.acquire(session, request.namespace, request.keys)
+        missing = [i for i, held in enumerate(held_views) if held is None]
+        if missing and self._tiered is not None:
+            keys = [request.keys[i] for i in missing]
+            promoted = await self._tiered.get_many(request.namespace, keys)
+            again = [i for i, value in zip(missing, promoted, strict=True) if value is not None]
+            if again:
+                self._session(request.session_id)  # it may have ended while the lower tier answered
+                retried = table.acquire(session, request.namespace, [request.keys[i] for i in again])
+                for i, held in zip(again, retried, strict=True):
+                    held_views[i] = held
         views = []
-        for held in self._table().acquire(session, request.namespace, request.keys):
+        for held in held_views:
             if held is None:
                 views.append(cachenode_pb2.View(found=False))
                 continue

@@ -196,8 +196,11 @@ class SessionTable:
             session.allocations[allocation.id] = allocation
         return out
 
-    def seal(self, session: Session, allocation_ids: Sequence[int], abort: bool) -> None:
-        """Publishes (or drops) allocations; every id is checked before any is sealed."""
+    def seal(self, session: Session, allocation_ids: Sequence[int], abort: bool) -> list[tuple[str, bytes]]:
+        """Publishes (or drops) allocations; every id is checked before any is sealed.
+
+        Returns the (namespace, key) of each value published.
+        """
         if not allocation_ids:
             raise InvalidArgument("no allocation to seal")
         if len(set(allocation_ids)) != len(allocation_ids):
@@ -209,6 +212,7 @@ class SessionTable:
             if outcome is not None:
                 raise FailedPrecondition(f"allocation {allocation_id} is no longer open: it was {outcome}")
             raise NotFound(f"unknown allocation {allocation_id} in session {session.id}")
+        published: list[tuple[str, bytes]] = []
         for allocation_id in allocation_ids:
             allocation = session.allocations.pop(allocation_id)
             if abort:
@@ -217,6 +221,8 @@ class SessionTable:
             else:
                 self.engine.commit(allocation.reservation)
                 session.finished_allocations.add(allocation_id, "sealed")
+                published.append((allocation.reservation.namespace, allocation.reservation.key))
+        return published
 
     def expire(self, now: float | None = None) -> int:
         """Drops unsealed allocations past their deadline; returns how many."""
