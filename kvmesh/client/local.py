@@ -377,3 +377,64 @@ class LocalDataPath:
             self._follower = None
         self._detached = True
         self._mapping.close()
+
+
+class LocalPaths:
+    """The local paths of one client, one per co-located node, opened on first use.
+
+    `mode`: "auto" (use the path when the node's address is on this host and it offers
+    shared memory), "always" (the `--local` flag: try every node; a node that cannot share
+    memory still falls back), "never". `for_node` returns None whenever the caller should use
+    gRPC, and remembers nodes that cannot do better so it does not ask again.
+    """
+
+    MODES = ("auto", "always", "never")
+
+    def __init__(self, mode: str = "auto", client_id: str | None = None) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"local path mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.mode = mode
+        self.client_id = client_id
+        self._paths: dict[str, LocalDataPath] = {}
+        self._unavailable: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def for_node(
+        self, node_id: str, address: str, stub: cachenode_pb2_grpc.KVCacheStub
+    ) -> LocalDataPath | None:
+        if self.mode == "never" or node_id in self._unavailable:
+            return None
+        async with self._locks.setdefault(node_id, asyncio.Lock()):  # one attach per node at a time
+            if node_id in self._unavailable:
+                return None
+            path = self._paths.get(node_id)
+            if path is not None:
+                if path.attached:
+                    return path
+                del self._paths[node_id]  # the node restarted or stopped: attach again
+                await path.close()
+            return await self._open(node_id, address, stub)
+
+    async def _open(self, node_id: str, address: str, stub: cachenode_pb2_grpc.KVCacheStub) -> LocalDataPath | None:
+        if self.mode == "auto" and not await is_local_address(address):
+            self._unavailable.add(node_id)
+            return None
+        try:
+            path = await LocalDataPath.open(stub, client_id=self.client_id)
+        except LocalPathUnavailable as exc:
+            log.info("node %s: no local path (%s); using gRPC", node_id, exc)
+            self._unavailable.add(node_id)
+            return None
+        except grpc.aio.AioRpcError as exc:
+            log.debug("node %s: attach failed (%s); using gRPC for now", node_id, exc.code().name)
+            return None
+        self._paths[node_id] = path
+        return path
+
+    def forget(self, node_id: str) -> None:
+        """The node left the mesh (its path closes with `close()` or the next `for_node`)."""
+        self._unavailable.discard(node_id)
+
+    async def close(self) -> None:
+        paths, self._paths = list(self._paths.values()), {}
+        await asyncio.gather(*(p.close() for p in paths), return_exceptions=True)

@@ -7,7 +7,7 @@ import os
 import grpc
 import pytest
 
-from kvmesh.client.local import LocalDataPath, LocalPathUnavailable, ViewReleased, is_local_address
+from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable, ViewReleased, is_local_address
 from kvmesh.v1 import cachenode_pb2
 from tests.fastpath.harness import datapath_node, wait_until
 
@@ -232,3 +232,20 @@ async def test_tier_list_writes_through_and_promotes_for_the_data_path() -> None
             assert await path.get(NS, b"nowhere") is None
         finally:
             await path.close()
+
+
+async def test_local_paths_pick_the_local_path_or_fall_back() -> None:
+    paths = LocalPaths("auto")
+    try:
+        async with datapath_node() as shm_node, datapath_node("memory://?capacity=1MiB&arena=heap") as heap_node:
+            path = await paths.for_node("a", shm_node.address, shm_node.stub)
+            assert path is not None and path.attached
+            assert await paths.for_node("a", shm_node.address, shm_node.stub) is path  # reused
+            assert await paths.for_node("b", heap_node.address, heap_node.stub) is None  # no shm: gRPC
+            assert await paths.for_node("c", "192.0.2.1:1", shm_node.stub) is None  # another host: gRPC
+            never = LocalPaths("never")
+            assert await never.for_node("a", shm_node.address, shm_node.stub) is None
+            with pytest.raises(ValueError):
+                LocalPaths("sometimes")
+    finally:
+        await paths.close()
