@@ -53,7 +53,7 @@ def test_services_are_configured_by_env_and_health_checked() -> None:
         if not svc.get("image", "").startswith("kvmesh/"):
             continue
         assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile", name
-        assert all(k.startswith("KVMESH_") for k in svc["environment"]), name
+        assert all(k.startswith("KVMESH_") for k in svc.get("environment", {})), name
         if svc["command"][0] in KVMESH_SERVICES:
             assert svc["command"] == [svc["command"][0]], f"{name}: service settings go through KVMESH_* env"
             assert svc["healthcheck"]["test"][:3] == ["CMD", "kvmesh", "health"], name

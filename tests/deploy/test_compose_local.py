@@ -36,6 +36,7 @@ from kvmesh.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
+from tests.deploy.cli_envs import setting_envs
 from tests.deploy.compose import resolved_config
 
 SERVICE_COMMANDS = ("metadata", "cachenode", "router", "enginesim")
@@ -44,21 +45,14 @@ TEST_VARIABLES = {"KVMESH_BENCH_LIMIT": "24", "KVMESH_BENCH_SPEEDUP": "20", "KVM
 ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*):(\d{1,5})(?!\d)")
 
 
-def _help_envs(command: str) -> set[str]:
-    done = subprocess.run([sys.executable, "-m", "kvmesh", command, "--help"], capture_output=True, text=True,
-                          cwd=ROOT, env=kvmesh_env({"COLUMNS": "1000"}), timeout=60)
-    assert done.returncode == 0, done.stderr
-    return set(re.findall(r"env (KVMESH_[A-Z0-9_]+)", done.stdout))
-
-
 def test_every_compose_variable_is_a_real_setting() -> None:
     """A KVMESH_* variable that no flag reads would be silently ignored in a container."""
-    known = {command: _help_envs(command) for command in SERVICE_COMMANDS}
+    known = {command: setting_envs(command) for command in (*SERVICE_COMMANDS, "bench")}
     for profile in ("etcd", "redis"):
         for name, svc in resolved_config(profile)["services"].items():
             command = (svc.get("command") or [""])[0]
             if command in known:
-                unknown = set(svc["environment"]) - known[command]
+                unknown = set(svc.get("environment", {})) - known[command]
                 assert not unknown, f"{profile}/{name}: {sorted(unknown)} are not settings of `kvmesh {command}`"
 
 
@@ -118,7 +112,7 @@ class LocalCompose:
     def start(self, name: str) -> KvmeshProcess:
         svc = self.services[name]
         assert svc["command"][0] in (*SERVICE_COMMANDS, "bench"), svc["command"]
-        env = {k: self._rewrite(name, v) for k, v in svc["environment"].items()}
+        env = {k: self._rewrite(name, v) for k, v in svc.get("environment", {}).items()}
         args = [self._rewrite(name, a) for a in svc["command"]]
         proc = KvmeshProcess(args, env=env, name=name)
         self.processes[name] = proc

@@ -9,6 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from tests.deploy.cli_envs import setting_envs
 from tests.deploy.k8s import (
     K8S,
     KUBE_VERSIONS,
@@ -155,3 +156,24 @@ def test_pods_are_hardened_probed_and_spread(rendered, overlay: str) -> None:
         if obj["spec"]["replicas"] > 1 and labels["app.kubernetes.io/component"] != "enginesim":
             covering = [p for p in pdbs if selector_matches(p["spec"]["selector"], labels)]
             assert len(covering) == 1, f"{name} needs exactly one PodDisruptionBudget"
+
+
+# Variables that only feed $(VAR) expansion of another variable (never read by kvmesh itself).
+EXPANSION_HELPERS = {"KVMESH_REDIS_PASSWORD", "KVMESH_REDIS_ADDRESS", "KVMESH_REDIS_DB"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_kvmesh_variable_is_a_real_setting(rendered, overlay: str) -> None:
+    """A misspelt KVMESH_* variable in a manifest would be silently ignored by the pod."""
+    _, objs = rendered[overlay]
+    configmaps = by_kind(objs, "ConfigMap")
+    for obj in _workloads(objs):
+        for c in pod_spec(obj)["containers"]:
+            if not c["image"].startswith("kvmesh/kvmesh"):
+                continue
+            names = {e["name"] for e in c.get("env", [])}
+            for source in c.get("envFrom", []):
+                names |= set(configmaps[source["configMapRef"]["name"]]["data"])
+            names = {n for n in names if n.startswith("KVMESH_")} - EXPANSION_HELPERS
+            unknown = names - setting_envs(c["args"][0])
+            assert not unknown, f"{overlay}/{obj['metadata']['name']}: {sorted(unknown)} not read by {c['args'][0]}"
