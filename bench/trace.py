@@ -1,0 +1,114 @@
+"""What routing and the cache pool buy on the public Mooncake conversation trace, in one run.
+
+    .venv/bin/python -m bench.trace [--quick] [--trace FILE] [--out DIR] [--live-check]
+
+In-process replay (the router's own RouterCore, simulated engines, pool model, virtual clock)
+of the trace on 8 engines x 1,000 blocks: every router policy without a pool, then the
+`prefix` policy with a 32,000-block pool, side by side with the bound of one infinite
+cache, and one LRU cache of the engines' summed memory (8,000 blocks) as the ceiling of
+what routing alone could reach. Prints the figures against the targets:
+  prefix alone >= 50% of the infinite-cache bound (random reaches about 16%);
+  prefix + 32,000-block pool >= 90% of the bound, with max/mean requests per engine <= 1.1.
+`--quick` replays the first 2,000 requests only. `--live-check` also replays the first 150
+requests through real processes (kvmesh bench trace --live) and prints both results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvmesh.replay.core_router import CoreRouter
+from kvmesh.replay.metrics import ReplayResult
+from kvmesh.replay.pool import PoolModel
+from kvmesh.replay.report import print_summary, wide_console, write_json, write_plots
+from kvmesh.replay.simulate import ReplayConfig, replay_in_process
+from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.workload.trace import TraceRequest, infinite_cache_bound, load_trace
+
+DEFAULT_TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+POLICIES = ["random", "round-robin", "least-load", "prefix", "cache-aware", "kv-aware"]
+ENGINES, CAPACITY, POOL = 8, 1000, 32_000
+
+
+def single_lru_ceiling(requests: list[TraceRequest], capacity: int) -> float:
+    """Hit rate of one LRU cache of `capacity` blocks that sees every request."""
+    cache = PoolModel(capacity)
+    hits = total = 0
+    for r in requests:
+        hits += cache.prefix_hits(r.hash_ids)
+        total += len(r.hash_ids)
+        cache.put(r.hash_ids)
+    return hits / total if total else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="first 2,000 requests only")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    parser.add_argument("--out", type=Path, default=None, help="write results.json and plots here")
+    parser.add_argument("--live-check", action="store_true", help="also replay 150 requests through processes")
+    args = parser.parse_args()
+    console = wide_console()
+    requests = load_trace(args.trace, limit=2000 if args.quick else None)
+    bound = infinite_cache_bound(requests)
+    ceiling = single_lru_ceiling(requests, ENGINES * CAPACITY)
+    console.print(f"{args.trace.name}: {len(requests)} requests; infinite-cache bound {bound * 100:.1f}%; "
+                  f"one shared LRU of {ENGINES * CAPACITY:,} blocks {ceiling * 100:.1f}% "
+                  f"({ceiling / bound * 100:.1f}% of the bound)")
+    results: list[ReplayResult] = []
+    started = time.perf_counter()
+    for policy in POLICIES:
+        results.append(replay_in_process(requests, CoreRouter(policy), policy,
+                                         ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY)))
+    with_pool = replay_in_process(requests, CoreRouter("prefix"), "prefix",
+                                  ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY, pool_blocks=POOL))
+    results.append(with_pool)
+    print_summary(results, console, title=f"{ENGINES} engines x {CAPACITY} blocks, in-process, "
+                                          f"{time.perf_counter() - started:.1f} s wall")
+    by = {r.policy: r.summary() for r in results[:-1]}
+    pool_s = with_pool.summary()
+    checks = [
+        ("prefix alone, fraction of bound", float(by["prefix"]["fraction_of_bound"]), ">=", 0.50),
+        ("random alone, fraction of bound (about 0.16)", float(by["random"]["fraction_of_bound"]), "~", 0.16),
+        ("prefix + pool, fraction of bound", float(pool_s["fraction_of_bound"]), ">=", 0.90),
+        ("prefix + pool, max/mean requests per engine", float(pool_s["max_over_mean_requests"]), "<=", 1.10),
+    ]
+    for name, value, op, target in checks:
+        ok = {">=": value >= target, "<=": value <= target, "~": abs(value - target) < 0.05}[op]
+        console.print(f"  {name:48s} {value:7.3f}  target {op} {target:.2f}  {'met' if ok else 'NOT met'}")
+    if args.live_check:
+        _live_check(args.trace, console)
+    if args.out is not None:
+        write_json(results, args.out / "results.json", {"trace": str(args.trace), "ceiling_8000": ceiling})
+        for path in write_plots([by_res for by_res in results if by_res.policy in ("random", "prefix")], args.out):
+            console.print(f"wrote {path}")
+    return 0
+
+
+def _live_check(trace: Path, console) -> None:
+    limit = 150
+    rows = []
+    for live in (False, True):
+        cmd = [sys.executable, "-m", "kvmesh", "bench", "trace", str(trace), "--limit", str(limit), "--quiet",
+               "--engines", "4", "--cachenodes", "2", "--capacity-blocks", "200", "--pool-blocks", "2000",
+               "--speedup", "10", *(["--live"] if live else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=kvmesh_env(), cwd=ROOT)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("KVMESH_BENCH_SUMMARY ")), None)
+        if line is None:
+            console.print(f"[red]live check failed[/red]\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            return
+        rows.append(json.loads(line.split(" ", 1)[1])[0])
+    console.print(f"live check, first {limit} requests, 4 engines x 200 blocks, pool 2,000 blocks:")
+    for s in rows:
+        console.print(f"  {s['mode']:10s} local {s['local_hit_rate'] * 100:5.1f}%"
+                      f"  pool {s['pool_hit_rate'] * 100:5.1f}%  total {s['total_hit_rate'] * 100:5.1f}%"
+                      f"  TTFT p50 {s['ttft_p50_ms']:8.0f} ms")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
