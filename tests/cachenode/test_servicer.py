@@ -152,7 +152,7 @@ async def test_capacity_full_of_pinned_values_is_resource_exhausted(node) -> Non
 
 
 async def test_data_path_rpcs_unimplemented_without_datapath(node) -> None:
-    async with node() as (_, stub):
+    async with node(engine="memory://?capacity=64MiB&arena=heap") as (_, stub):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Allocate(pb.AllocateRequest(session_id="x", namespace=NS, key=b"k", size=1))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

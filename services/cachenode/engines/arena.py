@@ -170,6 +170,7 @@ class HeapArena:
 ARENAS: LazyRegistry[Any] = LazyRegistry("arena")
 ARENAS.register("heap", "services.cachenode.engines.arena", "HeapArena")
 ARENAS.register("shm", "services.cachenode.shm.arena", "ShmArena")
+ARENAS.register("auto", "services.cachenode.shm.arena", "AutoArena")  # shm when /dev/shm has room
 
 
 def build_arena(name: str, capacity: int, uri: Uri | None = None) -> Arena:

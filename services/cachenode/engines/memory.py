@@ -73,7 +73,7 @@ class MemoryEngine(ZeroCopyEngine):
         if capacity <= 0:
             raise UriError(f"{uri.redacted()}: capacity must be positive")
         policy_name = uri.param("policy", "lru") or "lru"
-        arena_name = uri.param("arena", "heap") or "heap"
+        arena_name = uri.param("arena", "auto") or "auto"
         if arena_name not in ARENAS.schemes():
             raise UriError(f"{uri.redacted()}: unknown arena {arena_name!r} (known: {', '.join(ARENAS.schemes())})")
         try:

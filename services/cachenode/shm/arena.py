@@ -24,7 +24,7 @@ from pathlib import Path
 from kvmesh.runtime.errors import ResourceExhausted
 from kvmesh.units import format_size
 from kvmesh.uri import Uri
-from services.cachenode.engines.arena import DEFAULT_ALIGNMENT, ExtentAllocator
+from services.cachenode.engines.arena import DEFAULT_ALIGNMENT, ExtentAllocator, HeapArena
 
 log = logging.getLogger("kvmesh.cachenode.shm")
 
@@ -149,3 +149,26 @@ def _free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
 
+
+
+class AutoArena:
+    """`arena=auto` (the memory engine's default): shared memory when /dev/shm has room, else heap.
+
+    Containers often mount a small /dev/shm (Docker's default is 64 MiB): there the node still
+    starts, on the heap, and simply offers no zero-copy path.
+    """
+
+    @classmethod
+    def create(cls, capacity: int, uri: Uri | None = None) -> ShmArena | HeapArena:
+        try:
+            fits = SHM_DIR.is_dir() and capacity <= _free_bytes(SHM_DIR)
+        except OSError:
+            fits = False
+        if fits:
+            try:
+                return ShmArena.create(capacity, uri)
+            except OSError as exc:
+                log.warning("shared-memory arena unavailable (%s): using the heap", exc)
+        else:
+            log.info("%s cannot hold %s: the memory engine uses the heap", SHM_DIR, format_size(capacity))
+        return HeapArena.create(capacity, uri)
