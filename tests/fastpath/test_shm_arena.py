@@ -79,19 +79,19 @@ def test_segment_of_a_sigkilled_node_is_removed_by_the_next() -> None:
         arena.close()
 
 
-async def test_memory_engine_defaults_to_shared_memory_when_it_fits() -> None:
+async def test_memory_engine_defaults_to_shared_memory_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     from kvmesh.uri import parse_uri
     from services.cachenode.engines.arena import HeapArena
     from services.cachenode.engines.memory import MemoryEngine
-    from services.cachenode.shm.arena import AutoArena
+    from services.cachenode.shm import arena as shm_arena
 
     engine = await MemoryEngine.create(parse_uri("memory://?capacity=1MiB"))
     try:
         assert isinstance(engine.arena, ShmArena)
     finally:
         await engine.close()
-    st = os.statvfs(SHM_DIR)
-    too_big = AutoArena.create(st.f_blocks * st.f_frsize * 2)  # a container's small /dev/shm, in effect
+    monkeypatch.setattr(shm_arena, "_free_bytes", lambda directory: 64 * 1024)  # a container's small /dev/shm
+    too_big = shm_arena.AutoArena.create(1 << 20)
     try:
         assert isinstance(too_big, HeapArena)
     finally:
