@@ -29,9 +29,9 @@ NOT_IN_IMAGE = ("kvmesh/testing/", "kvmesh/v1/")  # the test harness, generated 
 def _closure(requirements: list[str], extras: set[str] | None = None) -> set[str]:
     """Distribution names reachable from the requirements (installed metadata, markers honoured)."""
     seen: set[str] = set()
-    todo = [(Requirement(r), set()) for r in requirements]
+    todo = [Requirement(r) for r in requirements]
     while todo:
-        req, _ = todo.pop()
+        req = todo.pop()
         name = canonicalize_name(req.name)
         if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
             continue
@@ -45,7 +45,7 @@ def _closure(requirements: list[str], extras: set[str] | None = None) -> set[str
         for sub in dist.requires or []:
             sub_req = Requirement(sub)
             if sub_req.marker is None or any(sub_req.marker.evaluate({"extra": e}) for e in req.extras or {""}):
-                todo.append((sub_req, set()))
+                todo.append(sub_req)
     return seen
 
 
