@@ -32,7 +32,7 @@ class Node:
 
 @asynccontextmanager
 async def datapath_node(
-    engine_uri: str = "memory://?capacity=16MiB&arena=shm", allocation_timeout_ms: int = 30_000
+    engine_uri: str = "memory://?capacity=16MiB&arena=shm", allocation_timeout_ms: int = 30_000, namespaces: str = ""
 ) -> AsyncIterator[Node]:
     settings = CacheNodeSettings.model_validate(
         {
@@ -41,6 +41,7 @@ async def datapath_node(
             "standalone": True,
             "engine": engine_uri,
             "allocation_timeout_ms": allocation_timeout_ms,
+            "namespaces": namespaces,
         }
     )
     service = CacheNodeService(settings)

@@ -249,3 +249,31 @@ async def test_local_paths_pick_the_local_path_or_fall_back() -> None:
                 LocalPaths("sometimes")
     finally:
         await paths.close()
+
+
+async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namespaces() -> None:
+    async with datapath_node() as node:
+        for transport, code in ((7, grpc.StatusCode.INVALID_ARGUMENT),
+                                (cachenode_pb2.TRANSPORT_RDMA, grpc.StatusCode.FAILED_PRECONDITION)):
+            call = node.stub.Attach(cachenode_pb2.AttachRequest(client_id="c", transport=transport))  # type: ignore[arg-type]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == code
+        path = await LocalDataPath.open(node.stub)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await path.put(NS, b"k" * 2000, b"v")  # longer than --max-key-bytes
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert node.engine.used_bytes == 0
+        finally:
+            await path.close()
+    async with datapath_node("memory://?capacity=1MiB&arena=shm", namespaces="only") as node:
+        path = await LocalDataPath.open(node.stub)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await path.put("other", b"k", b"v")
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await path.put("only", b"k", b"v")
+            assert await path.get("only", b"k") == b"v"
+        finally:
+            await path.close()
