@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -13,8 +14,26 @@ from kvmesh.client.local import LocalDataPath
 from kvmesh.client.rdma import RdmaDataPath
 from kvmesh.runtime.channels import open_channel
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+from services.cachenode.engines.base import Engine
+from services.cachenode.engines.registry import build_engine
+from tests.cachenode.test_engine_contract import (  # noqa: F401 - the shared engine contract, on rdma://
+    test_concurrent_writers_and_readers_never_see_torn_values,
+    test_exists_and_batches_keep_order,
+    test_overwrite_delete_and_namespaces,
+    test_round_trip_of_every_size,
+    test_ttl_expires,
+)
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    built = await build_engine("rdma://127.0.0.1?capacity=64MiB&protocol=tcp")
+    try:
+        yield built
+    finally:
+        await built.close()
 
 NS = "rdma"
 MiB = 1 << 20
