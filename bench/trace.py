@@ -9,7 +9,7 @@ cache, and one LRU cache of the engines' summed memory (8,000 blocks) as the cei
 what routing alone could reach. Prints the figures against the targets:
   prefix alone >= 50% of the infinite-cache bound (random reaches about 16%);
   prefix + 32,000-block pool >= 90% of the bound, with max/mean requests per engine <= 1.1.
-`--quick` replays the first 2,000 requests only. `--live-check` also replays the first 150
+`--quick` replays the first 2,000 requests only. `--live-check` also replays the first 300
 requests through real processes (kvmesh bench trace --live) and prints both results.
 """
 
@@ -91,19 +91,19 @@ def main() -> int:
 
 
 def _live_check(trace: Path, console) -> None:
-    limit = 150
+    limit = 300
     rows = []
     for live in (False, True):
         cmd = [sys.executable, "-m", "kvmesh", "bench", "trace", str(trace), "--limit", str(limit), "--quiet",
-               "--engines", "4", "--cachenodes", "2", "--capacity-blocks", "200", "--pool-blocks", "2000",
-               "--speedup", "10", *(["--live"] if live else [])]
+               "--engines", "4", "--cachenodes", "2", "--capacity-blocks", "1000", "--pool-blocks", "4000",
+               "--speedup", "5", *(["--live"] if live else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=kvmesh_env(), cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("KVMESH_BENCH_SUMMARY ")), None)
         if line is None:
             console.print(f"[red]live check failed[/red]\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
             return
         rows.append(json.loads(line.split(" ", 1)[1])[0])
-    console.print(f"live check, first {limit} requests, 4 engines x 200 blocks, pool 2,000 blocks:")
+    console.print(f"live check, first {limit} requests, 4 engines x 1,000 blocks, pool 4,000 blocks, speedup 5:")
     for s in rows:
         console.print(f"  {s['mode']:10s} local {s['local_hit_rate'] * 100:5.1f}%"
                       f"  pool {s['pool_hit_rate'] * 100:5.1f}%  total {s['total_hit_rate'] * 100:5.1f}%"
