@@ -21,23 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from kvmesh.testing.ports import free_port
 from kvmesh.testing.processes import ROOT, KvmeshProcess, kvmesh_env
 from kvmesh.testing.servers import ServerHandle, etcd_server, redis_server
-from kvmesh.v1 import (
-    cachenode_pb2,
-    cachenode_pb2_grpc,
-    common_pb2,
-    metadata_pb2,
-    metadata_pb2_grpc,
-    router_pb2,
-    router_pb2_grpc,
-)
 from tests.deploy.cli_envs import setting_envs
 from tests.deploy.compose import resolved_config
+from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route
 
 SERVICE_COMMANDS = ("metadata", "cachenode", "router", "enginesim")
 # Small enough for a loaded 2-core machine; the same variables a user sets for `docker compose up`.
@@ -148,26 +139,6 @@ def infra(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
         yield {request.param: handle}
 
 
-def _wait(check: Any, what: str, timeout: float = 30.0) -> Any:
-    end = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            result = check()
-            if result:
-                return result
-        except grpc.RpcError as exc:
-            last = exc
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
-
-
-def _members(address: str, role: common_pb2.Role.ValueType) -> dict[str, str]:
-    with grpc.insecure_channel(address) as ch:
-        reply = metadata_pb2_grpc.MembershipStub(ch).List(metadata_pb2.ListRequest(role=role), timeout=5)
-    return {m.id: m.address for m in reply.members}
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("infra", ["etcd", "redis"], indirect=True)
@@ -188,31 +159,12 @@ def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: 
         cachenodes = {f"cachenode-{i}": mesh.local(f"cachenode-{i}") for i in (1, 2, 3)}
         engines = {f"enginesim-{i}": mesh.local(f"enginesim-{i}") for i in (1, 2)}
         for replica in ("metadata-1", "metadata-2"):
-            address = mesh.addresses[(replica, 7400)]
-            _wait(lambda a=address: _members(a, common_pb2.ROLE_CACHENODE) == cachenodes, f"cache nodes via {replica}")
-            _wait(lambda a=address: _members(a, common_pb2.ROLE_ENGINE) == engines, f"engines via {replica}")
-
+            expect_members(mesh.addresses[(replica, 7400)], cachenodes, engines)
         # The router routes to a simulator.
-        with grpc.insecure_channel(mesh.local("router")) as ch:
-            router = router_pb2_grpc.RouterStub(ch)
-            request = router_pb2.RouteRequest(request_id="compose-1", model="llama-3-8b",
-                                              tokens=router_pb2.TokenIds(ids=list(range(1, 2049))))
-            decision = _wait(lambda: router.Route(request, timeout=5), "a route")
-            assert decision.address in engines.values() and decision.member_id in engines
-            assert decision.total_blocks > 0
-            router.Release(router_pb2.ReleaseRequest(request_id="compose-1"), timeout=5)
-
+        expect_route(mesh.local("router"), engines)
         # A cache round trip on every node (DRAM L1 over the disk tier on its volume).
-        value = bytes(range(256)) * 1024
         for name, address in cachenodes.items():
-            with grpc.insecure_channel(address) as ch:
-                cache = cachenode_pb2_grpc.KVCacheStub(ch)
-                key = f"compose-{name}".encode().ljust(16, b".")
-                cache.Put(cachenode_pb2.PutRequest(namespace="compose", key=key, value=value), timeout=10)
-                got = cache.Get(cachenode_pb2.GetRequest(namespace="compose", key=key), timeout=10)
-                assert got.found and got.value == value, name
-                tiers = [e.tier for e in cache.Stats(cachenode_pb2.StatsRequest(), timeout=10).engines]
-                assert len(tiers) >= 2, f"{name}: expected the memory and disk tiers, got {tiers}"
+            expect_round_trip(address, name, min_tiers=2)
             assert (tmp_path / name / f"{name}-data").is_dir()
 
         if profile == "etcd":

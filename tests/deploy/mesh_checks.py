@@ -1,0 +1,74 @@
+"""Checks that a running mesh (whatever started it) formed and serves: membership, a route, cache round trips."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import grpc
+
+from kvmesh.v1 import (
+    cachenode_pb2,
+    cachenode_pb2_grpc,
+    common_pb2,
+    metadata_pb2,
+    metadata_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """Polls `check` until it returns something truthy (gRPC errors count as not yet)."""
+    end = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+def members(metadata: str, role: common_pb2.Role.ValueType) -> dict[str, str]:
+    """member id → advertised address, as one metadata replica lists them."""
+    with grpc.insecure_channel(metadata) as ch:
+        reply = metadata_pb2_grpc.MembershipStub(ch).List(metadata_pb2.ListRequest(role=role), timeout=5)
+    return {m.id: m.address for m in reply.members}
+
+
+def expect_members(metadata: str, cachenodes: Mapping[str, str], engines: Mapping[str, str]) -> None:
+    wait_for(lambda: members(metadata, common_pb2.ROLE_CACHENODE) == dict(cachenodes), f"cache nodes via {metadata}")
+    wait_for(lambda: members(metadata, common_pb2.ROLE_ENGINE) == dict(engines), f"engines via {metadata}")
+
+
+def expect_route(router: str, engines: Mapping[str, str], model: str = "llama-3-8b") -> router_pb2.RouteResponse:
+    """A 2,048-token prompt is routed to one of the engines, and released."""
+    with grpc.insecure_channel(router) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        request = router_pb2.RouteRequest(request_id="deploy-check", model=model,
+                                          tokens=router_pb2.TokenIds(ids=list(range(1, 2049))))
+        decision = wait_for(lambda: stub.Route(request, timeout=5), f"a route from {router}")
+        assert decision.member_id in engines and decision.address == engines[decision.member_id], decision
+        assert decision.total_blocks > 0
+        stub.Release(router_pb2.ReleaseRequest(request_id="deploy-check"), timeout=5)
+    return decision
+
+
+def expect_round_trip(address: str, name: str, min_tiers: int = 1) -> None:
+    """A 256 KiB value put and read back whole; the node reports at least `min_tiers` engines."""
+    value = bytes(range(256)) * 1024
+    key = f"deploy-{name}".encode().ljust(16, b".")[:64]
+    with grpc.insecure_channel(address) as ch:
+        cache = cachenode_pb2_grpc.KVCacheStub(ch)
+        cache.Put(cachenode_pb2.PutRequest(namespace="deploy", key=key, value=value), timeout=10)
+        got = cache.Get(cachenode_pb2.GetRequest(namespace="deploy", key=key), timeout=10)
+        assert got.found and got.value == value, name
+        tiers = [e.tier for e in cache.Stats(cachenode_pb2.StatsRequest(), timeout=10).engines]
+    assert len(tiers) >= min_tiers, f"{name}: expected {min_tiers} tiers, got {tiers}"
