@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 
+from kvmesh.client import wire
 from kvmesh.runtime.channels import channel_options, open_channel
 from kvmesh.testing.ports import free_port, wait_port
 from kvmesh.testing.processes import KvmeshProcess, kvmesh_env
@@ -35,6 +36,7 @@ from kvmesh.testing.servers import start_redis
 from kvmesh.units import format_size, parse_size
 from kvmesh.v1 import cachenode_pb2 as pb
 from kvmesh.v1 import cachenode_pb2_grpc
+from services.cachenode.handlers import add_kvcache_to_server
 
 SIZES = [64 * 1024, 1024**2, 8 * 1024**2]
 IN_FLIGHT = 16
@@ -51,12 +53,15 @@ class Result:
     p99_ms: float
 
 
-def ops_for(size: int, quick: bool) -> int:
-    total = (256 if quick else 1024) * 1024**2  # bytes moved per case
-    return max(IN_FLIGHT * 4, total // size)
+def ops_per_round(size: int, quick: bool) -> int:
+    total = (64 if quick else 256) * 1024**2  # bytes moved per system, op, size and round
+    return max(IN_FLIGHT * 2, total // size)
 
 
-async def drive(op: Callable[[int], Awaitable[None]], count: int) -> tuple[float, list[float]]:
+Op = Callable[[int], Awaitable[None]]
+
+
+async def drive(op: Op, count: int) -> tuple[float, list[float]]:
     """Runs `count` operations with IN_FLIGHT at a time; returns (seconds, latencies)."""
     latencies: list[float] = []
     next_index = 0
@@ -75,50 +80,111 @@ async def drive(op: Callable[[int], Awaitable[None]], count: int) -> tuple[float
     return time.perf_counter() - start, latencies
 
 
-def summarise(system: str, op: str, size: int, seconds: float, latencies: list[float]) -> Result:
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    gbps = len(latencies) * size / seconds / 1e9
-    return Result(system, op, size, gbps, statistics.median(latencies) * 1e3, p99 * 1e3)
+class System:
+    """One system under test: put/get operations for a value size."""
+
+    name = ""
+
+    def ops(self, size: int) -> tuple[Op, Op]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Releases connections."""
 
 
-# -- gRPC systems (kvmesh and the no-op server share the client side) -----------------------
+class GrpcSystem(System):
+    """The cache node or the no-op server, called exactly as the client library calls them."""
+
+    def __init__(self, name: str, address: str, chunk: int) -> None:
+        self.name = name
+        self.chunk = chunk
+        self.channel = open_channel(address)
+        # Hand-coded value messages (kvmesh.client.wire), as in kvmesh.client.
+        self.batch_put = self.channel.stream_unary(
+            "/kvmesh.v1.KVCache/BatchPut", request_serializer=wire.identity,
+            response_deserializer=pb.BatchPutResponse.FromString,
+        )
+        self.batch_get = self.channel.unary_stream(
+            "/kvmesh.v1.KVCache/BatchGet", request_serializer=pb.BatchGetRequest.SerializeToString,
+            response_deserializer=wire.decode_get_chunk,
+        )
+
+    def ops(self, size: int) -> tuple[Op, Op]:
+        value = memoryview(os.urandom(size))
+        chunk = self.chunk
+
+        async def put(i: int) -> None:
+            key = f"{size}-{i % 64}".encode()
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for offset in range(0, size, chunk):
+                    yield wire.encode_put_chunk("b", key, size, offset, value[offset : offset + chunk])
+
+            resp = await self.batch_put(chunks())
+            assert resp.stored == 1, resp
+
+        async def get(i: int) -> None:
+            got = 0
+            async for c in self.batch_get(pb.BatchGetRequest(namespace="b", keys=[f"{size}-{i % 64}".encode()])):
+                got += len(c.data)
+            assert got == size, (got, size)
+
+        return put, get
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
-async def grpc_cases(system: str, address: str, quick: bool, chunk: int) -> list[Result]:
-    out = []
-    channel = open_channel(address)
-    stub = cachenode_pb2_grpc.KVCacheStub(channel)
-    try:
-        for size in SIZES:
-            value = os.urandom(size)
-            slices = [value[o : o + chunk] for o in range(0, size, chunk)]
-            count = ops_for(size, quick)
+class RedisSystem(System):
+    """redis-server through redis-py's asyncio client (hiredis parser), one pool."""
 
-            async def put(i: int, size: int = size, slices: list[bytes] = slices) -> None:
-                key = f"{size}-{i % 64}".encode()
+    name = "redis"
 
-                async def chunks() -> AsyncIterator[pb.PutChunk]:
-                    offset = 0
-                    for part in slices:
-                        yield pb.PutChunk(namespace="b", key=key, total_size=size, offset=offset, data=part)
-                        offset += len(part)
+    def __init__(self, port: int) -> None:
+        import redis.asyncio as aioredis
 
-                resp = await stub.BatchPut(chunks())
-                assert resp.stored == 1, resp
+        self.client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=IN_FLIGHT * 2)
 
-            async def get(i: int, size: int = size) -> None:
-                got = 0
-                async for c in stub.BatchGet(pb.BatchGetRequest(namespace="b", keys=[f"{size}-{i % 64}".encode()])):
-                    got += len(c.data)
-                assert got == size, (got, size)
+    def ops(self, size: int) -> tuple[Op, Op]:
+        value = os.urandom(size)
 
-            await drive(put, IN_FLIGHT * 4)  # warm-up (and fill the keys gets read)
-            out.append(summarise(system, "put", size, *await drive(put, count)))
-            await drive(get, IN_FLIGHT * 2)
-            out.append(summarise(system, "get", size, *await drive(get, count)))
-    finally:
-        await channel.close()
+        async def put(i: int) -> None:
+            await self.client.set(f"{size}-{i % 64}", value)
+
+        async def get(i: int) -> None:
+            got = await self.client.get(f"{size}-{i % 64}")
+            assert got is not None and len(got) == size
+
+        return put, get
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def compare(systems: list[System], quick: bool) -> list[Result]:
+    """Interleaves the systems round by round (rotating who goes first), so load changes on a
+    shared machine hit all of them alike; GB/s is the median of the rounds."""
+    rounds = 3 if quick else 5
+    out: list[Result] = []
+    for size in SIZES:
+        ops = {s.name: s.ops(size) for s in systems}
+        count = ops_per_round(size, quick)
+        for system in systems:  # warm-up, and the keys the gets read
+            await drive(ops[system.name][0], IN_FLIGHT * 4)
+            await drive(ops[system.name][1], IN_FLIGHT)
+        for op_index, op in enumerate(("put", "get")):
+            rates: dict[str, list[float]] = {s.name: [] for s in systems}
+            latencies: dict[str, list[float]] = {s.name: [] for s in systems}
+            for r in range(rounds):
+                for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+                    seconds, lat = await drive(ops[system.name][op_index], count)
+                    rates[system.name].append(count * size / seconds / 1e9)
+                    latencies[system.name] += lat
+            for system in systems:
+                lat = sorted(latencies[system.name])
+                p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+                gbps = statistics.median(rates[system.name])
+                out.append(Result(system.name, op, size, gbps, statistics.median(lat) * 1e3, p99 * 1e3))
     return out
 
 
@@ -127,7 +193,7 @@ class NoopServicer(cachenode_pb2_grpc.KVCacheServicer):
 
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
-        self.blobs = {size: os.urandom(size) for size in SIZES}
+        self.blobs = {size: memoryview(os.urandom(size)) for size in SIZES}
 
     async def BatchPut(self, request_iterator, context):
         keys = set()
@@ -140,52 +206,17 @@ class NoopServicer(cachenode_pb2_grpc.KVCacheServicer):
             size = int(key.split(b"-")[0])
             blob = self.blobs[size]
             for offset in range(0, size, self.chunk):
-                yield pb.GetChunk(
-                    index=index, key=key, found=True, total_size=size, offset=offset,
-                    data=blob[offset : offset + self.chunk],
-                )
+                yield wire.encode_get_chunk(index, key, True, size, offset, blob[offset : offset + self.chunk])
 
 
 async def serve_noop(port: int, chunk: int) -> None:
     server = grpc.aio.server(options=channel_options())
-    cachenode_pb2_grpc.add_KVCacheServicer_to_server(NoopServicer(chunk), server)  # type: ignore[abstract]
+    # The same method table (and message codecs) as the cache node.
+    add_kvcache_to_server(NoopServicer(chunk), server)  # type: ignore[abstract]
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("NOOP_READY", flush=True)
     await server.wait_for_termination()
-
-
-# -- Redis -----------------------------------------------------------------------------------
-
-
-async def redis_cases(port: int, quick: bool) -> list[Result]:
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=IN_FLIGHT * 2)
-    out = []
-    try:
-        for size in SIZES:
-            value = os.urandom(size)
-            count = ops_for(size, quick)
-
-            async def put(i: int, size: int = size, value: bytes = value) -> None:
-                await client.set(f"{size}-{i % 64}", value)
-
-            async def get(i: int, size: int = size) -> None:
-                got = await client.get(f"{size}-{i % 64}")
-                assert got is not None and len(got) == size
-
-            await drive(put, IN_FLIGHT * 4)
-            out.append(summarise("redis", "put", size, *await drive(put, count)))
-            await drive(get, IN_FLIGHT * 2)
-            out.append(summarise("redis", "get", size, *await drive(get, count)))
-        await client.flushdb()
-    finally:
-        await client.aclose()
-    return out
-
-
-# -- the run ---------------------------------------------------------------------------------
 
 
 def print_table(results: list[Result]) -> None:
@@ -216,9 +247,14 @@ def print_ratios(results: list[Result]) -> None:
 async def measure(node_address: str, noop_address: str, redis_port: int, quick: bool, chunk: int) -> None:
     sizes = ", ".join(format_size(s) for s in SIZES)
     print(f"values {sizes}; {IN_FLIGHT} in flight; chunk {format_size(chunk)}")
-    results = await grpc_cases("kvmesh", node_address, quick, chunk)
-    results += await redis_cases(redis_port, quick)
-    results += await grpc_cases("noop", noop_address, quick, chunk)
+    systems: list[System] = [
+        GrpcSystem("kvmesh", node_address, chunk), RedisSystem(redis_port), GrpcSystem("noop", noop_address, chunk)
+    ]
+    try:
+        results = await compare(systems, quick)
+    finally:
+        for system in systems:
+            await system.close()
     print_table(results)
     print_ratios(results)
 
@@ -252,7 +288,7 @@ def run(quick: bool, chunk: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="move 256 MiB per case instead of 1 GiB")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 64 MiB per case instead of 5 of 256 MiB")
     parser.add_argument("--chunk-bytes", default="4MiB", help="data per stream message (both directions)")
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -22,6 +22,7 @@ import numpy as np
 
 from kvmesh.backoff import Backoff
 from kvmesh.blocks import BlockHasher
+from kvmesh.client import wire
 from kvmesh.client.hashring import HashRing
 from kvmesh.membership import MembershipChange, MembershipWatcher
 from kvmesh.runtime.channels import DEFAULT_MAX_MESSAGE_BYTES, open_channel
@@ -51,6 +52,17 @@ class _Node:
         self.info = info
         self.channel = open_channel(info.address, max_message_bytes)
         self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
+        # The value-carrying streams use hand-coded messages (kvmesh.client.wire): fewer copies.
+        self.batch_put = self.channel.stream_unary(
+            "/kvmesh.v1.KVCache/BatchPut",
+            request_serializer=wire.identity,
+            response_deserializer=cachenode_pb2.BatchPutResponse.FromString,
+        )
+        self.batch_get = self.channel.unary_stream(
+            "/kvmesh.v1.KVCache/BatchGet",
+            request_serializer=cachenode_pb2.BatchGetRequest.SerializeToString,
+            response_deserializer=wire.decode_get_chunk,
+        )
 
     async def close(self) -> None:
         await self.channel.close()
@@ -211,30 +223,16 @@ class CacheClient:
 
     # -- batches -------------------------------------------------------------------------
 
-    def _put_chunks(
-        self, items: Sequence[tuple[bytes, bytes]], ttl: int
-    ) -> Callable[[], AsyncIterator[cachenode_pb2.PutChunk]]:
+    def _put_chunks(self, items: Sequence[tuple[bytes, bytes]], ttl: int) -> Callable[[], AsyncIterator[bytes]]:
         step = self.chunk_bytes
         namespace = self.namespace
 
-        async def chunks() -> AsyncIterator[cachenode_pb2.PutChunk]:
+        async def chunks() -> AsyncIterator[bytes]:
             for key, value in items:
                 size = len(value)
-                if size <= step:
-                    yield cachenode_pb2.PutChunk(
-                        namespace=namespace, key=key, total_size=size, data=value, ttl_seconds=ttl
-                    )
-                    continue
                 view = memoryview(value)
-                for offset in range(0, size, step):
-                    yield cachenode_pb2.PutChunk(
-                        namespace=namespace,
-                        key=key,
-                        total_size=size,
-                        offset=offset,
-                        data=bytes(view[offset : offset + step]),
-                        ttl_seconds=ttl,
-                    )
+                for offset in range(0, max(size, 1), step):
+                    yield wire.encode_put_chunk(namespace, key, size, offset, view[offset : offset + step], ttl)
 
         return chunks
 
@@ -243,7 +241,9 @@ class CacheClient:
         make = self._put_chunks(items, ttl)
 
         async def op(stub: cachenode_pb2_grpc.KVCacheStub) -> cachenode_pb2.BatchPutResponse:
-            return await stub.BatchPut(make(), timeout=self.call_timeout_s)
+            node = self._nodes[node_id]
+            resp: cachenode_pb2.BatchPutResponse = await node.batch_put(make(), timeout=self.call_timeout_s)
+            return resp
 
         resp = await self._call(node_id, op)
         if resp is None:
@@ -278,11 +278,11 @@ class CacheClient:
             if node is None:
                 return out
             try:
-                async for chunk in node.stub.BatchGet(request, timeout=self.call_timeout_s):
+                async for chunk in node.batch_get(request, timeout=self.call_timeout_s):
                     if not chunk.found or chunk.index >= len(keys):
                         continue
                     if chunk.offset == 0 and len(chunk.data) == chunk.total_size:
-                        out[chunk.index] = chunk.data  # the common case: one message, no copy
+                        out[chunk.index] = bytes(chunk.data)  # the common case: one message
                         continue
                     buf = buffers.get(chunk.index)
                     if buf is None or chunk.offset == 0:

@@ -16,10 +16,11 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
-from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
+from kvmesh.v1 import cachenode_pb2, common_pb2
 from services.cachenode.config import CacheNodeSettings
 from services.cachenode.engines.base import Engine
 from services.cachenode.engines.registry import build_engine
+from services.cachenode.handlers import add_kvcache_to_server
 from services.cachenode.servicer import DataPath, KVCacheServicer, Limits
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class CacheNodeService(Service):
         return self.servicer.engine
 
     def register(self, server: grpc.aio.Server) -> None:
-        cachenode_pb2_grpc.add_KVCacheServicer_to_server(self.servicer, server)
+        add_kvcache_to_server(self.servicer, server)
 
     def load(self) -> common_pb2.Load:
         engine = self.servicer.engine

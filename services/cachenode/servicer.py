@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from kvmesh.client import wire
 from kvmesh.runtime.errors import (
     InvalidArgument,
     KvmeshError,
@@ -33,6 +34,10 @@ from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 from services.cachenode.engines.base import Engine, EngineStats, Reservation, ZeroCopyEngine
 
 log = logging.getLogger("kvmesh.cachenode")
+
+# BatchPut chunks arrive as wire.PutChunkView (registered through handlers.py) or as
+# generated PutChunk messages (when the servicer is registered with the generated helper).
+PutChunkLike = wire.PutChunkView | cachenode_pb2.PutChunk
 
 MAX_NAMESPACE_BYTES = 256
 PUT_FLUSH_ITEMS = 64  # buffered values written with one put_many (pipelined on batch engines)
@@ -204,7 +209,7 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
 
     # -- BatchPut ------------------------------------------------------------------------
 
-    def _begin(self, engine: Engine, chunk: cachenode_pb2.PutChunk) -> _Incoming:
+    def _begin(self, engine: Engine, chunk: PutChunkLike) -> _Incoming:
         """Validates the first chunk of a value and makes room for the whole of it."""
         try:
             self._check_namespace(chunk.namespace)
@@ -225,7 +230,7 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
             raise _KeyFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     @staticmethod
-    def _append(incoming: _Incoming, chunk: cachenode_pb2.PutChunk) -> None:
+    def _append(incoming: _Incoming, chunk: PutChunkLike) -> None:
         """Copies one chunk into place after checking it continues the value consistently."""
         if chunk.offset != incoming.received:
             raise _KeyFailed(
@@ -255,7 +260,7 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
             incoming.reservation = None
 
     async def BatchPut(
-        self, request_iterator: AsyncIterator[cachenode_pb2.PutChunk], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[PutChunkLike], context: grpc.aio.ServicerContext
     ) -> Any:
         try:
             engine = self._engine()
@@ -349,25 +354,19 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
 
     # -- BatchGet ------------------------------------------------------------------------
 
-    def _chunks(self, index: int, key: bytes, value: memoryview) -> Iterator[cachenode_pb2.GetChunk]:
+    def _chunks(self, index: int, key: bytes, value: memoryview) -> Iterator[bytes]:
+        """Encoded GetChunk messages (see kvmesh.client.wire: one copy of the data per chunk)."""
         size = len(value)
         step = self.limits.chunk_bytes
         if size == 0:
-            yield cachenode_pb2.GetChunk(index=index, key=key, found=True, total_size=0, offset=0)
+            yield wire.encode_get_chunk(index, key, True)
             return
         for offset in range(0, size, step):
-            yield cachenode_pb2.GetChunk(
-                index=index,
-                key=key,
-                found=True,
-                total_size=size,
-                offset=offset,
-                data=bytes(value[offset : offset + step]),
-            )
+            yield wire.encode_get_chunk(index, key, True, size, offset, value[offset : offset + step])
 
-    async def BatchGet(
+    async def BatchGet(  # type: ignore[override]
         self, request: cachenode_pb2.BatchGetRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[cachenode_pb2.GetChunk]:
+    ) -> AsyncIterator[bytes | cachenode_pb2.GetChunk]:  # bytes: pre-encoded GetChunk
         try:
             engine = self._engine()
             self._check_namespace(request.namespace)
