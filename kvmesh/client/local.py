@@ -163,6 +163,7 @@ class LocalDataPath:
         mapping: SegmentMapping,
         offload_bytes: int,
         rpc_timeout: float,
+        release_delay_s: float = 0.01,
     ) -> None:
         self._stub = stub
         self._call = call
@@ -172,6 +173,12 @@ class LocalDataPath:
         self._offload_bytes = offload_bytes
         self._timeout = rpc_timeout
         self._held: dict[int, LocalView] = {}
+        # Views that get()/get_into()/get_many() are done with: released with the next Acquire
+        # (one round trip instead of two per read) or, when no read follows, after a short delay.
+        self._release_delay_s = release_delay_s
+        self._to_release: list[int] = []
+        self._release_timer: asyncio.TimerHandle | None = None
+        self._release_task: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="local-datapath-attach")
         self._detached = False
 
@@ -183,6 +190,7 @@ class LocalDataPath:
         client_id: str | None = None,
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
         rpc_timeout: float = 10.0,
+        release_delay_s: float = 0.01,
     ) -> LocalDataPath:
         """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us."""
         request = cachenode_pb2.AttachRequest(
@@ -207,7 +215,7 @@ class LocalDataPath:
         except BaseException:
             call.cancel()
             raise
-        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout)
+        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s)
 
     @property
     def attached(self) -> bool:
@@ -301,8 +309,11 @@ class LocalDataPath:
     async def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[LocalView | None]:
         """Read-only views of the values (None for a miss); each holds its value until released."""
         self._check()
+        releasing, self._to_release = self._to_release, []
         response = await self._stub.Acquire(
-            cachenode_pb2.AcquireRequest(session_id=self.session_id, namespace=namespace, keys=list(keys)),
+            cachenode_pb2.AcquireRequest(
+                session_id=self.session_id, namespace=namespace, keys=list(keys), release_view_ids=releasing
+            ),
             timeout=self._timeout,
         )
         out: list[LocalView | None] = []
@@ -329,6 +340,35 @@ class LocalDataPath:
         )
         return int(response.released)
 
+    def _release_later(self, views: Sequence[LocalView | None]) -> None:
+        """Drops the views now; tells the node with the next Acquire, or after a short delay."""
+        for v in views:
+            if v is not None and not v.released:
+                v._drop()
+                self._held.pop(v.view_id, None)
+                self._to_release.append(v.view_id)
+        if self._to_release and self._release_timer is None and not self._detached:
+            loop = asyncio.get_running_loop()
+            self._release_timer = loop.call_later(self._release_delay_s, self._start_release)
+
+    def _start_release(self) -> None:
+        self._release_timer = None
+        if self._to_release and (self._release_task is None or self._release_task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(
+                self._flush_releases(), name="local-datapath-release"
+            )
+
+    async def _flush_releases(self) -> None:
+        ids, self._to_release = self._to_release, []
+        if not ids or self._detached:
+            return
+        try:
+            await self._stub.ReleaseViews(
+                cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:  # the session is gone: the node released them with it
+            log.debug("deferred release of %d views failed: %s", len(ids), exc.code().name)
+
     async def get(self, namespace: str, key: bytes) -> bytes | None:
         """A copy of one value (acquire, copy out, release)."""
         (view,) = await self.acquire(namespace, [key])
@@ -339,7 +379,7 @@ class LocalDataPath:
                 return await asyncio.to_thread(view.tobytes)
             return view.tobytes()
         finally:
-            await self.release([view])
+            self._release_later([view])
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
         """Copies of several values with two round trips (one Acquire, one ReleaseViews)."""
@@ -350,7 +390,7 @@ class LocalDataPath:
                 return await asyncio.to_thread(lambda: [None if v is None else v.tobytes() for v in views])
             return [None if v is None else v.tobytes() for v in views]
         finally:
-            await self.release(views)
+            self._release_later(views)
 
     async def get_into(self, namespace: str, key: bytes, out: memoryview) -> int | None:
         """Copies one value into a caller's buffer (no intermediate bytes); returns its size or None."""
@@ -363,13 +403,21 @@ class LocalDataPath:
             await self._copy(out[: view.size], view.view)
             return view.size
         finally:
-            await self.release([view])
+            self._release_later([view])
 
     async def close(self) -> None:
         """Ends the session: the node releases whatever this client still held."""
         for view in self._held.values():
             view._drop()
         self._held.clear()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        if self._release_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._release_task
+            self._release_task = None
+        self._to_release.clear()  # ending the session releases them on the node
         self._call.cancel()
         if self._follower is not None:
             with contextlib.suppress(asyncio.CancelledError):

@@ -681,20 +681,28 @@ class AcquireRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
+    RELEASE_VIEW_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     namespace: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def release_view_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Views to release first (a client piggy-backs the releases of its last reads on its next
+        read, saving a round trip). All are checked before anything changes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         namespace: _builtins.str = ...,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        release_view_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace", "release_view_ids", b"release_view_ids", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

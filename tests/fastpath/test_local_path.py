@@ -277,3 +277,25 @@ async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namesp
             assert await path.get("only", b"k") == b"v"
         finally:
             await path.close()
+
+
+async def test_reads_release_their_views_with_the_next_acquire_or_after_a_delay() -> None:
+    async with datapath_node() as node:
+        lazy = await LocalDataPath.open(node.stub, release_delay_s=3600)  # only piggy-backing can release
+        quick = await LocalDataPath.open(node.stub, release_delay_s=0.05)
+        try:
+            await lazy.put(NS, b"a", b"a" * 1000)
+            await lazy.put(NS, b"b", b"b" * 1000)
+            assert await lazy.get(NS, b"a") == b"a" * 1000
+            await node.engine.delete(NS, b"a")
+            assert node.engine.used_bytes == 2000  # "a" is still pinned by the finished read
+            assert await lazy.get(NS, b"b") == b"b" * 1000  # its Acquire carried the release of "a"
+            assert node.engine.used_bytes == 1000
+            await lazy.close()  # ending the session releases the pin "b" still has
+            assert await quick.get(NS, b"b") == b"b" * 1000
+            await node.engine.delete(NS, b"b")
+            assert await wait_until(lambda: node.engine.used_bytes == 0)  # released after the delay
+        finally:
+            await lazy.close()
+            await quick.close()
+        assert await wait_until(lambda: node.sessions() == 0)

@@ -188,6 +188,8 @@ class DataPath:
         session = self._session(request.session_id)
         segment = session.export.segment
         table = self._table()
+        if request.release_view_ids:
+            table.release(session, request.release_view_ids)
         held_views = table.acquire(session, request.namespace, request.keys)
         missing = [i for i, held in enumerate(held_views) if held is None]
         if missing and self._tiered is not None:
