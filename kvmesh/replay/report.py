@@ -28,12 +28,12 @@ def _ms(x: object) -> str:
 def wide_console() -> Console:
     """A console that does not squeeze the summary table when output is not a terminal."""
     console = Console()
-    return console if console.is_terminal else Console(width=180)
+    return console if console.is_terminal else Console(width=210)
 
 
 def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") -> Table:
     table = Table(title=title)
-    for col in ("policy", "mode", "requests", "local hit", "pool hit", "total hit", "bound", "of bound",
+    for col in ("policy", "mode", "pool", "requests", "local hit", "pool hit", "total hit", "bound", "of bound",
                 "TTFT p50", "TTFT p99", "req/s", "prompt tok/s", "max/mean req", "in-flight spread"):
         table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for res in results:
@@ -41,6 +41,7 @@ def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") 
         table.add_row(
             str(s["policy"]),
             str(s["mode"]),
+            f"{int(res.settings.get('pool_blocks', 0) or 0):,}",  # type: ignore[call-overload]
             str(s["requests"]),
             _pct(s["local_hit_rate"]),
             _pct(s["pool_hit_rate"]),
