@@ -123,7 +123,9 @@ class PrefixCache:
         """Unpins a finished request's blocks; uncomputed ones are dropped, the rest stay cached."""
         self._private -= allocation.private
         allocation.private = 0
-        for b in allocation.blocks:
+        # Tail first, as vLLM frees them: the end of a chain is evicted before its prefix, since
+        # a prefix block without its parent could never be matched again.
+        for b in reversed(allocation.blocks):
             entry = self._blocks.get(b)
             if entry is None:
                 continue

@@ -65,8 +65,12 @@ class EngineSimService(Service):
         self.timing = settings.timing()
         self.engine = BatchingEngine(self.timing, settings.capacity_blocks, settings.block_tokens)
         self.runner = EngineRunner(self.engine, settings.speedup, self._on_event)
+        # Pool keys of a block id live in the pool's namespace; token prompts are cut into block
+        # ids exactly as the router cuts them (for requests routed with model=--model).
         self.hasher = BlockHasher(model=settings.model, namespace=settings.namespace,
                                   block_size=settings.block_tokens)
+        self.prompt_hasher = BlockHasher(model=settings.model, namespace=settings.hash_namespace,
+                                         block_size=settings.block_tokens)
         self.reporter = EventReporter(self.member_id, self._router_addresses, self.engine.cache.chains)
         self._store_factory = store_factory or (open_cache_client if settings.pool else None)
         self.pool: BlockPool | None = None
@@ -165,7 +169,10 @@ class EngineSimService(Service):
                 raise InvalidArgument("empty prompt: no tokens")
             if len(ids) > MAX_PROMPT_BLOCKS:
                 raise InvalidArgument("prompt too long")
-            blocks = self.hasher.token_block_ids(ids)
+            try:
+                blocks = self.prompt_hasher.token_block_ids(ids)
+            except ValueError as exc:
+                raise InvalidArgument(f"bad token ids: {exc}") from None
             return blocks, len(ids)
         raise InvalidArgument("prompt missing: give blocks or tokens")
 

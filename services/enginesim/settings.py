@@ -23,6 +23,9 @@ class EngineSimSettings(MemberSettings):
         4096, ge=1, le=256 * 1024 * 1024, description="real bytes moved to/from the cache pool per block"
     )
     namespace: str = Field("kvmesh", description="cache-pool namespace of the blocks")
+    hash_namespace: str = Field(
+        "", description="namespace mixed into token-prompt block ids (must match the router's --hash-namespace)"
+    )
     pool: bool = Field(True, description="fetch missing prefix blocks from the cache pool and offload new ones")
     router: str | None = Field(
         None, description="router HOST:PORT to send KV events to (default: routers found in the membership)"

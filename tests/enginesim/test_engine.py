@@ -122,4 +122,4 @@ def test_evictions_are_reported() -> None:
     _run(e, _request("a", [1, 2], out=1))
     events = _run(e, _request("b", [3, 4, 5], out=1), at=1e5)
     removed = [ev for ev in events if ev.kind is EventKind.REMOVED]
-    assert removed and removed[0].blocks == [1, 2]  # 3 new blocks + 1 decode block need all 4
+    assert removed and removed[0].blocks == [2, 1]  # 3 new blocks + 1 decode block need all 4, tail first

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 def _mesh(kvmesh: KvmeshFactory) -> tuple[str, str, str]:
     md = f"127.0.0.1:{free_port()}"
     kvmesh("metadata", "--listen", md)
-    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0").wait_ready()
+    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0", "--block-size", "512").wait_ready()
     engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--router", router,
                     "--no-pool", "--speedup", "50", "--member-id", "sim-0", "--capacity-blocks", "64").wait_ready()
     return md, router, engine
@@ -81,8 +81,8 @@ async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata(kv
 
 
 async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kvmesh: KvmeshFactory) -> None:
-    _, _, engine = _mesh(kvmesh)
-    async with open_channel(engine) as ch:
+    _, router, engine = _mesh(kvmesh)
+    async with open_channel(engine) as ch, open_channel(router) as rch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         bad = [
             enginesim_pb2.GenerateRequest(request_id="x"),  # no prompt
@@ -99,6 +99,16 @@ async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kv
             timeout=30,
         )
         assert ok.prompt_blocks == 2  # 1200 tokens = two full 512-token blocks
+        # The engine cut the tokens into the same block ids as the router: its events match.
+        rstub = router_pb2_grpc.RouterStub(rch)
+        tokens = router_pb2.TokenIds(ids=list(range(1100)))
+        deadline = time.monotonic() + 10
+        while True:
+            decision = await rstub.Route(router_pb2.RouteRequest(model="llama-3-8b", tokens=tokens), timeout=5)
+            if decision.matched_blocks == 2:
+                break
+            assert time.monotonic() < deadline, decision
+            await asyncio.sleep(0.1)
 
 
 async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory) -> None:
