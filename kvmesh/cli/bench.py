@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvmesh.cli.up import MeshSpec, add_mesh_arguments, spec_from_args, start_mesh, stop_mesh
+from kvmesh.cli.up import MeshSpec, add_mesh_arguments, parse_router_settings, spec_from_args, start_mesh, stop_mesh
 from kvmesh.replay.metrics import ReplayResult
 from kvmesh.workload.trace import TraceRequest, infinite_cache_bound, load_trace
 
@@ -115,11 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _router_knobs(args: argparse.Namespace) -> dict[str, str]:
-    knobs: dict[str, str] = {}
-    for item in args.router_setting:
-        key, _, value = item.partition("=")
-        knobs[key.strip().replace("-", "_")] = value.strip()
-    return knobs
+    return dict(parse_router_settings(args.router_setting))
 
 
 def _run_in_process(

@@ -319,13 +319,25 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = Mes
                         help="seconds the whole mesh may take to come up")
 
 
-def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
-    settings: list[tuple[str, str]] = []
-    for item in args.router_setting:
+def parse_router_settings(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """`--router-setting KEY=VALUE` items, checked against the router's own settings."""
+    from services.router.settings import RouterSettings
+
+    known = set(RouterSettings.model_fields)
+    out: list[tuple[str, str]] = []
+    for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep or not key:
             raise SystemExit(f"kvmesh: --router-setting wants KEY=VALUE, got {item!r}")
-        settings.append((key.strip().replace("-", "_"), value.strip()))
+        if key not in known or key in ("policy", "metadata", "listen", "member_id"):
+            raise SystemExit(f"kvmesh: --router-setting {key!r} is not a router setting this command lets you set")
+        out.append((key, value.strip()))
+    return tuple(out)
+
+
+def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
+    settings = parse_router_settings(args.router_setting)
     for name in ("cachenodes", "engines", "pool_blocks", "capacity_blocks", "block_tokens"):
         if getattr(args, name) < (1 if name in ("engines", "capacity_blocks", "block_tokens") else 0):
             raise SystemExit(f"kvmesh: --{name.replace('_', '-')} is out of range")
@@ -344,7 +356,7 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         base_port=args.base_port,
         log_level=args.log_level,
         log_dir=args.log_dir,
-        router_settings=tuple(settings),
+        router_settings=settings,
         start_timeout=args.start_timeout,
     )
 
