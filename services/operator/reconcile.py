@@ -128,6 +128,13 @@ def _rolled_out(obj: Obj | None) -> bool:
     return int(status.get("updatedReplicas") or 0) >= desired
 
 
+def _desired_replicas(pool: Obj) -> int:
+    """spec.replicas as given (the CRD defaults it to 3); 0 when the spec is unusable."""
+    spec = pool.get("spec")
+    value = spec.get("replicas", 3) if isinstance(spec, dict) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def compute_status(pool: Obj, observed: list[Obj], now: str, error: str | None = None,
                    error_reason: str = "InvalidSpec") -> Obj:
     """The pool's status from its observed children.
@@ -139,7 +146,7 @@ def compute_status(pool: Obj, observed: list[Obj], now: str, error: str | None =
     meta = pool["metadata"]
     generation = int(meta.get("generation") or 0)
     previous = list((pool.get("status") or {}).get("conditions") or [])
-    want = int((pool.get("spec") or {}).get("replicas", 3)) if isinstance(pool.get("spec"), dict) else 0
+    want = _desired_replicas(pool)
     base = {"observedGeneration": generation, "selector": pool_selector(pool), "replicas": want}
     if error is not None:
         cond = _condition("Ready", False, error_reason, error, generation, previous, now)

@@ -221,6 +221,15 @@ def test_invalid_spec_changes_nothing() -> None:
     assert status["conditions"][0]["reason"] == "InvalidSpec" and "tape" in status["conditions"][0]["message"]
 
 
+def test_status_of_a_nonsense_spec_does_not_raise() -> None:
+    for spec in ({"replicas": "many"}, {"replicas": -2}, {"replicas": True}):
+        pool = make_pool(spec)
+        result = plan(pool, [])
+        assert result.error
+        status = compute_status(pool, [], NOW, result.error)
+        assert status["phase"] == "Failed" and status["replicas"] == 0
+
+
 def test_is_subset_semantics() -> None:
     assert is_subset({"a": 1, "b": {"c": [1, {"d": 2}]}}, {"a": 1, "x": 0, "b": {"c": [1, {"d": 2, "e": 3}]}})
     assert not is_subset({"a": [1, 2]}, {"a": [1]})
