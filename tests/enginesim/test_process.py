@@ -24,11 +24,13 @@ from tests.conftest import KvmeshFactory
 pytestmark = pytest.mark.integration
 
 
-def _mesh(kvmesh: KvmeshFactory) -> tuple[str, str, str]:
+def _mesh(kvmesh: KvmeshFactory, discover_router: bool = False) -> tuple[str, str, str]:
     md = f"127.0.0.1:{free_port()}"
     kvmesh("metadata", "--listen", md)
     router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0", "--block-size", "512").wait_ready()
-    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--router", router,
+    # Without --router the engine finds routers in the membership (they register as ROLE_ROUTER).
+    to_router = [] if discover_router else ["--router", router]
+    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", *to_router,
                     "--no-pool", "--speedup", "50", "--member-id", "sim-0", "--capacity-blocks", "64").wait_ready()
     return md, router, engine
 
@@ -81,7 +83,7 @@ async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata(kv
 
 
 async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kvmesh: KvmeshFactory) -> None:
-    _, router, engine = _mesh(kvmesh)
+    _, router, engine = _mesh(kvmesh, discover_router=True)
     async with open_channel(engine) as ch, open_channel(router) as rch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         bad = [
