@@ -24,6 +24,7 @@ from kvmesh.backoff import Backoff
 from kvmesh.blocks import BlockHasher
 from kvmesh.client import wire
 from kvmesh.client.hashring import HashRing
+from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable
 from kvmesh.membership import MembershipChange, MembershipWatcher
 from kvmesh.runtime.channels import DEFAULT_MAX_MESSAGE_BYTES, open_channel
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
@@ -82,6 +83,7 @@ class CacheClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         backoff: Backoff | None = None,
         hasher: BlockHasher | None = None,
+        local: str = "never",
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -98,6 +100,10 @@ class CacheClient:
         self._watcher: MembershipWatcher | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Zero-copy shared-memory path to co-located nodes (kvmesh/client/local.py): "auto"
+        # detects them and falls back to gRPC for the others, "always" is --local, "never"
+        # (the default for now) keeps every byte on gRPC.
+        self._local = LocalPaths(local)
 
     # -- construction --------------------------------------------------------------------
 
@@ -166,6 +172,7 @@ class CacheClient:
         self._closed = True
         if self._watcher is not None:
             await self._watcher.close()
+        await self._local.close()
         nodes, self._nodes = list(self._nodes.values()), {}
         await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
         if self._closing:
@@ -236,8 +243,19 @@ class CacheClient:
 
         return chunks
 
+    async def _local_path(self, node_id: str) -> LocalDataPath | None:
+        node = self._nodes.get(node_id)
+        return None if node is None else await self._local.for_node(node_id, node.info.address, node.stub)
+
     async def _batch_put_node(self, node_id: str, items: list[tuple[bytes, bytes]], ttl: int) -> set[bytes]:
         """Keys the node acknowledged."""
+        local = await self._local_path(node_id)
+        if local is not None:
+            try:
+                await local.put_many(self.namespace, items, ttl)
+                return {k for k, _ in items}
+            except (LocalPathUnavailable, grpc.aio.AioRpcError) as exc:
+                log.debug("local path to %s failed (%s): using gRPC", node_id, exc)
         make = self._put_chunks(items, ttl)
 
         async def op(stub: cachenode_pb2_grpc.KVCacheStub) -> cachenode_pb2.BatchPutResponse:
@@ -268,6 +286,12 @@ class CacheClient:
 
     async def _batch_get_node(self, node_id: str, keys: list[bytes]) -> list[bytes | None]:
         """Values from one node; what it could not answer (it died mid-stream) stays None."""
+        local = await self._local_path(node_id)
+        if local is not None:
+            try:
+                return await local.get_many(self.namespace, keys)
+            except (LocalPathUnavailable, grpc.aio.AioRpcError) as exc:
+                log.debug("local path to %s failed (%s): using gRPC", node_id, exc)
         out: list[bytes | None] = [None] * len(keys)
         buffers: dict[int, bytearray] = {}
         request = cachenode_pb2.BatchGetRequest(namespace=self.namespace, keys=keys)

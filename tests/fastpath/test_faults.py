@@ -109,3 +109,36 @@ async def test_node_sigkilled_leaves_no_segment_after_the_next_start(kvmesh) -> 
     assert not (SHM_DIR / segments[0]).exists()  # the stale segment of the dead node is gone
     again.terminate()
     assert not list(SHM_DIR.glob(f"kvmesh-{again.pid}-*"))  # a clean stop unlinks its own
+
+
+async def test_node_sigkilled_mid_reads_turns_local_path_reads_into_misses(kvmesh) -> None:
+    from kvmesh.client import CacheClient, NodeInfo
+
+    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=64MiB&arena=shm")
+    client = await CacheClient.from_nodes(
+        [NodeInfo("n", node.address or "", 64 * MiB)], namespace=NS, retry_deadline_s=0.3, local="auto"
+    )
+    try:
+        items = [(os.urandom(16), os.urandom(256 * 1024)) for _ in range(40)]
+        assert await client.put_many(items) == len(items)
+        assert client._local._paths  # the reads below go through shared memory
+        keys = [k for k, _ in items]
+        killed = asyncio.Event()
+        rounds_after_kill: list[list[bytes | None]] = []
+
+        async def reads() -> None:
+            while len(rounds_after_kill) < 3:
+                got = await client.get_many(keys)  # never raises
+                for (_, value), result in zip(items, got, strict=True):
+                    assert result is None or result == value  # never a wrong or torn value
+                if killed.is_set():
+                    rounds_after_kill.append(got)
+
+        task = asyncio.create_task(reads())
+        await asyncio.sleep(0.2)
+        node.kill()
+        killed.set()
+        await asyncio.wait_for(task, 30)
+        assert all(v is None for v in rounds_after_kill[-1])  # the dead node's keys are misses
+    finally:
+        await client.close()
