@@ -31,6 +31,7 @@ from requests.adapters import HTTPAdapter
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.uri import Uri, UriError
 from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, prefix_end
+from services.metadata.stores.etcd_transport import LeanSession
 
 log = logging.getLogger("kvmesh.metadata.etcd")
 
@@ -51,10 +52,14 @@ class EtcdStore(Store):
         self._prefix = prefix.rstrip("/") + "/"
         self._timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvmesh-etcd")
-        session = requests.Session()
-        session.mount("http://", HTTPAdapter(pool_connections=len(hosts), pool_maxsize=threads))
+        # Calls go through a lean keep-alive transport (see etcd_transport); watches, which
+        # stream, through a requests session.
+        self._watch_session = requests.Session()
+        self._watch_session.mount("http://", HTTPAdapter(pool_connections=len(hosts), pool_maxsize=threads))
+        lean = LeanSession(timeout)
         self._clients = [
-            etcd3gw.client(host=h, port=p, timeout=timeout, api_path="/v3/", session=session) for h, p in hosts
+            etcd3gw.client(host=h, port=p, timeout=timeout, api_path="/v3/", session=lean)  # type: ignore[arg-type]
+            for h, p in hosts
         ]
         self._current = 0
         self._watch_threads: set[threading.Thread] = set()
@@ -73,6 +78,7 @@ class EtcdStore(Store):
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._watch_session.close()
 
     # -- plumbing ------------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> Any:
@@ -202,7 +208,7 @@ class EtcdStore(Store):
 
         client = self._clients[self._current % len(self._clients)]
         try:
-            resp = client.session.post(client.get_url("/watch"), json=body, stream=True,
+            resp = self._watch_session.post(client.get_url("/watch"), json=body, stream=True,
                                        timeout=(self._timeout, None))
             opened.append(resp)
             if stop.is_set():

@@ -10,7 +10,8 @@ deadline (a sorted set) has passed, deleting their keys and logging the LEAVE ev
 The sweep is idempotent, so running it on every replica is safe and any survivor does it.
 
 URI parameters: `prefix` (default kvmesh), `retain` (revisions kept for resume, default
-10000), `sweep_ms` (default 200), `timeout` seconds per call (default 5). `rediss://` uses TLS.
+10000), `sweep_ms` (default 200), `timeout` seconds per call (default 5), `connections`
+(pool size for calls, default 64). `rediss://` uses TLS.
 """
 
 from __future__ import annotations
@@ -64,13 +65,21 @@ class RedisStore(Store):
         timeout = uri.float_param("timeout", 5.0)
         if retain < 64 or not 1 <= sweep_ms <= 10_000 or timeout <= 0:
             raise UriError(f"{uri.redacted()}: retain must be >= 64, sweep_ms in 1..10000, timeout > 0")
+        connections = uri.int_param("connections", 64)
+        if not 1 <= connections <= 10_000:
+            raise UriError(f"{uri.redacted()}: connections must be in 1..10000")
         common: dict[str, Any] = dict(
             host=uri.host or "127.0.0.1", port=uri.port or 6379, db=int(path), username=uri.username,
-            password=uri.password, ssl=uri.scheme == "rediss", socket_connect_timeout=timeout,
+            password=uri.password, socket_connect_timeout=timeout, timeout=timeout,
+            connection_class=aioredis.SSLConnection if uri.scheme == "rediss" else aioredis.Connection,
         )
         block_ms = 5000
-        client = aioredis.Redis(**common, socket_timeout=timeout)
-        watch_client = aioredis.Redis(**common, socket_timeout=block_ms / 1000 + timeout)
+        # Blocking pools: under a burst, callers wait for a connection instead of failing.
+        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+            **common, max_connections=connections, socket_timeout=timeout))
+        # Each watch holds one connection in XREAD BLOCK.
+        watch_client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
+            **common, max_connections=1024, socket_timeout=block_ms / 1000 + timeout))
         return cls(client, watch_client, prefix, retain, sweep_ms / 1000.0, block_ms)
 
     async def start(self) -> None:
