@@ -176,6 +176,18 @@ class BatchingEngine:
                 return r
         return None
 
+    def _refresh_hits(self, r: SimRequest) -> None:
+        """Prefix hits are final when the request is scheduled (as in vLLM), not when it arrived:
+        blocks computed meanwhile by an earlier request with the same prefix count as local."""
+        now_local = self.cache.match(r.blocks)
+        if now_local <= r.local_hit_blocks:
+            return
+        covered = max(r.local_hit_blocks + r.pool_hit_blocks, now_local)
+        r.local_hit_blocks = now_local
+        r.pool_hit_blocks = covered - now_local
+        r.cached_tokens = max(min(covered * self.block_tokens, r.input_tokens - 1), 0)
+        r.prefilled = r.cached_tokens
+
     def _private_blocks(self, request: SimRequest) -> int:
         return math.ceil(request.output_tokens / self.block_tokens)
 
@@ -195,6 +207,7 @@ class BatchingEngine:
             if head is None or not self._fits(head):
                 break
             self.waiting.remove(head)
+            self._refresh_hits(head)
             head.allocation = self.cache.allocate(head.blocks, self._private_blocks(head))
             if head.pin is not None:
                 self.cache.release(head.pin)

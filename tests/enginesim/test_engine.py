@@ -123,3 +123,14 @@ def test_evictions_are_reported() -> None:
     events = _run(e, _request("b", [3, 4, 5], out=1), at=1e5)
     removed = [ev for ev in events if ev.kind is EventKind.REMOVED]
     assert removed and removed[0].blocks == [2, 1]  # 3 new blocks + 1 decode block need all 4, tail first
+
+
+def test_hits_are_counted_when_scheduled_not_when_arrived() -> None:
+    e = _engine(capacity=8)  # a holds 7 blocks while it runs; b needs 2 more than the one left
+    a = _request("a", [1, 2, 3, 4, 5, 6], out=30)
+    b = _request("b", [1, 2, 3, 4, 5, 6, 7], out=5)
+    e.submit(a, 0.0, e.lookup(a.blocks))
+    e.submit(b, 0.0, e.lookup(b.blocks))  # nothing cached yet when it arrives
+    e.run_until(float("inf"))
+    assert b.admitted_ms is not None and a.finish_ms is not None and b.admitted_ms >= a.finish_ms
+    assert b.local_hit_blocks == 6 and b.computed_blocks == 1  # a computed them while b waited
