@@ -1,0 +1,70 @@
+"""The membership clients (MemberSession, MembershipWatcher) across metadata restarts."""
+
+from __future__ import annotations
+
+from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
+from kvmesh.runtime.channels import open_channel
+from kvmesh.runtime.server import ServerRuntime
+from kvmesh.testing.ports import free_port
+from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
+from services.metadata.service import MetadataService
+from services.metadata.settings import MetadataSettings
+from tests.metadata.conftest import member, stop_metadata
+from tests.metadata.test_process import eventually
+
+
+async def serve(address: str) -> ServerRuntime:
+    settings = MetadataSettings(listen=address, backend="memory://?sweep_ms=50", grace_seconds=0.2)  # type: ignore[call-arg]
+    runtime = ServerRuntime(MetadataService(settings), settings)
+    await runtime.start()
+    return runtime
+
+
+async def test_watcher_reports_what_changed_while_it_was_disconnected() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    first = await serve(address)
+    changes: list[MembershipChange] = []
+    watcher = MembershipWatcher([address], common_pb2.ROLE_ENGINE, on_change=changes.append)
+    stay = MemberSession([address], member("stays", port=9001), ttl_seconds=2)
+    goes = MemberSession([address], member("goes", port=9002), ttl_seconds=2)
+    second: ServerRuntime | None = None
+    try:
+        await watcher.start()
+        for s in (stay, goes):
+            await s.start()
+            await s.wait_registered(10)
+        await eventually(lambda: set(watcher.members) == {"stays", "goes"})
+        await goes.close(deregister=False)  # dies with the metadata service: it never comes back
+        await stop_metadata(first)
+        second = await serve(address)  # an empty memory:// store: only "stays" registers again
+        await eventually(lambda: set(watcher.members) == {"stays"}, 15)
+        # One snapshot told the consumer exactly the difference: "goes" left, "stays" is unchanged
+        # (or updated), and nothing joined twice.
+        after = [c for c in changes if c.snapshot][1:]
+        assert any(m.id == "goes" for c in after for m in c.left)
+        assert not any(m.id == "stays" for c in after for m in c.left)
+        joined = [m.id for c in changes for m in c.joined]
+        assert joined.count("goes") == 1
+        assert stay.registrations >= 2  # its lease was gone with the old store: NOT_FOUND → registered again
+    finally:
+        await stay.close()
+        await goes.close()
+        await watcher.close()
+        if second is not None:
+            await stop_metadata(second)
+
+
+async def test_session_registers_again_when_its_lease_is_revoked_elsewhere() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    runtime = await serve(address)
+    session = MemberSession([address], member("phoenix"), ttl_seconds=2)
+    try:
+        await session.start()
+        lease = await session.wait_registered(10)
+        async with open_channel(address) as channel:
+            await metadata_pb2_grpc.MembershipStub(channel).Deregister(metadata_pb2.DeregisterRequest(lease_id=lease))
+        await eventually(lambda: session.lease_id not in (0, lease), 10)
+        assert session.registrations == 2
+    finally:
+        await session.close()
+        await stop_metadata(runtime)
