@@ -8,6 +8,8 @@ server stops, and closes the engine last.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from services.cachenode.datapath.service import DataPath as SessionDataPath
 
 log = logging.getLogger("kvmesh.cachenode")
+
+LOAD_CHECK_SECONDS = 0.5
+LOAD_SETTLE_SECONDS = 1.5
 
 
 class CacheNodeService(Service):
@@ -48,6 +53,7 @@ class CacheNodeService(Service):
         self.servicer = KVCacheServicer(engine, limits, datapath)
         self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
         self.session: MemberSession | None = None
+        self._load_watch: asyncio.Task[None] | None = None
         self._datapath: SessionDataPath | None = None
 
     @property
@@ -99,13 +105,44 @@ class CacheNodeService(Service):
             self.settings.metadata_addresses, member, ttl_seconds=self.settings.ttl_seconds, load_fn=self.load
         )
         await self.session.start()
+        self._load_watch = asyncio.create_task(self._report_load_changes(), name="cachenode-load-watch")
+
+    async def _report_load_changes(self) -> None:
+        """Sends a heartbeat early when used bytes moved by 1% of capacity (or 64 MiB), so the
+        mesh sees fill levels within a second instead of one heartbeat interval later. One
+        follow-up heartbeat goes out LOAD_SETTLE_SECONDS later, because the metadata service
+        drops load updates that come faster than its per-member interval (1 s by default)."""
+        last = self.load().used_bytes
+        follow_up_at: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(LOAD_CHECK_SECONDS)
+            if self.session is None:
+                continue
+            load = self.load()
+            if abs(load.used_bytes - last) >= min(max(load.capacity_bytes // 100, 1), 64 * 1024**2):
+                last = load.used_bytes
+                self.session.nudge()
+                follow_up_at = loop.time() + LOAD_SETTLE_SECONDS
+            elif follow_up_at is not None and loop.time() >= follow_up_at:
+                follow_up_at = None
+                self.session.nudge()
+
+    async def _stop_load_watch(self) -> None:
+        task, self._load_watch = self._load_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def drain(self) -> None:
+        await self._stop_load_watch()
         if self.session is not None:
             await self.session.close(deregister=True)
             self.session = None
 
     async def close(self) -> None:
+        await self._stop_load_watch()
         if self.session is not None:
             await self.session.close(deregister=False)
             self.session = None

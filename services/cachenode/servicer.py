@@ -205,6 +205,7 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
     @guard
     async def Stats(self, request: cachenode_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> Any:
         engine = self._engine()
+        await engine.refresh_stats()
         return cachenode_pb2.StatsResponse(engines=[engine_stats_message(s) for s in engine.tier_stats()])
 
     # -- BatchPut ------------------------------------------------------------------------

@@ -17,19 +17,26 @@ from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 pytestmark = pytest.mark.integration
 
 
-def start_mesh(kvmesh, nodes: int = 3, metadata_port: int | None = None):
-    port = metadata_port or free_port()
+def start_mesh(kvmesh, nodes: int = 3, ttl: int = 2):
+    port = free_port()
     metadata = kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata")
-    cachenodes = [start_node(kvmesh, port, i) for i in range(nodes)]
+    cachenodes = [start_node(kvmesh, port, i, ttl) for i in range(nodes)]
     return port, metadata, cachenodes
 
 
-def start_node(kvmesh, metadata_port: int, i: int):
+def start_node(kvmesh, metadata_port: int, i: int, ttl: int = 2):
     return kvmesh(
         "cachenode", "--listen", "127.0.0.1:0", "--metadata", f"127.0.0.1:{metadata_port}",
-        "--member-id", f"node{i}", "--ttl-seconds", "2", "--engine", "memory://?capacity=128MiB",
+        "--member-id", f"node{i}", "--ttl-seconds", str(ttl), "--engine", "memory://?capacity=128MiB",
         name=f"cachenode{i}",
     )
+
+
+async def list_cachenodes(port: int) -> list[common_pb2.Member]:
+    async with open_channel(f"127.0.0.1:{port}") as channel:
+        stub = metadata_pb2_grpc.MembershipStub(channel)
+        listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_CACHENODE))
+        return list(listed.members)
 
 
 async def wait_for(predicate, timeout: float = 15.0) -> None:
@@ -41,19 +48,26 @@ async def wait_for(predicate, timeout: float = 15.0) -> None:
 
 
 async def test_placement_spread_and_replica_reads_after_a_node_leaves(kvmesh) -> None:
-    port, _, cachenodes = start_mesh(kvmesh)
+    port, _, cachenodes = start_mesh(kvmesh, ttl=60)  # a long lease: leaving fast proves deregistration
     async with await CacheClient.connect(f"127.0.0.1:{port}", replicas=2, retry_deadline_s=0.3) as client:
         await wait_for(lambda: len(client.nodes) == 3)
-        items = [(os.urandom(16), os.urandom(4096)) for _ in range(300)]
+        items = [(os.urandom(16), os.urandom(16384)) for _ in range(300)]
         assert await client.put_many(items) == len(items)
         stats = await client.stats()
         held = {node: engines[0].items for node, engines in stats.items()}
         assert set(held) == {"node0", "node1", "node2"}
         assert all(n > 100 for n in held.values()) and sum(held.values()) == 2 * len(items)  # 2 replicas
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
+        members = await list_cachenodes(port)
+        assert {m.id: m.capacity_bytes for m in members} == {f"node{i}": 128 * 1024**2 for i in range(3)}
+        # Used bytes reach the metadata service early (a 60 s lease heartbeats every ~20 s).
+        end = time.monotonic() + 15
+        while not all(m.load.used_bytes >= 100 * 16384 for m in await list_cachenodes(port)):
+            assert time.monotonic() < end, [m.load for m in await list_cachenodes(port)]
+            await asyncio.sleep(0.2)
 
-        cachenodes[0].terminate()  # graceful: it deregisters, the client sees LEAVE
-        await wait_for(lambda: "node0" not in client.nodes)
+        cachenodes[0].terminate()  # graceful: it deregisters, the client sees LEAVE at once
+        await wait_for(lambda: "node0" not in client.nodes, timeout=5)
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
 
 
@@ -67,20 +81,28 @@ async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> Non
         victim_keys = {k for k in keys if client.placement(k)[0] == "node1"}
         assert victim_keys
 
+        killed = asyncio.Event()
+
         async def reads() -> list[list[bytes | None]]:
-            return [await client.get_many(keys) for _ in range(6)]
+            rounds: list[list[bytes | None]] = []
+            after_kill = 0
+            while after_kill < 2:  # keep reading until two whole batches ran after the kill
+                if killed.is_set():
+                    after_kill += 1
+                rounds.append(await client.get_many(keys))
+            return rounds
 
         task = asyncio.create_task(reads())
-        await asyncio.sleep(0.15)
-        assert not task.done()
-        cachenodes[1].kill()  # SIGKILL, no deregistration, in the middle of the reads
-        rounds = await task  # no exception reaches the caller
+        await asyncio.sleep(0.2)
+        cachenodes[1].kill()  # SIGKILL, no deregistration, while batches are in flight
+        killed.set()
+        rounds = await asyncio.wait_for(task, 60)  # no exception reaches the caller
         for got in rounds:
             for (key, value), result in zip(items, got, strict=True):
                 assert result is None or result == value  # never a wrong or torn value
                 if result is None:
                     assert key in victim_keys  # only the dead node's keys miss
-        assert None in rounds[-1]  # the dead node's keys did miss
+        assert {k for k, v in zip(keys, rounds[-1], strict=True) if v is None} == victim_keys
         after = await client.get_many(keys)
         assert {k for k, v in zip(keys, after, strict=True) if v is None} <= victim_keys
         stored = await client.put_many([(os.urandom(16), b"x") for _ in range(30)])
@@ -113,17 +135,21 @@ async def test_nodes_register_again_after_the_metadata_service_restarts(kvmesh) 
         metadata.kill()  # memory:// backend: every lease is gone with it
         kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata-restarted")
         # The nodes re-register by themselves; the client's watch reconnects and resyncs.
-        async with open_channel(f"127.0.0.1:{port}") as channel:
-            stub = metadata_pb2_grpc.MembershipStub(channel)
-            end = time.monotonic() + 30
-            while True:
-                listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_CACHENODE))
-                if len(listed.members) == 3:
-                    break
-                assert time.monotonic() < end, "cache nodes did not register again"
-                await asyncio.sleep(0.1)
+        end = time.monotonic() + 30
+        while len(await list_cachenodes(port)) != 3:
+            assert time.monotonic() < end, "cache nodes did not register again"
+            await asyncio.sleep(0.1)
         assert client._watcher is not None
         await wait_for(lambda: client._watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30)
         items = [(os.urandom(16), b"after restart") for _ in range(30)]
         assert await client.put_many(items) == 30
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
+
+
+def test_a_bad_engine_uri_stops_the_node_with_a_clear_message(kvmesh) -> None:
+    node = kvmesh("cachenode", "--standalone", "--engine", "nosuch://x", ready=False, name="bad-engine")
+    assert node.wait_exit(20) == 1
+    assert "unknown engine scheme 'nosuch'" in node.output
+    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=lots", ready=False, name="bad-size")
+    assert node.wait_exit(20) == 1
+    assert "capacity" in node.output

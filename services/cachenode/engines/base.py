@@ -106,6 +106,9 @@ class Engine(ABC):
         """One entry per tier (a tiered engine reports each of its engines)."""
         return [self.stats()]
 
+    async def refresh_stats(self) -> None:  # noqa: B027 - most engines count locally
+        """Updates counters that live in a remote server (Redis memory use) before `stats()`."""
+
     async def close(self) -> None:  # noqa: B027 - engines without resources need nothing here
         """Releases connections and memory; safe to call twice."""
 

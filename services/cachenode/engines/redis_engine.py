@@ -13,6 +13,7 @@ Keys are `prefix + namespace + NUL + key`, so namespaces never collide.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from kvmesh.backoff import Backoff
@@ -135,10 +136,8 @@ class RedisEngine(Engine):
                 return await op()
             except _RETRYABLE as exc:
                 last = exc
-            except ResponseError as exc:
-                if "OOM" in str(exc):
-                    raise ResourceExhausted(f"{self.name} is out of memory: {exc}") from exc
-                raise
+            except OutOfMemoryError as exc:
+                raise ResourceExhausted(f"{self.name} is out of memory: {exc}") from exc
         raise Unavailable(f"{self.name} unreachable within {self._deadline_s:.1f}s: {last}")
 
     async def put(self, namespace: str, key: bytes, value: bytes | memoryview, ttl_seconds: int = 0) -> None:
@@ -197,13 +196,11 @@ class RedisEngine(Engine):
 
         return [bool(n) for n in await self._retry(run)]
 
-    async def refresh_usage(self) -> None:
-        """Reads used memory from the server (reported in Stats)."""
-        try:
+    async def refresh_stats(self) -> None:
+        """Reads used memory from the server (reported in Stats); keeps the last figure if it is down."""
+        with contextlib.suppress(Unavailable, RedisError):
             info = await self._retry(lambda: self._client.info("memory"))
             self._used_reported = int(info.get("used_memory", 0) or 0)
-        except (Unavailable, RedisError):
-            pass
 
     async def close(self) -> None:
         if self._closed:
@@ -233,6 +230,10 @@ class RedisClusterEngine(RedisEngine):
             raise
         await engine._connect_cluster()
         return engine
+
+    async def refresh_stats(self) -> None:
+        with contextlib.suppress(Unavailable, RedisError):
+            await self._connect_cluster()
 
     async def _connect_cluster(self) -> None:
         info = await self._retry(lambda: self._client.info("memory", target_nodes=RedisCluster.PRIMARIES))

@@ -85,6 +85,10 @@ class TieredEngine(Engine):
             out.append(stats)
         return out
 
+    async def refresh_stats(self) -> None:
+        for tier in self.tiers:
+            await tier.refresh_stats()
+
     # -- write-on-eviction ---------------------------------------------------------------
 
     def _demotion_listener(self, target: int):  # type: ignore[no-untyped-def]
