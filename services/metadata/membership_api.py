@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry.metrics import Observation
 
 from kvmesh.runtime.errors import guard
-from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+from kvmesh.telemetry import meter
+from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 from services.metadata.directory import MemberDirectory, decode_member
 from services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
-from services.metadata.stores.base import Entry
+from services.metadata.stores.base import Entry, LeaseNotFound
 from services.metadata.streaming import abort_with
 from services.metadata.validation import Limits, check_lease, check_member, check_role, check_ttl
 
@@ -28,6 +30,18 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         self._heartbeat = heartbeat
         self._load_updates = load_updates
         self.keepalive_streams = 0  # this replica's load: heartbeat interval and load rate adapt to it
+        m = meter("metadata")
+        self._registrations = m.create_counter("kvmesh.metadata.registrations", description="Register calls served")
+        self._leases_lost = m.create_counter(
+            "kvmesh.metadata.keepalive.lease_not_found", description="KeepAlive streams ended: lease unknown/expired")
+        self._load_updates_written = m.create_counter(
+            "kvmesh.metadata.load_updates", description="load changes written (UPDATE events)")
+        self._watches = m.create_up_down_counter("kvmesh.metadata.watch.streams", description="open Watch streams")
+        m.create_observable_gauge(
+            "kvmesh.metadata.keepalive.streams",
+            callbacks=[lambda _options: [Observation(self.keepalive_streams)]],
+            description="open KeepAlive streams on this replica",
+        )
 
     def _interval_ms(self, ttl: int) -> int:
         return self._heartbeat.interval_ms(ttl, max(1, self.keepalive_streams))
@@ -39,6 +53,7 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         check_member(request.member, self._limits)
         check_ttl(request.ttl_seconds, self._limits)
         lease_id, ttl, revision = await self._directory.register(request.member, request.ttl_seconds)
+        self._registrations.add(1, {"role": common_pb2.Role.Name(request.member.role)})
         return metadata_pb2.RegisterResponse(
             lease_id=lease_id, ttl_seconds=ttl, heartbeat_interval_ms=self._interval_ms(ttl), revision=revision
         )
@@ -62,10 +77,13 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
                 if request.HasField("load") and throttle.due(request.load, self.keepalive_streams):
                     entry = await self._directory.update_load(lease_id, entry, request.load)
                     throttle.wrote(request.load)
+                    self._load_updates_written.add(1)
                 yield metadata_pb2.KeepAliveResponse(
                     lease_id=lease_id, ttl_seconds=ttl, heartbeat_interval_ms=self._interval_ms(ttl)
                 )
         except Exception as exc:
+            if isinstance(exc, LeaseNotFound):
+                self._leases_lost.add(1)
             await abort_with(context, exc)
         finally:
             self.keepalive_streams -= 1
@@ -89,6 +107,7 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
     async def Watch(
         self, request: metadata_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[metadata_pb2.MembershipEvent]:
+        self._watches.add(1)
         try:
             check_role(request.role, allow_unspecified=True)
             if request.start_revision < 0:
@@ -97,3 +116,5 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
                 yield event
         except Exception as exc:
             await abort_with(context, exc)
+        finally:
+            self._watches.add(-1)
