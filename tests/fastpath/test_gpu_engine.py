@@ -140,3 +140,26 @@ async def test_bad_uris_are_refused(uri: str) -> None:
 async def test_cuda_uri_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(UriError, match="CUDA is not available"):
         await GpuEngine.create(parse_uri("gpu://cuda:0"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=needs_cuda)])
+async def test_node_round_trip_through_a_gpu_tier(kvmesh, device: str) -> None:
+    from kvmesh.runtime.channels import open_channel
+    from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+
+    node = kvmesh(
+        "cachenode", "--standalone", "--engine", f"gpu://{device}?capacity=8MiB&write=back,memory://?capacity=64MiB",
+        timeout=60,
+    )
+    async with open_channel(node.address or "") as channel:
+        stub = cachenode_pb2_grpc.KVCacheStub(channel)
+        values = {f"k{i}".encode(): os.urandom(MiB + i) for i in range(12)}  # 12 MiB through an 8 MiB L1
+        for key, value in values.items():
+            await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=key, value=value))
+        for key, value in values.items():
+            got = await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=key))
+            assert got.found and got.value == value
+        tiers = (await stub.Stats(cachenode_pb2.StatsRequest())).engines
+        assert tiers[0].name.startswith(f"gpu({device}") and tiers[0].evictions > 0
+        assert tiers[0].used_bytes <= 8 * MiB
