@@ -8,8 +8,10 @@ append-only log would need its own recovery scan, compaction and checksums to re
 guarantees.
 
 Each record carries a CRC32 of the value that is checked on every read, as a second line of
-defence against media corruption. Capacity is enforced on value bytes; eviction is FIFO by
-write order (kept in a second table, so it survives restarts). `sync=true` (default) makes
+defence against media corruption (a mismatch is answered as a miss, never as a wrong value).
+Capacity is enforced on value bytes (read inside each write transaction, so several processes
+may share a store); eviction is FIFO by write order (kept in a second table, so it survives
+restarts). `sync=true` (default) makes
 each acknowledged write durable across power loss, not only across a process crash.
 
 LMDB calls block, so they run in threads: writes in one dedicated thread (LMDB allows one
@@ -19,6 +21,7 @@ writer at a time anyway), reads in the default pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 import zlib
@@ -35,6 +38,7 @@ from kvmesh.uri import Uri, UriError
 from services.cachenode.engines.base import Capabilities, Engine, EngineStats
 
 T = TypeVar("T")
+log = logging.getLogger("kvmesh.cachenode.disk")
 
 DEFAULT_CAPACITY = 10 * 1024**3
 _HEADER = struct.Struct("<IIQd")  # crc32, flags, write sequence, expiry (unix seconds, 0 = never)
@@ -75,6 +79,7 @@ class DiskEngine(Engine):
         self._hits = 0
         self._misses = 0
         self._evictions = 0
+        self._corrupt = 0
         self._closed = False
 
     def _count_items(self) -> int:
@@ -132,9 +137,10 @@ class DiskEngine(Engine):
                     f"value of {format_size(len(value))} is larger than the disk capacity {format_size(self._capacity)}"
                 )
         expires = time.time() + ttl if ttl else 0.0
-        used, items_delta, evicted = self._used, 0, 0
+        items_delta, evicted = 0, 0
         try:
             with self._env.begin(write=True) as txn:
+                used = self._stored_used(txn)
                 seq_raw = txn.get(_META_SEQ, db=self._meta)
                 seq = _SEQ.unpack(seq_raw)[0] if seq_raw else 0
                 written: set[bytes] = set()
@@ -177,6 +183,11 @@ class DiskEngine(Engine):
         self._items += items_delta
         self._evictions += evicted
 
+    def _stored_used(self, txn: Any) -> int:
+        """Used bytes as committed (read inside the write transaction, so it is never stale)."""
+        raw = txn.get(_META_USED, db=self._meta)
+        return int(_SEQ.unpack(raw)[0]) if raw else 0
+
     def _decode(self, record: bytes | None) -> bytes | None:
         if record is None:
             return None
@@ -185,7 +196,10 @@ class DiskEngine(Engine):
             return None
         value = record[_HEADER.size :]
         if zlib.crc32(value) != crc:
-            raise Unavailable("disk value failed its checksum (media corruption)")
+            # Media corruption: a miss (the block is recomputed) is better than a wrong value.
+            self._corrupt += 1
+            log.error("disk value failed its checksum; answering a miss", extra={"path": str(self._path)})
+            return None
         return value
 
     def _get_sync(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -209,7 +223,7 @@ class DiskEngine(Engine):
                 return False
             txn.delete(ident, db=self._values)
             txn.delete(_SEQ.pack(_HEADER.unpack_from(old)[2]), db=self._order)
-            used = self._used - (len(old) - _HEADER.size)
+            used = self._stored_used(txn) - (len(old) - _HEADER.size)
             txn.put(_META_USED, _SEQ.pack(used), db=self._meta)
         self._used = used
         self._items -= 1
