@@ -115,3 +115,61 @@ async def test_bad_input_and_session_end_over_rdma(kvmesh) -> None:
     finally:
         await path.close()
         await channel.close()
+
+
+RDMA_HOLDER = """
+import asyncio, sys
+from kvmesh.runtime.channels import open_channel
+from kvmesh.client.rdma import RdmaDataPath
+from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
+
+async def main():
+    stub = cachenode_pb2_grpc.KVCacheStub(open_channel(sys.argv[1]))
+    path = await RdmaDataPath.open(stub, local_hostname="127.0.0.1", protocol="tcp", buffer_bytes=2 << 20)
+    await path.put("rdma", b"held", b"H" * (1 << 20))
+    views = await stub.Acquire(
+        cachenode_pb2.AcquireRequest(session_id=path.session_id, namespace="rdma", keys=[b"held"]))
+    assert views.views[0].found
+    await stub.Allocate(cachenode_pb2.AllocateRequest(
+        session_id=path.session_id, namespace="rdma", key=b"unsealed", size=2 << 20))
+    print("HELD", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_rdma_client_killed_holding_views_releases_them(kvmesh) -> None:
+    import signal
+    import sys
+
+    from kvmesh.testing.processes import ROOT, kvmesh_env
+
+    node = start_node(kvmesh, capacity="8MiB", timeout_ms=600_000)
+    channel = open_channel(node.address or "")
+    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", RDMA_HOLDER, node.address or "",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=kvmesh_env(ENV), cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None
+        assert (await asyncio.wait_for(holder.stdout.readline(), 60)).strip() == b"HELD"
+        await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"held"))
+        assert (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes == 3 * MiB
+        holder.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(holder.wait(), 10)
+        for _ in range(400):
+            used = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes
+            if used == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert used == 0
+        value = os.urandom(7 * MiB)  # the space is reclaimable, nothing corrupted
+        await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"big", value=value))
+        assert (await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=b"big"))).value == value
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        await channel.close()
