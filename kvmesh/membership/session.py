@@ -100,6 +100,10 @@ class MemberSession:
             self._channel = None
         self._index += 1
 
+    def _response_deadline_s(self) -> float:
+        """How long to wait for a heartbeat's answer before trying another replica."""
+        return self.heartbeat_interval_s + max(1.0, self._ttl / 3)
+
     def _load(self) -> common_pb2.Load:
         if self._load_fn is None:
             return common_pb2.Load()
@@ -135,11 +139,22 @@ class MemberSession:
                 if not self.lease_id:
                     await self._register(stub)
                 call = stub.KeepAlive(self._heartbeats(self.lease_id))
-                async for resp in call:
+                while True:
+                    # A replica that hangs (stopped, partitioned) keeps the connection open;
+                    # without this deadline the lease would lapse long before gRPC's pings notice.
+                    try:
+                        resp = await asyncio.wait_for(call.read(), self._response_deadline_s())
+                    except TimeoutError:
+                        call.cancel()
+                        raise grpc.aio.AioRpcError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                            "metadata replica stopped answering heartbeats",
+                        ) from None
+                    if resp is grpc.aio.EOF:
+                        break  # the server ended the stream cleanly: keep the lease, open a new stream
                     attempt = 0
                     if resp.heartbeat_interval_ms:
                         self.heartbeat_interval_s = max(0.05, resp.heartbeat_interval_ms / 1000.0)
-                # The server ended the stream cleanly: keep the lease, open a new stream.
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.info("lease lost; registering again", extra={"member": self._member.id})

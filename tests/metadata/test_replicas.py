@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -57,3 +59,32 @@ async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
         await session.close()
         await watcher_b.close()
         await watcher_ab.close()
+
+
+async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(
+    kvmesh: KvmeshFactory, request: pytest.FixtureRequest
+) -> None:
+    """SIGSTOP keeps the replica's connections open: only the session's own deadline notices."""
+    uri = backend_uri(request, "etcd")
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    replica_a = kvmesh("metadata", "--listen", a, "--backend", uri, name="metadata-a")
+    kvmesh("metadata", "--listen", b, "--backend", uri, name="metadata-b")
+    changes: list[MembershipChange] = []
+    watcher = MembershipWatcher([b], common_pb2.ROLE_ENGINE, on_change=changes.append)
+    session = MemberSession([a, b], member("engine-1"), ttl_seconds=4)
+    await watcher.start()
+    try:
+        await session.start()
+        lease = await session.wait_registered(10)
+        await eventually(lambda: "engine-1" in watcher.members)
+        os.kill(replica_a.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2 * 4 + 1)
+            assert session.lease_id == lease and session.registrations == 1
+            assert "engine-1" in watcher.members
+            assert not [m for c in changes for m in c.left]
+        finally:
+            os.kill(replica_a.pid, signal.SIGCONT)
+    finally:
+        await session.close()
+        await watcher.close()
