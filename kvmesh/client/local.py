@@ -114,6 +114,64 @@ class SegmentMapping:
         self._map = None
 
 
+class DeferredReleases:
+    """View ids a client is done with, released with its next Acquire or after a short delay.
+
+    Piggy-backing the releases of finished reads on the next read saves one round trip per
+    read; the delay bounds how long an idle client keeps values pinned.
+    """
+
+    def __init__(
+        self, stub: cachenode_pb2_grpc.KVCacheStub, session_id: str, delay_s: float, rpc_timeout: float
+    ) -> None:
+        self._stub = stub
+        self._session_id = session_id
+        self._delay_s = delay_s
+        self._timeout = rpc_timeout
+        self._ids: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def add(self, view_ids: Sequence[int]) -> None:
+        self._ids.extend(view_ids)
+        if self._ids and self._timer is None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start)
+
+    def take(self) -> list[int]:
+        """The ids to send with the next Acquire (the node releases them first)."""
+        ids, self._ids = self._ids, []
+        return ids
+
+    def _start(self) -> None:
+        self._timer = None
+        if self._ids and not self._closed and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._flush(), name="kvmesh-view-release")
+
+    async def _flush(self) -> None:
+        ids = self.take()
+        if not ids:
+            return
+        try:
+            await self._stub.ReleaseViews(
+                cachenode_pb2.ReleaseViewsRequest(session_id=self._session_id, view_ids=ids), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:  # the session is gone: the node released them with it
+            log.debug("deferred release of %d views failed: %s", len(ids), exc.code().name)
+
+    async def close(self) -> None:
+        """Stops the timer; pending ids are dropped (ending the session releases them on the node)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._ids.clear()
+
+
 class LocalView:
     """A read-only view of a stored value in the node's memory, valid until released.
 
@@ -175,10 +233,7 @@ class LocalDataPath:
         self._held: dict[int, LocalView] = {}
         # Views that get()/get_into()/get_many() are done with: released with the next Acquire
         # (one round trip instead of two per read) or, when no read follows, after a short delay.
-        self._release_delay_s = release_delay_s
-        self._to_release: list[int] = []
-        self._release_timer: asyncio.TimerHandle | None = None
-        self._release_task: asyncio.Task[None] | None = None
+        self._releases = DeferredReleases(stub, attached.session_id, release_delay_s, rpc_timeout)
         self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="local-datapath-attach")
         self._detached = False
 
@@ -309,7 +364,7 @@ class LocalDataPath:
     async def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[LocalView | None]:
         """Read-only views of the values (None for a miss); each holds its value until released."""
         self._check()
-        releasing, self._to_release = self._to_release, []
+        releasing = self._releases.take()
         response = await self._stub.Acquire(
             cachenode_pb2.AcquireRequest(
                 session_id=self.session_id, namespace=namespace, keys=list(keys), release_view_ids=releasing
@@ -341,33 +396,15 @@ class LocalDataPath:
         return int(response.released)
 
     def _release_later(self, views: Sequence[LocalView | None]) -> None:
-        """Drops the views now; tells the node with the next Acquire, or after a short delay."""
+        """Drops the views now; the node hears with the next Acquire, or after a short delay."""
+        ids = []
         for v in views:
             if v is not None and not v.released:
                 v._drop()
                 self._held.pop(v.view_id, None)
-                self._to_release.append(v.view_id)
-        if self._to_release and self._release_timer is None and not self._detached:
-            loop = asyncio.get_running_loop()
-            self._release_timer = loop.call_later(self._release_delay_s, self._start_release)
-
-    def _start_release(self) -> None:
-        self._release_timer = None
-        if self._to_release and (self._release_task is None or self._release_task.done()):
-            self._release_task = asyncio.get_running_loop().create_task(
-                self._flush_releases(), name="local-datapath-release"
-            )
-
-    async def _flush_releases(self) -> None:
-        ids, self._to_release = self._to_release, []
-        if not ids or self._detached:
-            return
-        try:
-            await self._stub.ReleaseViews(
-                cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:  # the session is gone: the node released them with it
-            log.debug("deferred release of %d views failed: %s", len(ids), exc.code().name)
+                ids.append(v.view_id)
+        if not self._detached:
+            self._releases.add(ids)
 
     async def get(self, namespace: str, key: bytes) -> bytes | None:
         """A copy of one value (acquire, copy out, release)."""
@@ -410,14 +447,7 @@ class LocalDataPath:
         for view in self._held.values():
             view._drop()
         self._held.clear()
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
-        if self._release_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._release_task
-            self._release_task = None
-        self._to_release.clear()  # ending the session releases them on the node
+        await self._releases.close()
         self._call.cancel()
         if self._follower is not None:
             with contextlib.suppress(asyncio.CancelledError):

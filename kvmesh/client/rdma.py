@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from kvmesh.client.local import DeferredReleases
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.rdma")
@@ -53,6 +54,7 @@ class RdmaDataPath:
         transfer: Any,
         buffer: np.ndarray,
         rpc_timeout: float,
+        release_delay_s: float = 0.01,
     ) -> None:
         self._stub = stub
         self._call = call
@@ -66,6 +68,8 @@ class RdmaDataPath:
         self._address = int(buffer.ctypes.data)
         self._timeout = rpc_timeout
         self._lock = asyncio.Lock()
+        # Reads piggy-back the release of their views on the next Acquire (see DeferredReleases).
+        self._releases = DeferredReleases(stub, attached.session_id, release_delay_s, rpc_timeout)
         self._detached = False
         self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="rdma-datapath-attach")
 
@@ -232,17 +236,19 @@ class RdmaDataPath:
     async def _acquired(self, namespace: str, keys: Sequence[bytes]) -> list[cachenode_pb2.View]:
         self._check()
         response = await self._stub.Acquire(
-            cachenode_pb2.AcquireRequest(session_id=self.session_id, namespace=namespace, keys=list(keys)),
+            cachenode_pb2.AcquireRequest(
+                session_id=self.session_id,
+                namespace=namespace,
+                keys=list(keys),
+                release_view_ids=self._releases.take(),
+            ),
             timeout=self._timeout,
         )
         return list(response.views)
 
     async def _release(self, views: Sequence[cachenode_pb2.View]) -> None:
-        ids = [v.view_id for v in views if v.found]
-        if ids and not self._detached:
-            await self._stub.ReleaseViews(
-                cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids), timeout=self._timeout
-            )
+        if not self._detached:
+            self._releases.add([v.view_id for v in views if v.found])
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
         """Reads values one-sided (the node holds them pinned until the read is done)."""
@@ -281,6 +287,7 @@ class RdmaDataPath:
 
     async def close(self) -> None:
         """Ends the session (the node releases what it still held) and unregisters the buffer."""
+        await self._releases.close()
         self._call.cancel()
         if self._follower is not None:
             with contextlib.suppress(asyncio.CancelledError):
