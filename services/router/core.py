@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -156,8 +157,12 @@ class RouterCore:
         if len(tokens) >= limit + self.settings.block_size:
             raise InvalidArgument(f"prompt of {len(tokens)} tokens is over --max-prompt-blocks")
         try:
+            if not isinstance(tokens, np.ndarray):
+                # array('q') converts a list (or a protobuf repeated field) in C, far faster than
+                # np.asarray over Python ints; the hasher then checks the uint32 range.
+                tokens = np.frombuffer(array("q", tokens), dtype=np.int64)
             ids = self.hasher(model).token_block_ids(tokens)
-        except (ValueError, OverflowError) as exc:
+        except (ValueError, OverflowError, TypeError) as exc:
             raise InvalidArgument(f"bad token ids: {exc}") from None
         return self.route(ids, model, request_id, checked=True)
 
@@ -190,7 +195,7 @@ class RouterCore:
             raise Unavailable("no engine member to route to")
         tree = self.tree
         match = tree.match(block_ids, candidates)
-        ctx = RouteContext(pods, tree, pods.slots_of(candidates), match)
+        ctx = RouteContext(pods, tree, candidates, match)
         slot = self.policy.choose(ctx)
         pod = pods.slots[slot]
         assert pod is not None
@@ -198,8 +203,7 @@ class RouterCore:
         matched = match.matched(pod.bit)
         if block_ids:
             if pod.precise:
-                if matched:
-                    tree.touch(slot, match.path[:matched], now)
+                tree.touch(slot, block_ids, matched, now)
             else:
                 tree.hold(slot, block_ids, now, match)
         if not request_id:
@@ -209,15 +213,15 @@ class RouterCore:
         if previous is not None:  # the same request routed again (a retry): count it once
             self._drop(previous)
         inflight[request_id] = (slot, pod.generation, now)
-        pods.inflight[slot] += 1
+        pods.started(slot)
         self.routed += 1
         return Decision(request_id, pod.member_id, pod.address, matched, len(block_ids), self.policy.name, slot)
 
     def _drop(self, entry: tuple[int, int, float]) -> None:
         slot, generation, _ = entry
         pod = self.pods.slots[slot] if slot < len(self.pods.slots) else None
-        if pod is not None and pod.generation == generation and self.pods.inflight[slot] > 0:
-            self.pods.inflight[slot] -= 1
+        if pod is not None and pod.generation == generation:
+            self.pods.finished(slot)
 
     def release(self, request_id: str) -> bool:
         """The request finished: its pod's in-flight load drops. False when it was not in flight."""

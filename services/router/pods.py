@@ -9,7 +9,9 @@ left never lowers the load of the pod that took its slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from kvmesh.v1 import common_pb2
 
@@ -43,11 +45,13 @@ class PodTable:
         self.slots: list[Pod | None] = []
         self.by_id: dict[str, Pod] = {}
         self.inflight: list[int] = []
+        self.loads: list[int] = []  # inflight + reported, per slot, kept current for the policies
         self.all_mask = 0
         self.model_masks: dict[str, int] = {}
         self._free: list[int] = []
         self._generation = 0
         self._slot_lists: dict[int, list[int]] = {}
+        self._load_getters: dict[int, Callable[[list[int]], tuple[int, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -60,8 +64,29 @@ class PodTable:
 
     def load(self, slot: int) -> int:
         """In-flight requests routed here and not yet released, plus the member's reported load."""
-        pod = self.slots[slot]
-        return self.inflight[slot] + (pod.reported if pod is not None else 0)
+        return self.loads[slot]
+
+    def started(self, slot: int) -> None:
+        self.inflight[slot] += 1
+        self.loads[slot] += 1
+
+    def finished(self, slot: int) -> None:
+        if self.inflight[slot] > 0:
+            self.inflight[slot] -= 1
+            self.loads[slot] -= 1
+
+    def loads_of(self, mask: int) -> tuple[int, ...]:
+        """Loads of the slots in `mask`, in `slots_of(mask)` order (one C call per route)."""
+        getter = self._load_getters.get(mask)
+        if getter is None:
+            slots = self.slots_of(mask)
+            if len(slots) == 1:
+                only = slots[0]
+                getter = lambda loads: (loads[only],)  # noqa: E731
+            else:
+                getter = itemgetter(*slots)
+            self._load_getters[mask] = getter
+        return getter(self.loads)
 
     def add(self, member: common_pb2.Member) -> Pod:
         """A member joined: it gets the lowest free slot (its bits are clear in the tree)."""
@@ -72,6 +97,7 @@ class PodTable:
             slot = len(self.slots)
             self.slots.append(None)
             self.inflight.append(0)
+            self.loads.append(0)
         self._generation += 1
         pod = Pod(
             member_id=member.id,
@@ -84,6 +110,7 @@ class PodTable:
         )
         self.slots[slot] = pod
         self.inflight[slot] = 0
+        self.loads[slot] = pod.reported
         self.by_id[member.id] = pod
         self._recompute_masks()
         return pod
@@ -92,6 +119,7 @@ class PodTable:
         """A member's address, model or load changed."""
         pod = self.by_id[member.id]
         pod.reported = reported_load(member)
+        self.loads[pod.slot] = self.inflight[pod.slot] + pod.reported
         pod.labels = dict(member.labels)
         if pod.address != member.address or pod.model != member.model:
             pod.address = member.address
@@ -106,6 +134,7 @@ class PodTable:
             return None
         self.slots[pod.slot] = None
         self.inflight[pod.slot] = 0
+        self.loads[pod.slot] = 0
         self._free.append(pod.slot)
         self._recompute_masks()
         return pod
@@ -120,6 +149,7 @@ class PodTable:
         self.all_mask = all_mask
         self.model_masks = masks
         self._slot_lists = {}
+        self._load_getters = {}
 
     def candidates(self, model: str) -> int:
         """Slot mask of the pods a request for `model` may go to.

@@ -1,57 +1,58 @@
-"""The router's prefix tree over chained block ids.
+"""The router's radix tree over chained block ids.
 
-Block ids are chained hashes (one id names its whole prefix), so the tree is a dict
-id → node with parent links instead of per-node child maps: a lookup is one dict probe, and
-matching still respects the chain (a prompt's i-th id only matches when its node's parent is
-the node matched for id i-1). Each node keeps a bitmask of the pod slots that hold it; each
-pod slot keeps its own dict id → last-used time, so removing a pod (or its evicted blocks)
-costs time proportional to that pod's blocks, not to the tree.
+Each node is an edge label: a run of consecutive block ids (a tuple) that every holder holds
+whole. Matching a prompt costs one child lookup and one C-level tuple comparison per node on
+its path, not per block, so a 128-block prompt that shares a long prefix is matched in a
+handful of steps. Nodes are split wherever holders or last-use times would differ inside a
+label, so "which pods hold this block, and when each last used it" is always exact.
 
-Eviction is LRU approximated by CLOCK (second chance): a FIFO of nodes in creation order and
-one `ref` flag per node that every use sets. The evictor takes nodes from the front: a
-referenced one loses its flag and goes to the back, an inner node (it still has children)
-goes to the back, a leaf that was not used since the hand last passed is evicted. Exact LRU
-would re-link or re-insert 128 nodes per route; CLOCK costs one attribute write per block,
-which matters at a 50 µs budget.
-
-A node whose id already exists under another parent (a hash collision, or an inconsistent
-client) is never re-parented: the first writer wins and the insertion stops there.
+- `mask`: bitmask of the pod slots holding the node (small ints from `PodTable`).
+- Per slot, a dict node → last-used time: removing a pod, or expiring its approximately learnt
+  blocks, costs time proportional to that pod's nodes, not to the tree.
+- `index`: block id → node, for KV events (`stored` names its parent id, `removed` names ids).
+  Chained ids name their whole prefix, so an id lives in one place: an insertion that meets an
+  id already placed elsewhere (a hash collision or an inconsistent client) stops there, first
+  writer wins.
+- Eviction is LRU approximated by CLOCK (second chance) over nodes: a FIFO in creation order and
+  a `ref` flag that every use sets. The evictor takes a leaf whose flag is clear (trimming its
+  tail when fewer blocks are needed), and with it every ancestor that becomes an unused leaf;
+  referenced and inner nodes go to the back with the flag cleared. One attribute write per
+  node on use, instead of re-linking an LRU list per block.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
+from itertools import repeat
 
 
 class Node:
-    """One block: its id, its parent (None at the root), which slots hold it, its child count.
+    """A run of block ids held by the same pods, used at the same times."""
 
-    `children` is -1 once the node left the tree (so the CLOCK queue can skip it); `ref` is the
-    CLOCK reference flag.
-    """
+    __slots__ = ("children", "dead", "ids", "mask", "parent", "ref")
 
-    __slots__ = ("bid", "children", "mask", "parent", "ref")
-
-    def __init__(self, bid: int, parent: Node | None) -> None:
-        self.bid = bid
+    def __init__(self, ids: tuple[int, ...], parent: Node | None) -> None:
+        self.ids = ids
         self.parent = parent
+        self.children: dict[int, Node] | None = None
         self.mask = 0
-        self.children = 0
         self.ref = True
+        self.dead = False
 
 
 class Match:
-    """The result of matching a prompt: the structural path, and how far each candidate got.
+    """The result of matching a prompt.
 
-    `levels` lists (depth, mask) in increasing depth: the pods in `mask` hold exactly the first
-    `depth` blocks. Pods in `full` hold all of `path`.
+    `depth` blocks of the prompt exist in the tree along its chain. `levels` lists
+    (depth, mask) in increasing depth: the pods in `mask` hold exactly the first `depth`
+    blocks. Pods in `full` hold all `depth` blocks.
     """
 
-    __slots__ = ("full", "levels", "path", "total")
+    __slots__ = ("depth", "full", "levels", "total")
 
-    def __init__(self, path: list[Node], levels: list[tuple[int, int]], full: int, total: int) -> None:
-        self.path = path
+    def __init__(self, depth: int, levels: list[tuple[int, int]], full: int, total: int) -> None:
+        self.depth = depth
         self.levels = levels
         self.full = full
         self.total = total
@@ -59,7 +60,7 @@ class Match:
     def matched(self, bit: int) -> int:
         """Blocks the pod with this slot bit holds, counted from the first."""
         if self.full & bit:
-            return len(self.path)
+            return self.depth
         for depth, mask in self.levels:
             if mask & bit:
                 return depth
@@ -67,8 +68,8 @@ class Match:
 
     def best(self) -> tuple[int, int]:
         """(depth, mask) of the pods with the longest match (depth 0: nobody matched)."""
-        if self.full and self.path:
-            return len(self.path), self.full
+        if self.full and self.depth:
+            return self.depth, self.full
         for depth, mask in reversed(self.levels):
             if depth:
                 return depth, mask
@@ -83,128 +84,223 @@ def iter_bits(mask: int) -> Iterator[int]:
         mask ^= low
 
 
-class PrefixTree:
-    """Radix tree of block-id chains with per-slot holders, bounded by CLOCK eviction of leaves."""
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix of two tuples."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
-    def __init__(self, max_blocks: int, evict_batch: int | None = None) -> None:
+
+class PrefixTree:
+    """Radix tree of block-id chains with per-slot holders, bounded by CLOCK eviction."""
+
+    def __init__(self, max_blocks: int) -> None:
         if max_blocks < 1:
             raise ValueError("max_blocks must be at least 1")
         self.max_blocks = max_blocks
-        # Evicting 1% at a time keeps eviction amortised O(1) per insert.
-        self.evict_batch = evict_batch if evict_batch is not None else max(1, max_blocks // 100)
-        self._nodes: dict[int, Node] = {}
-        self._held: list[dict[int, float]] = []
+        self.root = Node((), None)
+        self._index: dict[int, Node] = {}
+        self._held: list[dict[Node, float]] = []
+        self._blocks: list[int] = []
         self._clock: deque[Node] = deque()
+        self._live = 0  # nodes in the tree (the CLOCK queue also holds dead ones)
         self.evicted = 0
 
     # ---- inspection -------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._index)
 
     def __contains__(self, bid: int) -> bool:
-        return bid in self._nodes
+        return bid in self._index
+
+    def nodes(self) -> int:
+        return self._live
 
     def holders(self, bid: int) -> int:
         """Slot mask of the pods holding `bid` (0 when unknown)."""
-        node = self._nodes.get(bid)
+        node = self._index.get(bid)
         return node.mask if node is not None else 0
 
     def parent_of(self, bid: int) -> int | None:
-        node = self._nodes.get(bid)
-        if node is None or node.parent is None:
+        node = self._index.get(bid)
+        if node is None:
             return None
-        return node.parent.bid
+        j = node.ids.index(bid)
+        if j:
+            return node.ids[j - 1]
+        parent = node.parent
+        return parent.ids[-1] if parent is not None and parent.ids else None
 
     def last_used(self, slot: int, bid: int) -> float | None:
         """When the pod in `slot` last used (stored, or was routed with) `bid`."""
-        if slot >= len(self._held):
+        node = self._index.get(bid)
+        if node is None or slot >= len(self._held):
             return None
-        return self._held[slot].get(bid)
+        return self._held[slot].get(node)
 
     def pod_blocks(self, slot: int) -> int:
-        return len(self._held[slot]) if slot < len(self._held) else 0
+        return self._blocks[slot] if slot < len(self._blocks) else 0
 
     def block_ids(self) -> list[int]:
-        return list(self._nodes)
+        return list(self._index)
 
-    def _slot_dict(self, slot: int) -> dict[int, float]:
+    def _slot(self, slot: int) -> dict[Node, float]:
         held = self._held
         while len(held) <= slot:
             held.append({})
+            self._blocks.append(0)
         return held[slot]
 
     # ---- matching ---------------------------------------------------------------------
     def match(self, ids: Sequence[int], candidates: int) -> Match:
         """Walks the chain of `ids`; records where each candidate pod stops holding blocks."""
-        # All lookups first, in C: independent probes overlap their cache misses.
-        found = list(map(self._nodes.get, ids))
-        path: list[Node] = []
-        levels: list[tuple[int, int]] = []
+        prompt = ids if isinstance(ids, tuple) else tuple(ids)
+        n = len(prompt)
+        node = self.root
+        pos = 0
         alive = candidates
-        parent: Node | None = None
-        append = path.append
-        for node in found:
-            if node is None or node.parent is not parent:
+        levels: list[tuple[int, int]] = []
+        while pos < n:
+            children = node.children
+            if children is None:
                 break
+            child = children.get(prompt[pos])
+            if child is None:
+                break
+            label = child.ids
+            size = len(label)
+            step = size if prompt[pos : pos + size] == label else _common(prompt[pos : pos + size], label)
             if alive:
-                held = alive & node.mask
+                held = alive & child.mask
                 if held != alive:
-                    levels.append((len(path), alive ^ held))
+                    levels.append((pos, alive ^ held))
                     alive = held
-            append(node)
-            parent = node
-        return Match(path, levels, alive, len(ids))
+            pos += step
+            if step < size:
+                break
+            node = child
+        return Match(pos, levels, alive, n)
+
+    # ---- structure ----------------------------------------------------------------------
+    def _split(self, node: Node, k: int) -> Node:
+        """Cuts `node` after its first k ids; `node` keeps the head, the returned tail the rest."""
+        tail = Node(node.ids[k:], node)
+        node.ids = node.ids[:k]
+        tail.children = node.children
+        if tail.children:
+            for child in tail.children.values():
+                child.parent = tail
+        node.children = {tail.ids[0]: tail}
+        tail.mask = node.mask
+        tail.ref = node.ref
+        mask = node.mask
+        held = self._held
+        while mask:
+            low = mask & -mask
+            d = held[low.bit_length() - 1]
+            d[tail] = d[node]
+            mask ^= low
+        index = self._index
+        index.update(zip(tail.ids, repeat(tail)))
+        self._clock.append(tail)
+        self._live += 1
+        return tail
+
+    def _new_leaf(self, parent: Node, ids: tuple[int, ...]) -> Node | None:
+        """A new leaf for `ids` under `parent`, cut short before the first id placed elsewhere."""
+        index = self._index
+        if not index.keys().isdisjoint(ids):
+            for i, bid in enumerate(ids):
+                if bid in index:
+                    ids = ids[:i]
+                    break
+            if not ids:
+                return None
+        leaf = Node(ids, parent)
+        index.update(zip(ids, repeat(leaf)))
+        if parent.children is None:
+            parent.children = {}
+        parent.children[ids[0]] = leaf
+        self._clock.append(leaf)
+        self._live += 1
+        return leaf
+
+    def _descend(self, node: Node, offset: int, ids: tuple[int, ...], create: bool) -> list[Node]:
+        """The nodes covering exactly `ids` from position (`node`, after its first `offset` ids).
+
+        Splits nodes so that the returned ones start and end on the run's boundaries; creates
+        the missing tail when `create` (stopping at an id conflict).
+        """
+        out: list[Node] = []
+        if offset < len(node.ids):
+            self._split(node, offset)
+        pos = 0
+        n = len(ids)
+        while pos < n:
+            children = node.children
+            child = children.get(ids[pos]) if children is not None else None
+            if child is None:
+                if create:
+                    leaf = self._new_leaf(node, ids[pos:])
+                    if leaf is not None:
+                        out.append(leaf)
+                break
+            label = child.ids
+            size = len(label)
+            piece = ids[pos : pos + size]
+            step = size if piece == label else _common(piece, label)
+            if step < size:
+                self._split(child, step)
+            out.append(child)
+            pos += step
+            node = child
+            if step < size and pos < n:
+                if create:
+                    leaf = self._new_leaf(node, ids[pos:])
+                    if leaf is not None:
+                        out.append(leaf)
+                break
+        return out
+
+    def _claim(self, slot: int, nodes: list[Node], now: float) -> None:
+        held = self._slot(slot)
+        bit = 1 << slot
+        added = 0
+        for node in nodes:
+            if not node.mask & bit:
+                node.mask |= bit
+                added += len(node.ids)
+            node.ref = True
+            held[node] = now
+        self._blocks[slot] += added
 
     # ---- updates ------------------------------------------------------------------------
-    def _extend(self, parent: Node | None, ids: Sequence[int], start: int, out: list[Node]) -> None:
-        """Appends to `out` the nodes of ids[start:], creating the missing ones under `parent`."""
-        nodes = self._nodes
-        clock = self._clock
-        for i in range(start, len(ids)):
-            bid = ids[i]
-            node = nodes.get(bid)
-            if node is None:
-                node = Node(bid, parent)
-                nodes[bid] = node
-                clock.append(node)
-                if parent is not None:
-                    parent.children += 1
-            elif node.parent is not parent:
-                return  # the id lives under another parent: first writer wins, stop here
-            out.append(node)
-            parent = node
-
-    def _hold_all(self, slot: int, path: Sequence[Node], now: float) -> None:
-        """Marks `path` held by `slot`, used now."""
-        held = self._slot_dict(slot)
-        bit = 1 << slot
-        for node in path:
-            node.mask |= bit
-            node.ref = True
-            held[node.bid] = now
-
     def hold(self, slot: int, ids: Sequence[int], now: float, match: Match | None = None) -> int:
         """The pod in `slot` is assumed to hold the chain `ids` (approximate mode).
 
-        `match` (from `match(ids, ...)` just before) saves walking the known part again.
-        Returns how many blocks are now held (fewer than len(ids) only on an id conflict).
+        Returns how many blocks it now holds (fewer than len(ids) only on an id conflict).
         """
-        if match is None:
-            match = self.match(ids, 0)
-        path = match.path
-        if len(path) < len(ids):
-            path = list(path)
-            self._extend(path[-1] if path else None, ids, len(path), path)
-        self._hold_all(slot, path, now)
+        prompt = ids if isinstance(ids, tuple) else tuple(ids)
+        nodes = self._descend(self.root, 0, prompt, create=True)
+        self._claim(slot, nodes, now)
         self._bound()
-        return len(path)
+        return sum(len(n.ids) for n in nodes)
 
-    def touch(self, slot: int, path: Sequence[Node], now: float) -> None:
-        """The pod in `slot` used `path` (a prefix it holds): refresh its use time and CLOCK flag."""
-        held = self._slot_dict(slot)
-        for node in path:
-            node.ref = True
-            held[node.bid] = now
+    def touch(self, slot: int, ids: Sequence[int], depth: int, now: float) -> None:
+        """The pod in `slot` used the first `depth` blocks of `ids` (which it holds)."""
+        if depth <= 0:
+            return
+        prompt = tuple(ids[:depth])
+        nodes = self._descend(self.root, 0, prompt, create=False)
+        self._claim(slot, nodes, now)
 
     def store(self, slot: int, parent_id: int, ids: Sequence[int], now: float) -> int:
         """A precise `stored` event: `ids` chain on from `parent_id` (0: from the root).
@@ -212,116 +308,165 @@ class PrefixTree:
         Returns the number of blocks stored; -1 when the parent is unknown (the chain cannot be
         placed, so nothing is stored).
         """
-        parent: Node | None = None
+        node, offset = self.root, 0
         if parent_id:
-            parent = self._nodes.get(parent_id)
-            if parent is None:
+            found = self._index.get(parent_id)
+            if found is None:
                 return -1
-        path: list[Node] = []
-        self._extend(parent, ids, 0, path)
-        self._hold_all(slot, path, now)
+            node, offset = found, found.ids.index(parent_id) + 1
+        if not ids:
+            return 0
+        nodes = self._descend(node, offset, tuple(ids), create=True)
+        self._claim(slot, nodes, now)
         self._bound()
-        return len(path)
+        return sum(len(n.ids) for n in nodes)
+
+    def _delete(self, node: Node) -> None:
+        """Removes a leaf with its ids; the caller handles holders."""
+        deque(map(self._index.__delitem__, node.ids), maxlen=0)  # C-level loop
+        parent = node.parent
+        assert parent is not None and parent.children is not None
+        del parent.children[node.ids[0]]
+        if not parent.children:
+            parent.children = None
+        node.dead = True
+        self._live -= 1
 
     def _collect(self, node: Node | None) -> None:
         """Deletes `node` and then its ancestors while they are held by nobody and childless."""
-        nodes = self._nodes
-        while node is not None and node.mask == 0 and node.children == 0:
-            del nodes[node.bid]
-            node.children = -1
-            node = node.parent
-            if node is not None:
-                node.children -= 1
+        root = self.root
+        while node is not None and node is not root and node.mask == 0 and not node.children:
+            parent = node.parent
+            self._delete(node)
+            node = parent
+
+    def _release(self, slot: int, node: Node) -> None:
+        """`slot` no longer holds `node`."""
+        node.mask &= ~(1 << slot)
+        del self._held[slot][node]
+        self._blocks[slot] -= len(node.ids)
 
     def remove(self, slot: int, ids: Sequence[int]) -> int:
         """A precise `removed` event: `slot` no longer holds `ids`. Returns how many it held."""
         if slot >= len(self._held):
             return 0
-        held = self._held[slot]
         bit = 1 << slot
-        nodes = self._nodes
-        count = 0
+        index = self._index
+        targets: list[tuple[int, int]] = []
         for bid in ids:
-            node = nodes.get(bid)
+            node = index.get(bid)
+            if node is not None and node.mask & bit:
+                targets.append((node.ids.index(bid), bid))
+        # Last offsets first: each split then cuts off a short tail.
+        targets.sort(reverse=True)
+        count = 0
+        for _, bid in targets:
+            node = index.get(bid)
             if node is None or not node.mask & bit:
                 continue
-            node.mask ^= bit
-            held.pop(bid, None)
+            j = node.ids.index(bid)
+            if j + 1 < len(node.ids):
+                self._split(node, j + 1)
+            if j:
+                node = self._split(node, j)
+            self._release(slot, node)
             count += 1
             self._collect(node)
         self._compact()
         return count
 
     def clear(self, slot: int) -> int:
-        """Forgets every block of `slot` (pod left, or `cleared` event). O(that pod's blocks)."""
+        """Forgets every block of `slot` (pod left, or `cleared` event). O(that pod's nodes)."""
         if slot >= len(self._held):
             return 0
         held = self._held[slot]
+        count = self._blocks[slot]
         self._held[slot] = {}
-        bit = 1 << slot
-        nodes = self._nodes
-        for bid in held:
-            node = nodes.get(bid)
-            if node is not None and node.mask & bit:
-                node.mask ^= bit
+        self._blocks[slot] = 0
+        keep = ~(1 << slot)
+        for node in held:
+            if not node.dead:
+                node.mask &= keep
                 self._collect(node)
         self._compact()
-        return len(held)
-
-    def expired(self, slot: int, cutoff: float) -> list[int]:
-        """Ids `slot` last used before `cutoff` (a scan of that pod's blocks only)."""
-        if slot >= len(self._held):
-            return []
-        return [bid for bid, stamp in self._held[slot].items() if stamp < cutoff]
+        return count
 
     def expire(self, slot: int, cutoff: float) -> int:
-        """Drops the blocks `slot` last used before `cutoff`."""
-        old = self.expired(slot, cutoff)
-        return self.remove(slot, old) if old else 0
+        """Drops the blocks `slot` last used before `cutoff`. Returns how many."""
+        if slot >= len(self._held):
+            return 0
+        old = [node for node, stamp in self._held[slot].items() if stamp < cutoff]
+        count = 0
+        for node in old:
+            if not node.dead:
+                count += len(node.ids)
+                self._release(slot, node)
+                self._collect(node)
+        self._compact()
+        return count
 
     def _compact(self) -> None:
         """Drops dead nodes from the CLOCK queue once they outnumber live ones."""
         clock = self._clock
-        if len(clock) > 2 * len(self._nodes) + 1024:
-            self._clock = deque(n for n in clock if n.children >= 0)
+        if len(clock) > 2 * self._live + 1024:
+            self._clock = deque(n for n in clock if not n.dead)
 
     def _bound(self) -> None:
-        over = len(self._nodes) - self.max_blocks
+        over = len(self._index) - self.max_blocks
         if over > 0:
-            self.evict(over + self.evict_batch - 1)
+            self.evict(over)
+
+    def _drop_holders(self, node: Node, count: int) -> None:
+        mask = node.mask
+        held = self._held
+        blocks = self._blocks
+        while mask:
+            low = mask & -mask
+            slot = low.bit_length() - 1
+            blocks[slot] -= count
+            if count == len(node.ids):
+                del held[slot][node]
+            mask ^= low
 
     def evict(self, count: int) -> list[int]:
-        """Evicts up to `count` leaves by CLOCK; returns their ids in eviction order."""
+        """Evicts at least `count` blocks (when there are that many) from unused leaves, by CLOCK.
+
+        Returns the evicted ids, each a leaf block at the moment it went (deepest first).
+        """
         out: list[int] = []
         clock = self._clock
-        nodes = self._nodes
-        held = self._held
-        # Pass one clears flags; in pass two every unreferenced leaf goes, and with it each
-        # ancestor that becomes an unreferenced (or unheld) leaf, so a whole stale chain goes
-        # at once. Two passes bound the loop even when few leaves exist.
+        index = self._index
+        root = self.root
         budget = 2 * len(clock) + 2
         while len(out) < count and clock and budget > 0:
             budget -= 1
             node: Node | None = clock.popleft()
             assert node is not None
-            if node.children < 0:
-                continue  # already gone
+            if node.dead:
+                continue
             if node.ref or node.children:
                 node.ref = False
                 clock.append(node)
                 continue
-            while node is not None and node.children == 0 and (node.mask == 0 or (not node.ref and len(out) < count)):
-                del nodes[node.bid]
-                node.children = -1
-                mask = node.mask
-                while mask:
-                    low = mask & -mask
-                    held[low.bit_length() - 1].pop(node.bid, None)
-                    mask ^= low
-                out.append(node.bid)
-                node = node.parent
-                if node is not None:
-                    node.children -= 1
+            while node is not None and node is not root and not node.children:
+                need = count - len(out)
+                if node.mask and (node.ref or need <= 0):
+                    break
+                size = len(node.ids)
+                if node.mask and need < size:
+                    # Trim the tail only; the rest of the run stays (and goes back in line).
+                    cut = node.ids[size - need :]
+                    self._drop_holders(node, need)
+                    node.ids = node.ids[: size - need]
+                    deque(map(index.__delitem__, cut), maxlen=0)
+                    out.extend(reversed(cut))
+                    clock.append(node)
+                    break
+                self._drop_holders(node, size)
+                out.extend(reversed(node.ids))
+                parent = node.parent
+                self._delete(node)
+                node = parent
         self.evicted += len(out)
         self._compact()
         return out

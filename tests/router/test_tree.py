@@ -18,13 +18,22 @@ def check_consistent(tree: PrefixTree) -> None:
             assert parent in ids
             children[parent] = children.get(parent, 0) + 1
     for bid in ids:
-        assert tree._nodes[bid].children == children.get(bid, 0)
-        assert tree.holders(bid) or children.get(bid, 0), "garbage node left behind"
+        assert tree.holders(bid) or children.get(bid, 0), "garbage block left behind"
+    # Every node reachable from the root, labels partition the index.
+    seen = 0
+    stack = [tree.root]
+    while stack:
+        node = stack.pop()
+        seen += len(node.ids)
+        for key, child in (node.children or {}).items():
+            assert child.parent is node and child.ids[0] == key and not child.dead
+            stack.append(child)
+    assert seen == len(ids)
 
 
 def test_size_stays_bounded_and_structure_consistent() -> None:
     rng = random.Random(3)
-    tree = PrefixTree(max_blocks=200, evict_batch=10)
+    tree = PrefixTree(max_blocks=200)
     for i in range(500):
         ids = [rng.getrandbits(64) for _ in range(rng.randrange(1, 30))]
         tree.hold(i % 5, ids, float(i))
@@ -40,7 +49,7 @@ def test_clock_keeps_recently_used_chains() -> None:
         tree.hold(c % 3, ids, 1.0)
     tree.evict(1)  # first pass: every reference flag is cleared
     hot = chains[5]
-    tree.touch(2, tree.match(hot, 0).path, 2.0)
+    tree.touch(2, hot, len(hot), 2.0)
     evicted = tree.evict(150)
     assert not set(hot) & set(evicted)
     assert all(bid in tree for bid in hot)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 from services.router.pods import PodTable
@@ -20,26 +21,26 @@ from services.router.tree import Match, PrefixTree
 class RouteContext:
     """One routing decision's inputs; `depths()` and `loads()` are computed on first use."""
 
-    __slots__ = ("_depths", "_loads", "match", "pods", "slots", "tree")
+    __slots__ = ("_depths", "_loads", "mask", "match", "pods", "slots", "tree")
 
-    def __init__(self, pods: PodTable, tree: PrefixTree, slots: list[int], match: Match) -> None:
+    def __init__(self, pods: PodTable, tree: PrefixTree, mask: int, match: Match) -> None:
         self.pods = pods
+        self.mask = mask
+        slots = pods.slots_of(mask)
         self.tree = tree
         self.slots = slots
         self.match = match
         self._depths: dict[int, int] | None = None
-        self._loads: list[int] | None = None
+        self._loads: tuple[int, ...] | None = None
 
     @property
     def total(self) -> int:
         return self.match.total
 
-    def loads(self) -> list[int]:
+    def loads(self) -> tuple[int, ...]:
         """Load of each candidate, in `slots` order."""
         if self._loads is None:
-            inflight = self.pods.inflight
-            pods = self.pods.slots
-            self._loads = [inflight[s] + pods[s].reported for s in self.slots]  # type: ignore[union-attr]
+            self._loads = self.pods.loads_of(self.mask)
         return self._loads
 
     def depths(self) -> dict[int, int]:
@@ -53,9 +54,9 @@ class RouteContext:
                         low = mask & -mask
                         out[low.bit_length() - 1] = depth
                         mask ^= low
-            if match.path:
+            if match.depth:
                 mask = match.full
-                depth = len(match.path)
+                depth = match.depth
                 while mask:
                     low = mask & -mask
                     out[low.bit_length() - 1] = depth
@@ -76,7 +77,7 @@ class Policy(ABC):
     @abstractmethod
     def choose(self, ctx: RouteContext) -> int: ...
 
-    def least_loaded(self, slots: list[int], loads: list[int]) -> int:
+    def least_loaded(self, slots: Sequence[int], loads: Sequence[int]) -> int:
         """The least-loaded of `slots` (loads in the same order); ties broken at random."""
         low = min(loads)
         ties = [s for s, load in zip(slots, loads, strict=True) if load == low]

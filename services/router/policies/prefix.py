@@ -17,18 +17,23 @@ class PrefixPolicy(Policy):
         slots = ctx.slots
         loads = ctx.loads()
         low = min(loads)
-        if max(loads) - low > self.settings.imbalance_abs:
-            pairs = [(s, load) for s, load in zip(slots, loads, strict=True) if load == low]
-        else:
-            pairs = list(zip(slots, loads, strict=True))
-        depths = ctx.depths()
-        best_key: tuple[int, int] | None = None
+        gated = max(loads) - low > self.settings.imbalance_abs
+        load_of = dict(zip(slots, loads, strict=True)) if len(slots) > 1 else {slots[0]: loads[0]}
+        # Only pods holding part of the prompt are in `depths` (usually few).
+        best = 0
         ties: list[int] = []
-        for slot, load in pairs:
-            key = (-depths.get(slot, 0), load)
-            if best_key is None or key < best_key:
-                best_key = key
-                ties = [slot]
-            elif key == best_key:
+        for slot, depth in ctx.depths().items():
+            if gated and load_of[slot] != low:
+                continue
+            if depth > best:
+                best, ties = depth, [slot]
+            elif depth == best:
                 ties.append(slot)
-        return ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        if not best:
+            if gated:
+                ties = [s for s, load in zip(slots, loads, strict=True) if load == low]
+                return ties[0] if len(ties) == 1 else self.rng.choice(ties)
+            return self.least_loaded(slots, loads)
+        if len(ties) == 1:
+            return ties[0]
+        return self.least_loaded(ties, [load_of[s] for s in ties])
