@@ -71,9 +71,11 @@ class _Slot:
 class DeviceCopier:
     """Chunked host↔device copies through pinned staging buffers on one stream.
 
-    Each public method runs in a worker thread: it fills or drains a staging buffer, queues
-    the device copy on the stream, records an event and waits for it, so the buffer can be
-    reused. On CPU the stream and event are absent and the same copies run synchronously.
+    Each copy runs in a worker thread with one or two staging buffers: chunk by chunk it
+    fills (or drains) a buffer, queues the device copy on the stream and records an event;
+    a buffer is reused only after its event completed, so with two buffers the host copy of
+    one chunk overlaps the DMA of the other. On CPU there is no stream and no event, and the
+    same copies simply run synchronously.
     """
 
     def __init__(self, device: torch.device, pool: torch.Tensor, staging_bytes: int, buffers: int) -> None:
@@ -88,41 +90,69 @@ class DeviceCopier:
 
     @contextlib.asynccontextmanager
     async def _staging(self) -> Any:
-        buffer = await self._free.get()
+        """One staging buffer, plus a second when one is free: two let the host copy of one
+        chunk overlap the DMA of the previous one."""
+        buffers = [await self._free.get()]
+        with contextlib.suppress(asyncio.QueueEmpty):
+            buffers.append(self._free.get_nowait())
         try:
-            yield buffer
+            yield buffers
         finally:
-            self._free.put_nowait(buffer)
+            for buffer in buffers:
+                self._free.put_nowait(buffer)
 
     def _stream_context(self) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
 
-    def _wait(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record(self.stream)
+    def _record(self) -> Any:
+        """An event marking the work queued so far on the stream (None on CPU: already done)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    @staticmethod
+    def _wait(event: Any) -> None:
+        if event is not None:
             event.synchronize()
 
     def _chunks(self, size: int) -> Iterator[tuple[int, int]]:
         for pos in range(0, size, self.staging_bytes):
             yield pos, min(self.staging_bytes, size - pos)
 
-    def _h2d(self, staging: torch.Tensor, offset: int, src: memoryview) -> None:
-        host = staging.numpy()
-        for pos, n in self._chunks(len(src)):
-            host[:n] = np.frombuffer(src[pos : pos + n], dtype=np.uint8)
+    def _h2d(self, staging: list[torch.Tensor], offset: int, src: memoryview) -> None:
+        hosts = [buffer.numpy() for buffer in staging]
+        pending: list[Any] = [None] * len(staging)
+        for k, (pos, n) in enumerate(self._chunks(len(src))):
+            j = k % len(staging)
+            self._wait(pending[j])  # the DMA that last read buffer j is done with it
+            hosts[j][:n] = np.frombuffer(src[pos : pos + n], dtype=np.uint8)
             with self._stream_context():
-                self.pool[offset + pos : offset + pos + n].copy_(staging[:n], non_blocking=self.cuda)
-            self._wait()  # the staging buffer is refilled next: the DMA must be done with it
+                self.pool[offset + pos : offset + pos + n].copy_(staging[j][:n], non_blocking=self.cuda)
+            pending[j] = self._record()
+        for event in pending:
+            self._wait(event)
 
-    def _d2h(self, staging: torch.Tensor, offset: int, out: memoryview) -> None:
-        host = staging.numpy()
+    def _d2h(self, staging: list[torch.Tensor], offset: int, out: memoryview) -> None:
+        hosts = [buffer.numpy() for buffer in staging]
         dst = np.frombuffer(out, dtype=np.uint8)
-        for pos, n in self._chunks(len(out)):
+        previous: tuple[int, int, int, Any] | None = None
+
+        def drain(j: int, pos: int, n: int, event: Any) -> None:
+            self._wait(event)
+            dst[pos : pos + n] = hosts[j][:n]
+
+        for k, (pos, n) in enumerate(self._chunks(len(out))):
+            j = k % len(staging)
             with self._stream_context():
-                staging[:n].copy_(self.pool[offset + pos : offset + pos + n], non_blocking=self.cuda)
-            self._wait()
-            dst[pos : pos + n] = host[:n]
+                staging[j][:n].copy_(self.pool[offset + pos : offset + pos + n], non_blocking=self.cuda)
+            event = self._record()
+            if previous is not None:  # overlaps with the DMA just queued
+                drain(*previous)
+            previous = (j, pos, n, event)
+        if previous is not None:
+            drain(*previous)
 
     async def to_device(self, offset: int, src: memoryview) -> None:
         async with self._staging() as staging:
