@@ -93,14 +93,14 @@ class EtcdStore(Store):
                 self._current += 1
         raise Unavailable(f"etcd unreachable: {last}")
 
-    async def _call(self, path: str, body: dict[str, Any]) -> Any:
+    async def _call(self, path: str, body: dict[str, Any], lease_id: int = 0) -> Any:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._post, path, body)
         except etcd_exc.Etcd3Exception as exc:
             detail = (exc.detail_text or str(exc)).lower()
             if "lease not found" in detail:
-                raise LeaseNotFound(int(body.get("ID") or body.get("lease") or 0)) from None
+                raise LeaseNotFound(lease_id or int(body.get("ID") or body.get("lease") or 0)) from None
             if "compacted" in detail:
                 raise Compacted(detail) from None
             raise Unavailable(f"etcd error: {exc.detail_text or exc}") from None
@@ -181,7 +181,7 @@ class EtcdStore(Store):
             ],
             "failure": [{"request_range": {"key": k}}],
         }
-        resp = await self._call("/kv/txn", txn)
+        resp = await self._call("/kv/txn", txn, lease_id)
         ok = bool(resp.get("succeeded"))
         kvs = (resp.get("responses") or [{}])[-1].get("response_range", {}).get("kvs") or []
         return ok, self._rev(resp), self._entry(kvs[0]) if kvs else None
