@@ -3,7 +3,8 @@
 One long-lived client stream per router. Events are queued without blocking the engine; a
 broken stream is re-opened with full-jitter backoff, and after a reconnect the router is
 first told `cleared` and then the engine's whole current cache, because events sent while it
-was unreachable are lost (the router then holds an exact copy again instead of drifting).
+was unreachable are lost (the router then holds an exact copy again instead of drifting); the
+cache is sent once more a little later, in case the router did not know this member yet.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class EventReporter:
         max_batch: int = 256,
         max_queue: int = 100_000,
         backoff: Backoff | None = None,
+        late_resync_s: float = 2.0,
     ) -> None:
         self.member_id = member_id
         self._routers = routers
@@ -45,6 +47,7 @@ class EventReporter:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._max_queue = max_queue
         self._backoff = backoff or Backoff(base_s=0.1, cap_s=2.0)
+        self._late_resync_s = late_resync_s
         self.sent = 0
         self.dropped = 0
 
@@ -84,19 +87,39 @@ class EventReporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
+    def _snapshot_batches(self, cleared: bool) -> list[router_pb2.KvEventBatch]:
+        events = [router_pb2.KvEvent(cleared=router_pb2.AllBlocksCleared())] if cleared else []
+        events += [
+            router_pb2.KvEvent(stored=router_pb2.BlocksStored(parent_id=0, ids=chain)) for chain in self._snapshot()
+        ]
+        return [
+            router_pb2.KvEventBatch(member_id=self.member_id, events=events[i : i + self._max_batch])
+            for i in range(0, len(events), self._max_batch)
+        ]
+
     async def _batches(self, queue: asyncio.Queue[router_pb2.KvEvent], resync: bool) -> AsyncIterator[
         router_pb2.KvEventBatch
     ]:
+        late_resync: float | None = None
         if resync:
-            events = [router_pb2.KvEvent(cleared=router_pb2.AllBlocksCleared())]
-            events += [
-                router_pb2.KvEvent(stored=router_pb2.BlocksStored(parent_id=0, ids=chain))
-                for chain in self._snapshot()
-            ]
-            for i in range(0, len(events), self._max_batch):
-                yield router_pb2.KvEventBatch(member_id=self.member_id, events=events[i : i + self._max_batch])
+            for batch in self._snapshot_batches(cleared=True):
+                yield batch
+            # A router that just restarted may not know this member yet (its membership watch
+            # races our reconnect) and ignores events from unknown members: say it once more.
+            late_resync = asyncio.get_running_loop().time() + self._late_resync_s
         while True:
-            events = [await queue.get()]
+            if late_resync is not None:
+                try:
+                    left = late_resync - asyncio.get_running_loop().time()
+                    first = await asyncio.wait_for(queue.get(), max(left, 0.0))
+                except TimeoutError:
+                    late_resync = None
+                    for batch in self._snapshot_batches(cleared=False):
+                        yield batch
+                    continue
+            else:
+                first = await queue.get()
+            events = [first]
             while len(events) < self._max_batch and not queue.empty():
                 events.append(queue.get_nowait())
             self.sent += len(events)

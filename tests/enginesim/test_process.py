@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -149,3 +150,30 @@ async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory
             assert corrupt.pool_hit_blocks == 0 and corrupt.computed_blocks == 2
     finally:
         await client.close()
+
+
+async def test_a_restarted_router_relearns_the_engine_cache(kvmesh: KvmeshFactory) -> None:
+    md = f"127.0.0.1:{free_port()}"
+    kvmesh("metadata", "--listen", md)
+    router_addr = f"127.0.0.1:{free_port()}"
+    router_args = ("router", "--metadata", md, "--listen", router_addr, "--block-size", "512")
+    first_router = kvmesh(*router_args)
+    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--router", router_addr,
+                    "--no-pool", "--speedup", "50", "--member-id", "sim-r").wait_ready()
+    async with open_channel(engine) as ch:
+        sim = enginesim_pb2_grpc.EngineSimStub(ch)
+        await sim.Generate(_gen("a", [21, 22, 23]), timeout=30)
+    first_router.kill()  # its tree is gone with it
+    kvmesh(*router_args)
+    async with open_channel(router_addr) as rch:
+        rstub = router_pb2_grpc.RouterStub(rch)
+        deadline = time.monotonic() + 20
+        while True:  # no Route before the events: a route would teach the router approximately
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                stats = await rstub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+                if stats.members == 1 and stats.events_applied >= 2 and stats.tree_nodes >= 3:
+                    break
+            assert time.monotonic() < deadline, "the new router never learnt the engine's blocks"
+            await asyncio.sleep(0.2)
+        decision = await rstub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[21, 22, 23, 24])))
+        assert decision.member_id == "sim-r" and decision.matched_blocks == 3
