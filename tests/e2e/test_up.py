@@ -46,6 +46,12 @@ def test_up_with_etcd_backend(kvmesh: KvmeshFactory, etcd: ServerHandle) -> None
     _check_up_and_stop(proc)
 
 
+def test_up_with_redis_backend(kvmesh: KvmeshFactory, redis: ServerHandle) -> None:
+    proc = kvmesh("up", *SMALL, "--backend", f"redis://{redis.address}/3", timeout=90)
+    assert "redis://" in proc.output
+    _check_up_and_stop(proc)
+
+
 def test_up_fails_cleanly_on_a_bad_backend(kvmesh: KvmeshFactory) -> None:
     proc = kvmesh("up", *SMALL, "--backend", "nosuch://x", "--start-timeout", "20", ready=False)
     assert proc.wait_exit(60) == 1
