@@ -91,17 +91,19 @@ class MemberDirectory:
         try:
             await self.store.put(lease_key(lease_id), key.encode(), lease_id)
             value = member.SerializeToString()
+            # Expect a new member first (one round trip); a failed swap returns what is there.
+            replaced: Entry | None = None
             for _ in range(self.CAS_ATTEMPTS):
-                current = await self.store.get(key)
-                expected = current.mod_revision if current else 0
-                ok, revision, _ = await self.store.compare_and_swap(key, expected, value, lease_id)
+                expected = replaced.mod_revision if replaced else 0
+                ok, revision, current = await self.store.compare_and_swap(key, expected, value, lease_id)
                 if ok:
                     break
+                replaced = current
             else:
                 raise Unavailable(f"member {member.id!r} is being registered concurrently; retry")
-            if current is not None and current.lease_id and current.lease_id != lease_id:
+            if replaced is not None and replaced.lease_id and replaced.lease_id != lease_id:
                 with contextlib.suppress(LeaseNotFound):
-                    await self.store.revoke(current.lease_id)
+                    await self.store.revoke(replaced.lease_id)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.store.revoke(lease_id)
