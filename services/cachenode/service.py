@@ -136,6 +136,8 @@ class CacheNodeService(Service):
                 await task
 
     async def drain(self) -> None:
+        if self._datapath is not None:  # data-path streams never end by themselves: end them now
+            self._datapath.drain()
         await self._stop_load_watch()
         if self.session is not None:
             await self.session.close(deregister=True)

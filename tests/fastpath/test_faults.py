@@ -142,3 +142,21 @@ async def test_node_sigkilled_mid_reads_turns_local_path_reads_into_misses(kvmes
         assert all(v is None for v in rounds_after_kill[-1])  # the dead node's keys are misses
     finally:
         await client.close()
+
+
+async def test_node_stops_promptly_with_attached_clients(kvmesh) -> None:
+    import time
+
+    from kvmesh.client.local import LocalDataPath
+
+    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm", "--grace-seconds", "60")
+    channel = open_channel(node.address or "")
+    try:
+        path = await LocalDataPath.open(cachenode_pb2_grpc.KVCacheStub(channel))
+        started = time.monotonic()
+        assert await asyncio.to_thread(node.terminate, 90) == 0
+        assert time.monotonic() - started < 30  # the Attach stream ended at drain, not after the 60 s grace
+        assert not path.attached
+        await path.close()
+    finally:
+        await channel.close()

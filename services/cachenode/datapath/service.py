@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, guard
+from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
 from kvmesh.v1 import cachenode_pb2
 from services.cachenode.datapath.exports import exports_of
 from services.cachenode.datapath.sessions import DataPathLimits, Session, SessionTable
@@ -50,6 +50,7 @@ class DataPath:
             SessionTable(self._engine, exports, self.limits) if self._engine is not None else None
         )
         self._sweeper: asyncio.Task[None] | None = None
+        self._draining = False
 
     @classmethod
     def for_node(
@@ -82,6 +83,13 @@ class DataPath:
     async def start(self) -> None:
         if self._sweeper is None and self.table is not None:
             self._sweeper = asyncio.create_task(self._sweep(), name="datapath-sweeper")
+
+    def drain(self) -> None:
+        """The node is stopping: end every session (their Attach streams complete, so the
+        server's graceful stop does not wait for them) and refuse new ones."""
+        self._draining = True
+        if self.table is not None:
+            self.table.close()
 
     async def close(self) -> None:
         """Ends every session (their Attach streams finish) and stops the sweeper; safe twice."""
@@ -120,6 +128,8 @@ class DataPath:
         self, request: cachenode_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[cachenode_pb2.AttachResponse]:
         try:
+            if self._draining:
+                raise Unavailable("the cache node is stopping")
             table = self._table()
             session = table.open(request.client_id, request.transport)
         except KvmeshError as exc:
