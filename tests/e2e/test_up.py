@@ -52,6 +52,17 @@ def test_up_with_redis_backend(kvmesh: KvmeshFactory, redis: ServerHandle) -> No
     _check_up_and_stop(proc)
 
 
+def test_killing_up_takes_its_children_with_it(kvmesh: KvmeshFactory) -> None:
+    proc = kvmesh("up", *SMALL, timeout=90)
+    pids = [int(p) for p in ready_fields(proc)["pids"].split(",")]
+    proc.proc.kill()  # SIGKILL: no chance to stop them in order
+    proc.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "children outlived a SIGKILLed kvmesh up"
+
+
 def test_up_fails_cleanly_on_a_bad_backend(kvmesh: KvmeshFactory) -> None:
     proc = kvmesh("up", *SMALL, "--backend", "nosuch://x", "--start-timeout", "20", ready=False)
     assert proc.wait_exit(60) == 1
