@@ -8,7 +8,12 @@ import os
 import grpc
 import pytest
 
+from kvmesh.runtime.channels import open_channel
+from kvmesh.runtime.server import ServerRuntime
 from kvmesh.v1 import cachenode_pb2 as pb
+from kvmesh.v1 import cachenode_pb2_grpc
+from services.cachenode.config import CacheNodeSettings
+from services.cachenode.service import CacheNodeService
 
 NS = "t"
 
@@ -160,3 +165,24 @@ async def test_data_path_rpcs_unimplemented_without_datapath(node) -> None:
             async for _ in stub.Attach(pb.AttachRequest(client_id="c")):
                 pass
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_undecodable_chunks_get_a_status_and_the_node_keeps_serving() -> None:
+    settings = CacheNodeSettings.model_validate({"listen": "127.0.0.1:0", "standalone": True})
+    runtime = ServerRuntime(CacheNodeService(settings), settings)
+    address = await runtime.start()
+    channel = open_channel(address)
+    try:
+        raw_put = channel.stream_unary(
+            "/kvmesh.v1.KVCache/BatchPut", request_serializer=lambda b: b,
+            response_deserializer=pb.BatchPutResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # a varint that never ends
+            await raw_put(iter([b"\x2a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]))
+        assert info.value.code() != grpc.StatusCode.OK
+        stub = cachenode_pb2_grpc.KVCacheStub(channel)
+        await stub.Put(pb.PutRequest(namespace=NS, key=b"after", value=b"ok"))
+        assert (await stub.Get(pb.GetRequest(namespace=NS, key=b"after"))).value == b"ok"
+    finally:
+        await channel.close()
+        await runtime.stop()
