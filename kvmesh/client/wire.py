@@ -116,6 +116,14 @@ class GetChunkView:
     data: memoryview
 
 
+@dataclass(frozen=True, slots=True)
+class MalformedMessage:
+    """What `decode_put_chunk_or_error` returns for bytes that are not a PutChunk, so the
+    server answers INVALID_ARGUMENT instead of the transport's generic deserialization error."""
+
+    error: str
+
+
 def encode_put_chunk(
     namespace: str, key: bytes, total_size: int, offset: int, data: bytes | memoryview, ttl_seconds: int = 0
 ) -> bytes:
@@ -142,6 +150,13 @@ def decode_put_chunk(raw: bytes) -> PutChunkView:
         data=_bytes(f, 5),
         ttl_seconds=_int(f, 6),
     )
+
+
+def decode_put_chunk_or_error(raw: bytes) -> PutChunkView | MalformedMessage:
+    try:
+        return decode_put_chunk(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        return MalformedMessage(f"malformed PutChunk: {exc}")
 
 
 def encode_get_chunk(

@@ -19,7 +19,7 @@ SERVICE = cachenode_pb2.DESCRIPTOR.services_by_name["KVCache"]
 
 # method → (request deserializer, response serializer) replacing the generated ones
 _RAW: dict[str, tuple[Any, Any]] = {
-    "BatchPut": (wire.decode_put_chunk, cachenode_pb2.BatchPutResponse.SerializeToString),
+    "BatchPut": (wire.decode_put_chunk_or_error, cachenode_pb2.BatchPutResponse.SerializeToString),
     "BatchGet": (cachenode_pb2.BatchGetRequest.FromString, wire.serialize_message_or_bytes),
 }
 

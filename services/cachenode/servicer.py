@@ -261,7 +261,9 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
             incoming.reservation = None
 
     async def BatchPut(
-        self, request_iterator: AsyncIterator[PutChunkLike], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[PutChunkLike | wire.MalformedMessage],
+        context: grpc.aio.ServicerContext,
     ) -> Any:
         try:
             engine = self._engine()
@@ -299,6 +301,11 @@ class KVCacheServicer(cachenode_pb2_grpc.KVCacheServicer):
 
         try:
             async for chunk in request_iterator:
+                if isinstance(chunk, wire.MalformedMessage):
+                    self._drop(engine, current)
+                    current = None
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, chunk.error)
+                    continue  # not reached: abort raises
                 if current is not None and (chunk.key != current.key or chunk.namespace != current.namespace):
                     fail(
                         current.namespace,
