@@ -18,7 +18,7 @@ import grpc
 
 from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MemberSession, MembershipWatcher
-from kvmesh.runtime.errors import InvalidArgument, guard
+from kvmesh.runtime.errors import InvalidArgument, KvmeshError, guard
 from kvmesh.runtime.server import Service
 from kvmesh.v1 import common_pb2, enginesim_pb2, enginesim_pb2_grpc
 from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
@@ -31,6 +31,13 @@ log = logging.getLogger("kvmesh.enginesim")
 
 MAX_PROMPT_BLOCKS = 1_000_000
 MAX_OUTPUT_TOKENS = 1_000_000
+
+
+class DeadlineExceeded(KvmeshError):
+    """The simulated request did not finish within --request-timeout-seconds."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 StoreFactory = Callable[[EngineSimSettings], Awaitable[tuple[BlockStore, Callable[[], Awaitable[None]]]]]
 
@@ -167,7 +174,7 @@ class EngineSimService(Service):
             ids = list(request.tokens.ids)
             if not ids:
                 raise InvalidArgument("empty prompt: no tokens")
-            if len(ids) > MAX_PROMPT_BLOCKS:
+            if len(ids) > MAX_PROMPT_BLOCKS * self.settings.block_tokens:
                 raise InvalidArgument("prompt too long")
             try:
                 blocks = self.prompt_hasher.token_block_ids(ids)
@@ -191,6 +198,9 @@ class EngineSimService(Service):
         try:
             async with asyncio.timeout(self.settings.request_timeout_seconds):
                 done = await future
+        except TimeoutError:
+            self.runner.forget(request_id)
+            raise DeadlineExceeded(f"request {request_id} did not finish in time") from None
         except BaseException:
             self.runner.forget(request_id)
             raise

@@ -177,3 +177,17 @@ async def test_a_restarted_router_relearns_the_engine_cache(kvmesh: KvmeshFactor
             await asyncio.sleep(0.2)
         decision = await rstub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[21, 22, 23, 24])))
         assert decision.member_id == "sim-r" and decision.matched_blocks == 3
+
+
+async def test_a_request_over_its_deadline_gets_deadline_exceeded(kvmesh: KvmeshFactory) -> None:
+    md = f"127.0.0.1:{free_port()}"
+    kvmesh("metadata", "--listen", md)
+    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--no-pool",
+                    "--request-timeout-seconds", "0.5").wait_ready()
+    async with open_channel(engine) as ch:
+        sim = enginesim_pb2_grpc.EngineSimStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # ~10 s of simulated decode at speedup 1
+            await sim.Generate(_gen("slow", [1], out=1000), timeout=10)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        quick = await sim.Generate(_gen("quick", [2], out=1), timeout=10)
+        assert quick.computed_blocks == 1
