@@ -13,7 +13,7 @@ changes, and a Register that replaces a member with the same id), a delete is LE
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from google.protobuf.message import DecodeError
 
@@ -144,7 +144,7 @@ class MemberDirectory:
         entries, revision = await self.store.range(role_prefix(role))
         return [decode_member(e.key, e.value) for e in entries], revision
 
-    async def watch(self, role: int, start_revision: int) -> AsyncIterator[metadata_pb2.MembershipEvent]:
+    async def watch(self, role: int, start_revision: int) -> AsyncGenerator[metadata_pb2.MembershipEvent, None]:
         """A replay after `start_revision` when retained, otherwise a SNAPSHOT; then live events."""
         prefix = role_prefix(role)
         if start_revision > 0:

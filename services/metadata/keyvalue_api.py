@@ -9,7 +9,7 @@ client reads the current state with Range and watches from the revision Range re
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +17,7 @@ import grpc
 from kvmesh.runtime.errors import KvmeshError, guard
 from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
 from services.metadata.stores.base import Change, Compacted, Entry, Store, StoreHandle
-from services.metadata.streaming import abort_with
+from services.metadata.streaming import abort_with, until_closing
 from services.metadata.validation import Limits, check_key, check_lease, check_prefix, check_value
 
 KV = "kv/"
@@ -45,6 +45,7 @@ class KeyValueApi(metadata_pb2_grpc.MetadataServicer):
     def __init__(self, handle: StoreHandle, limits: Limits) -> None:
         self._handle = handle
         self._limits = limits
+        self.closing = asyncio.Event()  # set when the replica drains: watch streams end at once
 
     @property
     def _store(self) -> Store:
@@ -108,9 +109,9 @@ class KeyValueApi(metadata_pb2_grpc.MetadataServicer):
                 raise ValueError("start_revision must not be negative")
             after = request.start_revision or await self._store.revision()
             try:
-                async with contextlib.aclosing(self._store.watch(KV + request.prefix, after)) as changes:
-                    async for change in changes:
-                        yield _event(change)
+                changes = self._store.watch(KV + request.prefix, after)
+                async for change in until_closing(changes, self.closing):
+                    yield _event(change)
             except Compacted as exc:
                 raise OutOfRange(
                     f"revision {request.start_revision} is no longer retained: Range, then watch from its revision"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,7 +14,7 @@ from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 from services.metadata.directory import MemberDirectory, decode_member
 from services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
 from services.metadata.stores.base import Entry, LeaseNotFound
-from services.metadata.streaming import abort_with
+from services.metadata.streaming import abort_with, until_closing
 from services.metadata.validation import Limits, check_lease, check_member, check_role, check_ttl
 
 
@@ -30,6 +31,7 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         self._heartbeat = heartbeat
         self._load_updates = load_updates
         self.keepalive_streams = 0  # this replica's load: heartbeat interval and load rate adapt to it
+        self.closing = asyncio.Event()  # set when the replica drains: watch streams end at once
         m = meter("metadata")
         self._registrations = m.create_counter("kvmesh.metadata.registrations", description="Register calls served")
         self._leases_lost = m.create_counter(
@@ -112,7 +114,8 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
             check_role(request.role, allow_unspecified=True)
             if request.start_revision < 0:
                 raise ValueError(f"start_revision must not be negative, got {request.start_revision}")
-            async for event in self._directory.watch(request.role, request.start_revision):
+            events = self._directory.watch(request.role, request.start_revision)
+            async for event in until_closing(events, self.closing):
                 yield event
         except Exception as exc:
             await abort_with(context, exc)

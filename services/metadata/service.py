@@ -66,6 +66,11 @@ class MetadataService(Service):
             log.warning("backend not reachable yet (%s); answering UNAVAILABLE until it is", exc)
         log.info("metadata backend open", extra={"backend": self.settings.backend})
 
+    async def drain(self) -> None:
+        """Ends watch streams now, so watchers resume on another replica instead of waiting out the grace."""
+        self.membership.closing.set()
+        self.keyvalue.closing.set()
+
     async def close(self) -> None:
         store, self._store = self._store, None
         self.handle.set(None)

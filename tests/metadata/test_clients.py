@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime
@@ -70,4 +72,23 @@ async def test_session_registers_again_when_its_lease_is_revoked_elsewhere() -> 
         assert session.registrations == 2
     finally:
         await session.close()
+        await stop_metadata(runtime)
+
+
+async def test_draining_replica_ends_watch_streams_at_once() -> None:
+    """Watchers move to another replica right away instead of waiting out the grace period."""
+    address = f"127.0.0.1:{free_port()}"
+    settings = MetadataSettings(listen=address, backend="memory://", grace_seconds=30)  # type: ignore[call-arg]
+    runtime = ServerRuntime(MetadataService(settings), settings)
+    await runtime.start()
+    watcher = MembershipWatcher([address], common_pb2.ROLE_ENGINE)
+    try:
+        await watcher.start()
+        await watcher.wait_synced(10)
+        started = time.monotonic()
+        await stop_metadata(runtime)
+        assert time.monotonic() - started < 5  # not the 30 s grace
+        await eventually(lambda: watcher.reconnects >= 1, 5)
+    finally:
+        await watcher.close()
         await stop_metadata(runtime)
