@@ -92,11 +92,24 @@ async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> Non
                 rounds.append(await client.get_many(keys))
             return rounds
 
+        async def writes() -> list[int]:
+            stored = []
+            after_kill = 0
+            while after_kill < 2:
+                if killed.is_set():
+                    after_kill += 1
+                batch = [(os.urandom(16), os.urandom(256 * 1024)) for _ in range(30)]
+                stored.append(await client.put_many(batch))
+            return stored
+
         task = asyncio.create_task(reads())
-        await asyncio.sleep(0.2)
+        writer = asyncio.create_task(writes())
+        await asyncio.sleep(0.3)
         cachenodes[1].kill()  # SIGKILL, no deregistration, while batches are in flight
         killed.set()
         rounds = await asyncio.wait_for(task, 60)  # no exception reaches the caller
+        stored_counts = await asyncio.wait_for(writer, 60)  # puts: a count, never an exception
+        assert stored_counts[0] == 30 and min(stored_counts) < 30  # keys placed on the dead node failed
         for got in rounds:
             for (key, value), result in zip(items, got, strict=True):
                 assert result is None or result == value  # never a wrong or torn value
