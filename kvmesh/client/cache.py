@@ -392,6 +392,26 @@ class CacheClient:
         """How many leading blocks of a prompt are cached somewhere in the mesh."""
         return await self.exists_prefix(self.keys_for_tokens(tokens))
 
+    async def put_token_blocks(
+        self, tokens: Sequence[int] | np.ndarray, blocks: Sequence[bytes], ttl_seconds: int = 0
+    ) -> int:
+        """Offloads the KV data of a prompt's full blocks (`blocks[i]` belongs to block i)."""
+        keys = self.keys_for_tokens(tokens)
+        if len(blocks) > len(keys):
+            raise ValueError(f"{len(blocks)} blocks for a prompt of {len(keys)} full blocks")
+        return await self.put_many(list(zip(keys, blocks, strict=False)), ttl_seconds)
+
+    async def get_token_blocks(self, tokens: Sequence[int] | np.ndarray) -> list[bytes]:
+        """The KV data of the longest cached prefix of a prompt (block 0 first; empty: nothing cached)."""
+        keys = self.keys_for_tokens(tokens)
+        values = await self.get_many(keys[: await self.exists_prefix(keys)])
+        prefix: list[bytes] = []
+        for value in values:
+            if value is None:  # evicted between the two calls: the prefix ends here
+                break
+            prefix.append(value)
+        return prefix
+
     async def stats(self) -> dict[str, list[cachenode_pb2.EngineStats]]:
         """Stats of every reachable node."""
 

@@ -82,6 +82,21 @@ async def test_dead_node_means_misses_not_exceptions() -> None:
             assert await client.exists([on_ghost[0]]) == [False]
 
 
+async def test_token_block_helpers_return_the_cached_prefix() -> None:
+    async with nodes(2) as running:
+        client = await CacheClient.from_nodes([info for _, info in running], namespace="llm")
+        async with client:
+            tokens = list(range(16 * 5 + 3))  # 5 full blocks
+            blocks = [os.urandom(1000) for _ in range(5)]
+            assert await client.put_token_blocks(tokens, blocks[:3]) == 3
+            assert await client.cached_prefix_blocks(tokens) == 3
+            assert await client.get_token_blocks(tokens) == blocks[:3]
+            other = [7, *tokens[1:]]  # a different first token changes every chained key
+            assert await client.get_token_blocks(other) == []
+            with pytest.raises(ValueError):
+                await client.put_token_blocks(tokens, [b"x"] * 6)
+
+
 async def test_keys_for_tokens_use_the_shared_block_hasher() -> None:
     client = CacheClient(namespace="tenant", hasher=None)
     tokens = list(range(40))
