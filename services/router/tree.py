@@ -9,10 +9,12 @@ label, so "which pods hold this block, and when each last used it" is always exa
 - `mask`: bitmask of the pod slots holding the node (small ints from `PodTable`).
 - Per slot, a dict node → last-used time: removing a pod, or expiring its approximately learnt
   blocks, costs time proportional to that pod's nodes, not to the tree.
-- `index`: block id → node, for KV events (`stored` names its parent id, `removed` names ids).
-  Chained ids name their whole prefix, so an id lives in one place: an insertion that meets an
-  id already placed elsewhere (a hash collision or an inconsistent client) stops there, first
-  writer wins.
+- `index`: block id → node for the blocks that precise KV events stored (`stored` names its
+  parent id, `removed` names ids; both only ever refer to blocks the same engine stored).
+  Blocks learnt approximately from routes are not indexed: a route creates and evicts about a
+  hundred blocks, and two hash-table writes per block were most of its cost at a million
+  blocks. Matching never uses the index; it follows the chain from the root. Chained ids are
+  unique; on a (2^-64) collision the index points at the latest placement.
 - Eviction is LRU approximated by CLOCK (second chance) over nodes: a FIFO in creation order and
   a `ref` flag that every use sets. The evictor takes a leaf whose flag is clear (trimming its
   tail when fewer blocks are needed), and with it every ancestor that becomes an unused leaf;
@@ -30,7 +32,7 @@ from itertools import repeat
 class Node:
     """A run of block ids held by the same pods, used at the same times."""
 
-    __slots__ = ("children", "dead", "ids", "mask", "parent", "ref")
+    __slots__ = ("children", "dead", "ids", "indexed", "mask", "parent", "ref")
 
     def __init__(self, ids: tuple[int, ...], parent: Node | None) -> None:
         self.ids = ids
@@ -39,6 +41,7 @@ class Node:
         self.mask = 0
         self.ref = True
         self.dead = False
+        self.indexed = False
 
 
 class Match:
@@ -112,25 +115,45 @@ class PrefixTree:
         self._blocks: list[int] = []
         self._clock: deque[Node] = deque()
         self._live = 0  # nodes in the tree (the CLOCK queue also holds dead ones)
+        self._size = 0  # blocks in the tree
         self.evicted = 0
 
     # ---- inspection -------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._index)
+        return self._size
 
     def __contains__(self, bid: int) -> bool:
-        return bid in self._index
+        return self._find(bid) is not None
+
+    def _walk(self) -> Iterator[Node]:
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            if node is not self.root:
+                yield node
+
+    def _find(self, bid: int) -> Node | None:
+        """The node holding `bid`: the index for stored blocks, else a walk (inspection only)."""
+        node = self._index.get(bid)
+        if node is not None:
+            return node
+        for node in self._walk():
+            if bid in node.ids:
+                return node
+        return None
 
     def nodes(self) -> int:
         return self._live
 
     def holders(self, bid: int) -> int:
         """Slot mask of the pods holding `bid` (0 when unknown)."""
-        node = self._index.get(bid)
+        node = self._find(bid)
         return node.mask if node is not None else 0
 
     def parent_of(self, bid: int) -> int | None:
-        node = self._index.get(bid)
+        node = self._find(bid)
         if node is None:
             return None
         j = node.ids.index(bid)
@@ -141,7 +164,7 @@ class PrefixTree:
 
     def last_used(self, slot: int, bid: int) -> float | None:
         """When the pod in `slot` last used (stored, or was routed with) `bid`."""
-        node = self._index.get(bid)
+        node = self._find(bid)
         if node is None or slot >= len(self._held):
             return None
         return self._held[slot].get(node)
@@ -150,7 +173,7 @@ class PrefixTree:
         return self._blocks[slot] if slot < len(self._blocks) else 0
 
     def block_ids(self) -> list[int]:
-        return list(self._index)
+        return [bid for node in self._walk() for bid in node.ids]
 
     def _slot(self, slot: int) -> dict[Node, float]:
         held = self._held
@@ -201,6 +224,7 @@ class PrefixTree:
         node.children = {tail.ids[0]: tail}
         tail.mask = node.mask
         tail.ref = node.ref
+        tail.indexed = node.indexed
         mask = node.mask
         held = self._held
         while mask:
@@ -208,24 +232,16 @@ class PrefixTree:
             d = held[low.bit_length() - 1]
             d[tail] = d[node]
             mask ^= low
-        index = self._index
-        index.update(zip(tail.ids, repeat(tail)))
+        if node.indexed:
+            self._index.update(zip(tail.ids, repeat(tail)))
         self._clock.append(tail)
         self._live += 1
         return tail
 
-    def _new_leaf(self, parent: Node, ids: tuple[int, ...]) -> Node | None:
-        """A new leaf for `ids` under `parent`, cut short before the first id placed elsewhere."""
-        index = self._index
-        if not index.keys().isdisjoint(ids):
-            for i, bid in enumerate(ids):
-                if bid in index:
-                    ids = ids[:i]
-                    break
-            if not ids:
-                return None
+    def _new_leaf(self, parent: Node, ids: tuple[int, ...]) -> Node:
+        """A new leaf for `ids` under `parent`."""
         leaf = Node(ids, parent)
-        index.update(zip(ids, repeat(leaf)))
+        self._size += len(ids)
         if parent.children is None:
             parent.children = {}
         parent.children[ids[0]] = leaf
@@ -237,7 +253,7 @@ class PrefixTree:
         """The nodes covering exactly `ids` from position (`node`, after its first `offset` ids).
 
         Splits nodes so that the returned ones start and end on the run's boundaries; creates
-        the missing tail when `create` (stopping at an id conflict).
+        the missing tail when `create`.
         """
         out: list[Node] = []
         if offset < len(node.ids):
@@ -249,9 +265,7 @@ class PrefixTree:
             child = children.get(ids[pos]) if children is not None else None
             if child is None:
                 if create:
-                    leaf = self._new_leaf(node, ids[pos:])
-                    if leaf is not None:
-                        out.append(leaf)
+                    out.append(self._new_leaf(node, ids[pos:]))
                 break
             label = child.ids
             size = len(label)
@@ -264,9 +278,7 @@ class PrefixTree:
             node = child
             if step < size and pos < n:
                 if create:
-                    leaf = self._new_leaf(node, ids[pos:])
-                    if leaf is not None:
-                        out.append(leaf)
+                    out.append(self._new_leaf(node, ids[pos:]))
                 break
         return out
 
@@ -286,7 +298,7 @@ class PrefixTree:
     def hold(self, slot: int, ids: Sequence[int], now: float, match: Match | None = None) -> int:
         """The pod in `slot` is assumed to hold the chain `ids` (approximate mode).
 
-        Returns how many blocks it now holds (fewer than len(ids) only on an id conflict).
+        Returns how many blocks it now holds.
         """
         prompt = ids if isinstance(ids, tuple) else tuple(ids)
         nodes = self._descend(self.root, 0, prompt, create=True)
@@ -317,13 +329,26 @@ class PrefixTree:
         if not ids:
             return 0
         nodes = self._descend(node, offset, tuple(ids), create=True)
+        index = self._index
+        for n in nodes:
+            if not n.indexed:
+                n.indexed = True
+                index.update(zip(n.ids, repeat(n)))
         self._claim(slot, nodes, now)
         self._bound()
         return sum(len(n.ids) for n in nodes)
 
+    def _unindex(self, node: Node, ids: tuple[int, ...]) -> None:
+        index = self._index
+        for bid in ids:
+            if index.get(bid) is node:
+                del index[bid]
+
     def _delete(self, node: Node) -> None:
         """Removes a leaf with its ids; the caller handles holders."""
-        deque(map(self._index.__delitem__, node.ids), maxlen=0)  # C-level loop
+        if node.indexed:
+            self._unindex(node, node.ids)
+        self._size -= len(node.ids)
         parent = node.parent
         assert parent is not None and parent.children is not None
         del parent.children[node.ids[0]]
@@ -412,7 +437,7 @@ class PrefixTree:
             self._clock = deque(n for n in clock if not n.dead)
 
     def _bound(self) -> None:
-        over = len(self._index) - self.max_blocks
+        over = self._size - self.max_blocks
         if over > 0:
             self.evict(over)
 
@@ -435,7 +460,6 @@ class PrefixTree:
         """
         out: list[int] = []
         clock = self._clock
-        index = self._index
         root = self.root
         budget = 2 * len(clock) + 2
         while len(out) < count and clock and budget > 0:
@@ -458,7 +482,9 @@ class PrefixTree:
                     cut = node.ids[size - need :]
                     self._drop_holders(node, need)
                     node.ids = node.ids[: size - need]
-                    deque(map(index.__delitem__, cut), maxlen=0)
+                    if node.indexed:
+                        self._unindex(node, cut)
+                    self._size -= need
                     out.extend(reversed(cut))
                     clock.append(node)
                     break

@@ -32,9 +32,10 @@ def test_chain_is_respected_a_known_id_in_another_position_does_not_match() -> N
     router = core("prefix")
     router.update_pods(joined(member("a"), member("b")))
     d = router.route([1, 2, 3])
+    assert router.tree.parent_of(2) == 1
     # 2 exists in the tree but under parent 1, not at the root.
     assert router.route([2, 3]).matched_blocks == 0
-    assert router.tree.parent_of(2) == 1
+    assert router.route([1, 2, 3]).matched_blocks == 3
     assert d.matched_blocks == 0
 
 

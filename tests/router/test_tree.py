@@ -64,14 +64,25 @@ def test_eviction_takes_a_stale_deep_chain_in_one_call() -> None:
     assert len(evicted) == 1000 and len(tree) == 0
 
 
-def test_conflicting_parent_first_writer_wins() -> None:
+def test_matching_follows_the_chain_not_the_id() -> None:
     tree = PrefixTree(max_blocks=1000)
     tree.hold(0, [1, 2, 3], 1.0)
-    # 3 claimed under 9: the insertion stops before it.
-    assert tree.hold(1, [9, 3, 4], 1.0) == 1
-    assert tree.parent_of(3) == 2
-    assert 4 not in tree
-    assert tree.match([9, 3, 4], 0b11).matched(0b10) == 1
+    # 3 after 9 is another prefix than 3 after 1, 2: no match through it.
+    assert tree.match([9, 3], 0b1).best() == (0, 0)
+    assert tree.match([2, 3], 0b1).best() == (0, 0)
+    assert tree.match([1, 2, 3], 0b1).best() == (3, 0b1)
+    check_consistent(tree)
+
+
+def test_stored_events_need_a_parent_stored_by_an_event() -> None:
+    tree = PrefixTree(max_blocks=1000)
+    tree.hold(0, [1, 2, 3], 1.0)  # learnt from a route: not an event's parent
+    assert tree.store(1, 3, [4], 1.0) == -1
+    assert tree.store(1, 0, [1, 2], 1.0) == 2
+    assert tree.store(1, 2, [3, 4], 1.0) == 2
+    assert tree.match([1, 2, 3, 4], 0b11).matched(0b10) == 4
+    assert tree.remove(1, [2]) == 1
+    assert tree.match([1, 2, 3, 4], 0b11).matched(0b10) == 1
     check_consistent(tree)
 
 

@@ -24,6 +24,9 @@ class Reference:
     def __init__(self) -> None:
         self.held: dict[tuple[int, ...], dict[str, float]] = {}
         self.precise: set[str] = set()
+        # Prefixes stored by precise events (the only ones an event may name as parent),
+        # while they stay in the tree.
+        self.indexed: set[tuple[int, ...]] = set()
 
     def closure(self) -> set[tuple[int, ...]]:
         out: set[tuple[int, ...]] = set()
@@ -125,12 +128,13 @@ class TreeMachine(RuleBasedStateMachine):
         parent = ids[cut - 1] if cut else 0
         result = self.router.apply_events(name, [Stored(parent, ids[cut:])])
         self._switch_precise(name)
-        closure = self.ref.closure()
-        if cut and paths[cut - 1] not in closure:
+        self.ref.indexed &= self.ref.closure()
+        if cut and paths[cut - 1] not in self.ref.indexed:
             assert result.ignored == 1
         else:
             assert result.applied == 1
             self.ref.hold(name, paths[cut:], self.clock.now)
+            self.ref.indexed.update(paths[cut:])
 
     @precondition(lambda self: len(self.router.pods) > 0)
     @rule(data=st.data(), tokens=TOKENS)
@@ -178,6 +182,8 @@ class TreeMachine(RuleBasedStateMachine):
     def same_structure_holders_and_stamps(self) -> None:
         tree = self.router.tree
         closure = self.ref.closure()
+        # A prefix that left the tree is no longer an event's possible parent.
+        self.ref.indexed &= closure
         assert set(tree.block_ids()) == {self.ids[p] for p in closure}
         for path in closure:
             bid = self.ids[path]
