@@ -30,6 +30,13 @@ U64_MAX = (1 << 64) - 1
 _MAX_HASHERS = 256  # distinct model names whose hasher is cached
 
 
+def _block_ids(keys: list[bytes]) -> tuple[int, ...]:
+    """Router block ids of 16-byte cache keys (`kvmesh.blocks.block_id`, vectorised)."""
+    if not keys:
+        return ()
+    return tuple(np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist())
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Where one request goes."""
@@ -161,7 +168,7 @@ class RouterCore:
                 # array('q') converts a list (or a protobuf repeated field) in C, far faster than
                 # np.asarray over Python ints; the hasher then checks the uint32 range.
                 tokens = np.frombuffer(array("q", tokens), dtype=np.int64)
-            ids = self.hasher(model).token_block_ids(tokens)
+            ids = _block_ids(self.hasher(model).token_keys(tokens))
         except (ValueError, OverflowError, TypeError) as exc:
             raise InvalidArgument(f"bad token ids: {exc}") from None
         return self.route(ids, model, request_id, checked=True)
@@ -170,7 +177,7 @@ class RouterCore:
         """Routes a text prompt (blocks of --text-block-bytes UTF-8 bytes)."""
         if len(text) >= (self.settings.max_prompt_blocks + 1) * self.settings.text_block_bytes:
             raise InvalidArgument("text prompt is over --max-prompt-blocks")
-        return self.route(self.hasher(model).text_block_ids(text), model, request_id, checked=True)
+        return self.route(_block_ids(self.hasher(model).text_keys(text)), model, request_id, checked=True)
 
     def route(self, block_ids: Sequence[int], model: str = "", request_id: str = "", checked: bool = False) -> Decision:
         """Chooses a pod for a prompt given as chained block ids and counts the request in flight.
@@ -189,6 +196,8 @@ class RouterCore:
                 raise InvalidArgument("block ids must be integers") from None
             if low < 0 or high > U64_MAX:
                 raise InvalidArgument("block ids must fit in uint64")
+        if type(block_ids) is not tuple:
+            block_ids = tuple(block_ids)  # the tree compares runs as tuples
         pods = self.pods
         candidates = pods.candidates(model)
         if not candidates:

@@ -23,7 +23,7 @@ def decide(core: RouterCore, request: router_pb2.RouteRequest) -> Decision:
     """Routes one request according to how its prompt is given (no prompt: routed by load)."""
     kind = request.WhichOneof("prompt")
     if kind == "blocks":
-        return core.route(list(request.blocks.ids), request.model, request.request_id, checked=True)
+        return core.route(tuple(request.blocks.ids), request.model, request.request_id, checked=True)
     if kind == "tokens":
         return core.route_tokens(list(request.tokens.ids), request.model, request.request_id)
     if kind == "text":

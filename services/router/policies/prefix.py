@@ -18,7 +18,7 @@ class PrefixPolicy(Policy):
         loads = ctx.loads()
         low = min(loads)
         gated = max(loads) - low > self.settings.imbalance_abs
-        load_of = dict(zip(slots, loads, strict=True)) if len(slots) > 1 else {slots[0]: loads[0]}
+        load_of = ctx.pods.loads  # by slot
         # Only pods holding part of the prompt are in `depths` (usually few).
         best = 0
         ties: list[int] = []
