@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -148,3 +149,19 @@ async def test_model_routing_and_reported_load(mesh_factory: Callable[..., Any])
         assert d.member_id == "small"
     d = await mesh.stub.Route(blocks(1, model="qwen"))
     assert d.member_id == "q" and d.policy == "least-load"
+
+
+async def test_sweeper_expires_approximate_blocks_and_stale_requests(mesh_factory: Callable[..., Any]) -> None:
+    mesh = await _mesh(mesh_factory, approx_ttl_seconds=0.3, sweep_interval_seconds=0.1, inflight_timeout_seconds=0.3)
+    await mesh.join("e1")
+    await mesh.wait_members(lambda ids: ids == {"e1"})
+    await mesh.stub.Route(blocks(1, 2, 3, request_id="never-released"))
+    stats = await mesh.stub.Stats(router_pb2.RouterStatsRequest())
+    assert stats.tree_nodes == 3 and stats.inflight == 1
+    for _ in range(100):
+        stats = await mesh.stub.Stats(router_pb2.RouterStatsRequest())
+        if stats.tree_nodes == 0 and stats.inflight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats.tree_nodes == 0 and stats.inflight == 0
+    assert mesh.service.core.inflight("e1") == 0
