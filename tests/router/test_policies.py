@@ -12,7 +12,7 @@ PROMPT = list(range(1, 11))  # 10 blocks
 
 
 def setup(policy: str, **kw: float) -> RouterCore:
-    router = core(policy, **kw)
+    router = core(policy, None, **kw)
     router.update_pods(joined(member("a"), member("b"), member("c")))
     return router
 
