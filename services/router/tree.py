@@ -301,10 +301,9 @@ class PrefixTree:
         Returns how many blocks it now holds.
         """
         prompt = ids if isinstance(ids, tuple) else tuple(ids)
-        nodes = self._descend(self.root, 0, prompt, create=True)
-        self._claim(slot, nodes, now)
+        self._claim(slot, self._descend(self.root, 0, prompt, create=True), now)
         self._bound()
-        return sum(len(n.ids) for n in nodes)
+        return len(prompt)
 
     def touch(self, slot: int, ids: Sequence[int], depth: int, now: float) -> None:
         """The pod in `slot` used the first `depth` blocks of `ids` (which it holds)."""
@@ -439,7 +438,7 @@ class PrefixTree:
     def _bound(self) -> None:
         over = self._size - self.max_blocks
         if over > 0:
-            self.evict(over)
+            self._evict(over, None)
 
     def _drop_holders(self, node: Node, count: int) -> None:
         mask = node.mask
@@ -459,10 +458,16 @@ class PrefixTree:
         Returns the evicted ids, each a leaf block at the moment it went (deepest first).
         """
         out: list[int] = []
+        self._evict(count, out)
+        return out
+
+    def _evict(self, count: int, out: list[int] | None) -> int:
+        """Evicts at least `count` blocks; appends their ids to `out` when given. Returns how many."""
+        done = 0
         clock = self._clock
         root = self.root
         budget = 2 * len(clock) + 2
-        while len(out) < count and clock and budget > 0:
+        while done < count and clock and budget > 0:
             budget -= 1
             node: Node | None = clock.popleft()
             assert node is not None
@@ -473,7 +478,7 @@ class PrefixTree:
                 clock.append(node)
                 continue
             while node is not None and node is not root and not node.children:
-                need = count - len(out)
+                need = count - done
                 if node.mask and (node.ref or need <= 0):
                     break
                 size = len(node.ids)
@@ -485,14 +490,18 @@ class PrefixTree:
                     if node.indexed:
                         self._unindex(node, cut)
                     self._size -= need
-                    out.extend(reversed(cut))
+                    if out is not None:
+                        out.extend(reversed(cut))
+                    done += need
                     clock.append(node)
                     break
                 self._drop_holders(node, size)
-                out.extend(reversed(node.ids))
+                if out is not None:
+                    out.extend(reversed(node.ids))
+                done += size
                 parent = node.parent
                 self._delete(node)
                 node = parent
-        self.evicted += len(out)
+        self.evicted += done
         self._compact()
-        return out
+        return done
