@@ -42,6 +42,8 @@ def _event(change: Change) -> metadata_pb2.KeyEvent:
 
 
 class KeyValueApi(metadata_pb2_grpc.MetadataServicer):
+    """Validates, then maps each call to one store operation under the `kv/` namespace."""
+
     def __init__(self, handle: StoreHandle, limits: Limits) -> None:
         self._handle = handle
         self._limits = limits

@@ -19,6 +19,8 @@ from services.metadata.validation import Limits, check_lease, check_member, chec
 
 
 class MembershipApi(metadata_pb2_grpc.MembershipServicer):
+    """Validates, then delegates to the directory; owns the per-stream heartbeat and load policy."""
+
     def __init__(
         self,
         directory: MemberDirectory,
