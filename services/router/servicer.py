@@ -106,6 +106,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         except (KvmeshError, ValueError) as exc:
             code, message = status_for(exc)
             await context.abort(code, message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("applying KV events failed")
+            code, message = status_for(exc)
+            await context.abort(code, message)
         return out
 
     @guard
