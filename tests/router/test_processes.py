@@ -153,3 +153,36 @@ async def test_bad_flags_exit_2_with_a_message(
     code, out = await run_cli(kvmesh, "router", "--listen", "127.0.0.1:0", *flags)
     assert code == 2, out
     assert message in out
+
+
+async def test_watch_fails_over_between_metadata_replicas_on_etcd(kvmesh: Callable[..., Any], etcd: Any) -> None:
+    """Two metadata replicas over one etcd: the replica the router watches is SIGKILLed; the
+    router's watch moves to the other one and keeps following joins and leaves."""
+    backend = f"etcd://{etcd.address}?prefix=/router-failover-{free_port()}"
+    replicas = [kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", backend, ready=False) for _ in range(2)]
+    addresses = [await start(r) for r in replicas]
+    router_proc = kvmesh("router", "--metadata", ",".join(addresses), "--no-register-self", ready=False)
+    channel = open_channel(await start(router_proc))
+    stub = router_pb2_grpc.RouterStub(channel)
+    sessions = [MemberSession(addresses[::-1], member(f"e{i}", port=9200 + i), ttl_seconds=3) for i in range(2)]
+    try:
+        for s in sessions:
+            await s.start()
+            await s.wait_registered(10)
+        await wait_members(stub, 2)
+        replicas[0].kill()  # the router watches the first address first
+        late = MemberSession(addresses[1:], member("e-late", port=9300), ttl_seconds=3)
+        sessions.append(late)
+        await late.start()
+        await late.wait_registered(10)
+        await wait_members(stub, 3, timeout=30)
+        gone = sessions.pop(0)
+        await gone.close(deregister=True)
+        await wait_members(stub, 2, timeout=30)
+        for _ in range(10):
+            resp = await stub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[1, 2])))
+            assert resp.member_id in {"e1", "e-late"}
+    finally:
+        for s in sessions:
+            await s.close()
+        await channel.close()
