@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 import grpc
 
 from kvmesh.runtime.channels import open_channel
 from kvmesh.v1 import router_pb2, router_pb2_grpc
+
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7500"  # `kvmesh router`'s default --listen
 
 
 def _ints(text: str) -> list[int]:
@@ -25,7 +28,11 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--router", default="127.0.0.1:7500", help="router HOST:PORT [default 127.0.0.1:7500]")
+    parser.add_argument(
+        "--router",
+        default=os.environ.get("KVMESH_ROUTER", DEFAULT_ROUTER_ADDRESS),
+        help=f"router HOST:PORT [env KVMESH_ROUTER; default {DEFAULT_ROUTER_ADDRESS}]",
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--text", help="prompt text (hashed in blocks of the router's --text-block-bytes)")
     prompt.add_argument("--tokens", type=_ints, help="token ids, comma-separated")

@@ -7,12 +7,14 @@ from pydantic import Field, field_validator
 from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
 from kvmesh.config import MemberSettings
 
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7500"  # what `kvmesh route --router` dials by default
 POLICY_NAMES = ("random", "round-robin", "least-load", "prefix", "cache-aware", "kv-aware")
 
 
 class RouterSettings(MemberSettings):
     """Flags of the prefix-aware router."""
 
+    listen: str = Field(default=DEFAULT_ROUTER_ADDRESS, description="HOST:PORT to serve gRPC on")
     policy: str = Field(default="prefix", description=f"routing policy: {', '.join(POLICY_NAMES)}")
     block_size: int = Field(
         default=DEFAULT_BLOCK_SIZE, ge=1, le=65536, description="tokens per block when hashing token ids"

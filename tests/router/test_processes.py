@@ -120,7 +120,7 @@ async def test_mesh_routes_learns_and_survives_a_metadata_restart(kvmesh: Callab
 async def test_router_registers_itself_as_a_router_member(kvmesh: Callable[..., Any]) -> None:
     metadata = kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", "memory://", ready=False)
     md = await start(metadata)
-    router_proc = kvmesh("router", "--metadata", md, "--member-id", "r-1", ready=False)
+    router_proc = kvmesh("router", "--metadata", md, "--member-id", "r-1", "--listen", "127.0.0.1:0", ready=False)
     router_addr = await start(router_proc)
     from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
 
@@ -161,7 +161,9 @@ async def test_watch_fails_over_between_metadata_replicas_on_etcd(kvmesh: Callab
     backend = f"etcd://{etcd.address}?prefix=/router-failover-{free_port()}"
     replicas = [kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", backend, ready=False) for _ in range(2)]
     addresses = [await start(r) for r in replicas]
-    router_proc = kvmesh("router", "--metadata", ",".join(addresses), "--no-register-self", ready=False)
+    router_proc = kvmesh(
+        "router", "--metadata", ",".join(addresses), "--no-register-self", "--listen", "127.0.0.1:0", ready=False
+    )
     channel = open_channel(await start(router_proc))
     stub = router_pb2_grpc.RouterStub(channel)
     sessions = [MemberSession(addresses[::-1], member(f"e{i}", port=9200 + i), ttl_seconds=3) for i in range(2)]
