@@ -17,7 +17,7 @@ import grpc
 from kvmesh.runtime.channels import open_channel
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
-DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7500"  # `kvmesh router`'s default --listen
+DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7600"  # `kvmesh router`'s default --listen
 
 
 def _ints(text: str) -> list[int]:
