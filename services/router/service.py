@@ -19,6 +19,7 @@ from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.server import Service
 from kvmesh.v1 import common_pb2, router_pb2_grpc
 from services.router.core import RouterCore
+from services.router.metrics import register_router_metrics
 from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
 
@@ -33,6 +34,7 @@ class RouterService(Service):
         self.settings = settings
         self.core = RouterCore(settings.policy, settings)
         self.servicer = RouterServicer(self.core)
+        register_router_metrics(self.core)
         self._follow = follow_membership
         self.watcher: MembershipWatcher | None = None
         self.session: MemberSession | None = None

@@ -188,3 +188,37 @@ async def test_watch_fails_over_between_metadata_replicas_on_etcd(kvmesh: Callab
         for s in sessions:
             await s.close()
         await channel.close()
+
+
+async def test_prometheus_metrics_follow_the_router(kvmesh: Callable[..., Any]) -> None:
+    import urllib.request
+
+    metadata = kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", "memory://", ready=False)
+    md = await start(metadata)
+    port = free_port()
+    router_proc = kvmesh(
+        "router", "--metadata", md, "--listen", "127.0.0.1:0", "--metrics-port", str(port), ready=False
+    )
+    channel = open_channel(await start(router_proc))
+    stub = router_pb2_grpc.RouterStub(channel)
+    session = MemberSession([md], member("m-1"), ttl_seconds=3)
+    try:
+        await session.start()
+        await session.wait_registered(10)
+        await wait_members(stub, 1)
+        for i in range(3):
+            await stub.Route(router_pb2.RouteRequest(request_id=f"q{i}", blocks=router_pb2.BlockIds(ids=[1, 2, i])))
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+
+        text = await asyncio.to_thread(scrape)
+        lines = {line.split("{")[0]: line for line in text.splitlines() if line.startswith("kvmesh_router")}
+        assert lines["kvmesh_router_routed_total"].endswith(" 3.0"), lines
+        assert lines["kvmesh_router_members"].endswith(" 1.0")
+        assert lines["kvmesh_router_tree_blocks"].endswith(" 5.0")  # 1, 2 then 0 | 1 | 2
+        assert lines["kvmesh_router_inflight"].endswith(" 3.0")
+    finally:
+        await session.close()
+        await channel.close()
