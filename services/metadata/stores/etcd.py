@@ -211,7 +211,8 @@ class EtcdStore(Store):
             resp = self._watch_session.post(client.get_url("/watch"), json=body, stream=True,
                                        timeout=(self._timeout, None))
             opened.append(resp)
-            if stop.is_set():
+            if stop.is_set():  # the watch was closed while this thread was connecting
+                _shutdown(resp)
                 return
             for line in _lines(resp.iter_content(chunk_size=None)):
                 result = json.loads(line).get("result") or {}
