@@ -83,7 +83,7 @@ class CacheClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         backoff: Backoff | None = None,
         hasher: BlockHasher | None = None,
-        local: str = "never",
+        local: str = "auto",
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -101,8 +101,8 @@ class CacheClient:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         # Zero-copy shared-memory path to co-located nodes (kvmesh/client/local.py): "auto"
-        # detects them and falls back to gRPC for the others, "always" is --local, "never"
-        # (the default for now) keeps every byte on gRPC.
+        # (the default) detects them and falls back to gRPC for the others, "always" is
+        # --local, "never" keeps every byte on gRPC.
         self._local = LocalPaths(local)
 
     # -- construction --------------------------------------------------------------------
