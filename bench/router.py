@@ -233,9 +233,13 @@ async def grpc_bench(blocks: int, seconds: float, conc: int, rounds: int) -> tup
     work = Workload.make(seed=3)
     fill(core, work, blocks)
     hasher = core.hasher("m")
+    # 2,000 distinct request ids, reused: a re-routed id counts once, so in-flight load stays
+    # bounded as in a deployment where requests are released (without a Release call per Route).
     requests = [
-        router_pb2.RouteRequest(model="m", blocks=router_pb2.BlockIds(ids=hasher.token_block_ids(work.next_prompt())))
-        for _ in range(2000)
+        router_pb2.RouteRequest(
+            request_id=f"g{i}", model="m", blocks=router_pb2.BlockIds(ids=hasher.token_block_ids(work.next_prompt()))
+        )
+        for i in range(2000)
     ]
     settings = RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5)  # type: ignore[call-arg]
     noop_rt = ServerRuntime(BenchService(NoopServicer()), settings)  # type: ignore[abstract]
