@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from kvmesh.registry import LazyRegistry
+from kvmesh.uri import Uri, UriError
 
 Evictable = Callable[[Hashable], bool]
 
@@ -160,3 +161,12 @@ class S3FifoPolicy(EvictionPolicy):
 POLICIES: LazyRegistry[EvictionPolicy] = LazyRegistry("eviction policy")
 POLICIES.register("lru", "services.cachenode.engines.eviction", "LruPolicy")
 POLICIES.register("s3fifo", "services.cachenode.engines.eviction", "S3FifoPolicy")
+
+
+def policy_from_uri(uri: Uri, capacity_bytes: int) -> EvictionPolicy:
+    """The policy named by `?policy=` (LRU by default), or UriError naming the known ones."""
+    name = uri.param("policy", "lru") or "lru"
+    try:
+        return POLICIES.resolve(name)(capacity_bytes)
+    except UriError:
+        raise UriError(f"{uri.redacted()}: unknown policy {name!r} (known: {', '.join(POLICIES.schemes())})") from None

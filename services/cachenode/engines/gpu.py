@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,8 @@ from kvmesh.units import format_size
 from kvmesh.uri import Uri, UriError
 from services.cachenode.engines.arena import ExtentAllocator
 from services.cachenode.engines.base import Capabilities, Engine, EngineStats
-from services.cachenode.engines.eviction import POLICIES, EvictionPolicy
+from services.cachenode.engines.eviction import EvictionPolicy, policy_from_uri
+from services.cachenode.engines.extents import Extent, ExtentIndex, deadline
 
 DEFAULT_CAPACITY = 1024**3
 DEFAULT_STAGING = 8 * 1024**2
@@ -53,19 +53,6 @@ def parse_device(uri: Uri) -> torch.device:
             raise UriError(f"{uri.redacted()}: no device cuda:{index} ({torch.cuda.device_count()} visible)")
         return torch.device("cuda", index)
     raise UriError(f"{uri.redacted()}: expected gpu://cuda:N or gpu://cpu")
-
-
-class _Slot:
-    """One stored value in the pool."""
-
-    __slots__ = ("expires", "live", "offset", "readers", "size")
-
-    def __init__(self, offset: int, size: int, expires: float) -> None:
-        self.offset = offset
-        self.size = size
-        self.expires = expires  # monotonic deadline, 0 = never
-        self.readers = 0
-        self.live = True
 
 
 class DeviceCopier:
@@ -175,12 +162,7 @@ class GpuEngine(Engine):
         self._alloc = ExtentAllocator(capacity, ALIGNMENT)
         self.pool = torch.empty(self._alloc.capacity, dtype=torch.uint8, device=device)
         self.copier = DeviceCopier(device, self.pool, staging, buffers)
-        self._policy = policy
-        self._index: dict[tuple[str, bytes], _Slot] = {}
-        self._used = 0  # bytes of live, hidden-but-read, and being-written values
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
+        self._extents = ExtentIndex(self._alloc, policy)
         self._closed = False
 
     @classmethod
@@ -193,11 +175,7 @@ class GpuEngine(Engine):
             raise UriError(f"{uri.redacted()}: capacity must be at least {ALIGNMENT} bytes")
         if staging < 4096 or buffers < 1:
             raise UriError(f"{uri.redacted()}: staging must be at least 4KiB and staging_buffers at least 1")
-        policy_name = uri.param("policy", "lru") or "lru"
-        try:
-            policy = POLICIES.resolve(policy_name)(capacity)
-        except UriError:
-            raise UriError(f"{uri.redacted()}: unknown policy {policy_name!r}") from None
+        policy = policy_from_uri(uri, capacity)
         try:
             return cls(device, capacity, policy, staging, buffers)  # allocation is lazy on CPU, one cudaMalloc on GPU
         except torch.cuda.OutOfMemoryError as exc:
@@ -207,7 +185,7 @@ class GpuEngine(Engine):
 
     @property
     def name(self) -> str:
-        return f"gpu({self.device},{self._policy.name},{format_size(self.capacity_bytes)})"
+        return f"gpu({self.device},{self._extents.policy.name},{format_size(self.capacity_bytes)})"
 
     @property
     def capacity_bytes(self) -> int:
@@ -215,76 +193,41 @@ class GpuEngine(Engine):
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return self._extents.used
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            name=self.name,
-            used_bytes=self._used,
-            capacity_bytes=self.capacity_bytes,
-            items=len(self._index),
-            hits=self._hits,
-            misses=self._misses,
-            evictions=self._evictions,
-        )
+        return self._extents.stats(self.name)
 
     # -- internals -----------------------------------------------------------------------
 
-    def _lookup(self, ident: tuple[str, bytes]) -> _Slot | None:
-        slot = self._index.get(ident)
-        if slot is not None and slot.expires and slot.expires <= time.monotonic():
-            self._drop(ident)
-            return None
-        return slot
-
-    def _release(self, slot: _Slot) -> None:
-        if not slot.live and slot.readers == 0:
-            self._alloc.free(slot.offset, slot.size)
-            self._used -= slot.size
-
-    def _drop(self, ident: tuple[str, bytes]) -> _Slot | None:
-        slot = self._index.pop(ident, None)
-        if slot is not None:
-            self._policy.remove(ident)
-            slot.live = False
-            self._release(slot)
-        return slot
-
-    def _evictable(self, ident: Hashable) -> bool:
-        slot = self._index.get(ident)  # type: ignore[call-overload]
-        return slot is not None and slot.readers == 0
-
     async def _evict_one(self) -> bool:
-        ident = self._policy.victim(self._evictable)
-        if ident is None:
+        chosen = self._extents.victim()
+        if chosen is None:
             return False
-        assert isinstance(ident, tuple)
-        namespace: str = ident[0]
-        key: bytes = ident[1]
-        slot = self._index[(namespace, key)]
+        (namespace, key), slot = chosen
         if self._eviction_listener is not None:
-            slot.readers += 1  # hidden below, but still ours until demoted
+            slot.pins += 1  # hidden below, but still ours until demoted
             try:
-                self._drop((namespace, key))
+                self._extents.drop((namespace, key))
                 value = await self._read(slot)
             finally:
-                slot.readers -= 1
-                self._release(slot)
+                self._extents.unpin(slot)
             result = self._eviction_listener(namespace, key, value)
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 await result
         else:
-            self._drop((namespace, key))
-        self._evictions += 1
+            self._extents.drop((namespace, key))
+        self._extents.evictions += 1
         return True
 
-    async def _allocate(self, size: int) -> int:
+    async def _claim(self, size: int) -> int:
+        """A fresh extent counted as used, evicting until one fits."""
         if size > self._alloc.capacity:
             raise ResourceExhausted(
                 f"value of {format_size(size)} is larger than the device pool {format_size(self.capacity_bytes)}"
             )
         while True:
-            offset = self._alloc.allocate(size)
+            offset = self._extents.claim(size)
             if offset is not None:
                 return offset
             if not await self._evict_one():
@@ -292,7 +235,7 @@ class GpuEngine(Engine):
                     f"no room for {format_size(size)} on {self.device}: nothing evictable (all being read or written)"
                 )
 
-    async def _read(self, slot: _Slot) -> bytes:
+    async def _read(self, slot: Extent) -> bytes:
         out = bytearray(slot.size)
         if slot.size:
             await self.copier.to_host(slot.offset, memoryview(out))
@@ -305,55 +248,46 @@ class GpuEngine(Engine):
             raise ResourceExhausted("engine is closed")
         src = memoryview(value).cast("B")
         size = len(src)
-        offset = await self._allocate(size)
-        self._used += size
-        slot = _Slot(offset, size, time.monotonic() + ttl_seconds if ttl_seconds else 0.0)
+        offset = await self._claim(size)
+        slot = Extent(offset, size, deadline(ttl_seconds))
         try:
             if size:
                 await self.copier.to_device(offset, src)
         except BaseException:
-            slot.live = False
-            self._release(slot)
+            self._extents.retire(slot)
             raise
-        ident = (namespace, bytes(key))
-        self._drop(ident)  # only now: readers of the old value were never blocked by this write
-        self._index[ident] = slot
-        self._policy.insert(ident, size)
+        # Published only now: readers of the old value were never blocked by this write.
+        self._extents.publish((namespace, bytes(key)), slot)
 
     async def get(self, namespace: str, key: bytes) -> bytes | None:
-        ident = (namespace, bytes(key))
-        slot = self._lookup(ident)
+        slot = self._extents.find((namespace, bytes(key)))
         if slot is None:
-            self._misses += 1
             return None
-        self._hits += 1
-        self._policy.touch(ident)
-        slot.readers += 1
+        slot.pins += 1
         try:
             return await self._read(slot)
         finally:
-            slot.readers -= 1
-            self._release(slot)
+            self._extents.unpin(slot)
 
     async def delete(self, namespace: str, key: bytes) -> bool:
-        return self._drop((namespace, bytes(key))) is not None
+        return self._extents.drop((namespace, bytes(key))) is not None
 
     async def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
-        return [self._lookup((namespace, bytes(k))) is not None for k in keys]
+        return [self._extents.lookup((namespace, bytes(k))) is not None for k in keys]
 
     def device_view(self, namespace: str, key: bytes) -> torch.Tensor | None:
         """The stored bytes as a device tensor slice (no copy), for an engine in the same process.
 
         Valid until the value is replaced, deleted or evicted; callers copy it before awaiting.
         """
-        slot = self._lookup((namespace, bytes(key)))
+        slot = self._extents.lookup((namespace, bytes(key)))
         return None if slot is None else self.pool[slot.offset : slot.offset + slot.size]
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for ident in list(self._index):
-            self._drop(ident)
+        for ident in list(self._extents.entries):
+            self._extents.drop(ident)
         if self.copier.cuda:
             await asyncio.to_thread(torch.cuda.synchronize, self.device)

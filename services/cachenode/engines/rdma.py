@@ -27,7 +27,7 @@ from kvmesh.uri import Uri, UriError
 from kvmesh.v1 import cachenode_pb2
 from services.cachenode.datapath.exports import Export
 from services.cachenode.engines.base import Capabilities
-from services.cachenode.engines.eviction import POLICIES
+from services.cachenode.engines.eviction import policy_from_uri
 from services.cachenode.engines.memory import DEFAULT_CAPACITY, MemoryEngine
 from services.cachenode.shm.arena import ShmArena
 
@@ -73,11 +73,7 @@ class RdmaEngine(MemoryEngine):
             raise UriError(f"{uri.redacted()}: protocol must be one of {', '.join(PROTOCOLS)}")
         device = uri.param("device", "") or ""
         metadata = uri.param("metadata", P2P) or P2P
-        policy_name = uri.param("policy", "lru") or "lru"
-        try:
-            policy = POLICIES.resolve(policy_name)(capacity)
-        except UriError:
-            raise UriError(f"{uri.redacted()}: unknown policy {policy_name!r}") from None
+        policy = policy_from_uri(uri, capacity)
         hostname = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
         transfer = TransferEngine()
         rc = await asyncio.to_thread(transfer.initialize, hostname, metadata, protocol, device)
