@@ -125,18 +125,22 @@ class ExtentAllocator:
         self._insert(start, end - start)
 
 
-class HeapArena:
-    """An arena in anonymous private memory (pages are touched only when written)."""
+def alignment_of(uri: Uri | None) -> int:
+    """`?alignment=` of an arena URI (a cache line by default)."""
+    return uri.int_param("alignment", DEFAULT_ALIGNMENT) if uri is not None else DEFAULT_ALIGNMENT
 
-    def __init__(self, capacity: int, alignment: int = DEFAULT_ALIGNMENT) -> None:
-        self._alloc = ExtentAllocator(capacity, alignment)
-        self._map: mmap.mmap | None = mmap.mmap(-1, max(self._alloc.capacity, 1))
-        self._buffer = memoryview(self._map)
 
-    @classmethod
-    def create(cls, capacity: int, uri: Uri | None = None) -> HeapArena:
-        alignment = uri.int_param("alignment", DEFAULT_ALIGNMENT) if uri is not None else DEFAULT_ALIGNMENT
-        return cls(capacity, alignment)
+class MappedArena:
+    """An arena over one mapping: extents from an `ExtentAllocator`, views into the map.
+
+    Subclasses create the mapping (anonymous, or a named shared-memory segment) and may add
+    cleanup to `close()`.
+    """
+
+    def __init__(self, allocator: ExtentAllocator, mapping: mmap.mmap) -> None:
+        self._alloc = allocator
+        self._map: mmap.mmap | None = mapping
+        self._buffer = memoryview(mapping)
 
     @property
     def capacity(self) -> int:
@@ -145,6 +149,16 @@ class HeapArena:
     @property
     def allocator(self) -> ExtentAllocator:
         return self._alloc
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def buffer(self) -> memoryview:
+        """The whole writable region (for registering it with a NIC); valid until close."""
+        if self._map is None:
+            raise ValueError("arena is closed")
+        return self._buffer
 
     def allocate(self, size: int) -> int | None:
         return self._alloc.allocate(size)
@@ -165,6 +179,18 @@ class HeapArena:
         with contextlib.suppress(BufferError):
             self._map.close()
         self._map = None
+
+
+class HeapArena(MappedArena):
+    """An arena in anonymous private memory (pages are touched only when written)."""
+
+    def __init__(self, capacity: int, alignment: int = DEFAULT_ALIGNMENT) -> None:
+        allocator = ExtentAllocator(capacity, alignment)
+        super().__init__(allocator, mmap.mmap(-1, max(allocator.capacity, 1)))
+
+    @classmethod
+    def create(cls, capacity: int, uri: Uri | None = None) -> HeapArena:
+        return cls(capacity, alignment_of(uri))
 
 
 ARENAS: LazyRegistry[Any] = LazyRegistry("arena")

@@ -24,7 +24,7 @@ from pathlib import Path
 from kvmesh.runtime.errors import ResourceExhausted
 from kvmesh.units import format_size
 from kvmesh.uri import Uri
-from services.cachenode.engines.arena import DEFAULT_ALIGNMENT, ExtentAllocator, HeapArena
+from services.cachenode.engines.arena import DEFAULT_ALIGNMENT, ExtentAllocator, HeapArena, MappedArena, alignment_of
 
 log = logging.getLogger("kvmesh.cachenode.shm")
 
@@ -66,12 +66,16 @@ def remove_stale_segments(directory: Path = SHM_DIR) -> list[str]:
     return removed
 
 
-class ShmArena:
-    """An arena whose bytes are a shared-memory segment other processes on the host can map."""
+class ShmArena(MappedArena):
+    """An arena whose bytes are a shared-memory segment other processes on the host can map.
+
+    Views, allocation and unmapping are `MappedArena`'s; this adds the segment's name and
+    unlinks it on close.
+    """
 
     def __init__(self, capacity: int, alignment: int = DEFAULT_ALIGNMENT, prefault: bool = False) -> None:
-        self._alloc = ExtentAllocator(capacity, alignment)
-        size = max(self._alloc.capacity, 1)
+        allocator = ExtentAllocator(capacity, alignment)
+        size = max(allocator.capacity, 1)
         remove_stale_segments()
         free = _free_bytes(SHM_DIR)
         if size > free:
@@ -89,66 +93,31 @@ class ShmArena:
                 os.posix_fallocate(fd, 0, size)
             else:
                 os.ftruncate(fd, size)
-            self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             raise
         os.close(fd)
-        self._buffer = memoryview(self._map)
+        super().__init__(allocator, mapping)
         self.size = size
 
     @classmethod
     def create(cls, capacity: int, uri: Uri | None = None) -> ShmArena:
-        alignment = uri.int_param("alignment", DEFAULT_ALIGNMENT) if uri is not None else DEFAULT_ALIGNMENT
         prefault = uri.bool_param("prefault", False) if uri is not None else False
-        return cls(capacity, alignment, prefault)
-
-    @property
-    def capacity(self) -> int:
-        return self._alloc.capacity
-
-    @property
-    def allocator(self) -> ExtentAllocator:
-        return self._alloc
-
-    @property
-    def closed(self) -> bool:
-        return self._map is None
-
-    def buffer(self) -> memoryview:
-        """The whole writable region (for registering it with a NIC); valid until close."""
-        if self._map is None:
-            raise ValueError("arena is closed")
-        return self._buffer
-
-    def allocate(self, size: int) -> int | None:
-        return self._alloc.allocate(size)
-
-    def free(self, offset: int, size: int) -> None:
-        self._alloc.free(offset, size)
-
-    def view(self, offset: int, size: int) -> memoryview:
-        if self._map is None:
-            raise ValueError("arena is closed")
-        return self._buffer[offset : offset + size]
+        return cls(capacity, alignment_of(uri), prefault)
 
     def close(self) -> None:
-        if self._map is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self._buffer.release()
-        with contextlib.suppress(BufferError):  # a view is still exported: the mapping goes with it
-            self._map.close()
-        self._map = None
+        if self._map is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        super().close()
 
 
 def _free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
 
 
 class AutoArena:
