@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install protos run test test-fast lint bench clean
 
@@ -25,7 +26,7 @@ lint: install
 	$(VENV)/bin/mypy kvmesh services
 
 bench: install
-	$(PY) -m bench.all
+	$(PY) -m bench.all $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
