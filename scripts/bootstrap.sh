@@ -27,9 +27,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.kvmesh-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
+  echo "bootstrap: installing Python dependencies into .venv (log: .venv/pip-install.log)"
   # torch: the CPU build is enough for the gpu:// tier's tests (gpu://cpu); CUDA hosts install their own.
-  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev,gpu,rdma,vineyard,k8s]"
+  if ! { .venv/bin/python -m pip install --upgrade pip &&
+         .venv/bin/python -m pip install -c requirements/constraints.txt -e ".[dev,gpu,rdma,vineyard,k8s]"; } \
+       >.venv/pip-install.log 2>&1; then
+    tail -n 60 .venv/pip-install.log >&2
+    echo "bootstrap: pip install failed (full log: .venv/pip-install.log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 echo "bootstrap: ready (.venv)"
