@@ -23,7 +23,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check kvmesh services tests bench scripts
-	$(VENV)/bin/mypy kvmesh services
+	$(VENV)/bin/mypy kvmesh services bench tests
 
 bench: install
 	$(PY) -m bench.all $(BENCH_ARGS)

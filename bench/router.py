@@ -68,7 +68,7 @@ class Workload:
 
 
 def make_core(max_blocks: int, policy: str = "prefix") -> RouterCore:
-    settings = RouterSettings(  # type: ignore[call-arg]
+    settings = RouterSettings(
         policy=policy, max_tree_blocks=max_blocks, random_seed=1, register_self=False, max_prompt_blocks=100_000
     )
     core = RouterCore(policy, settings)
@@ -241,7 +241,7 @@ async def grpc_bench(blocks: int, seconds: float, conc: int, rounds: int) -> tup
         )
         for i in range(2000)
     ]
-    settings = RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5)  # type: ignore[call-arg]
+    settings = RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5)
     noop_rt = ServerRuntime(BenchService(NoopServicer()), settings)  # type: ignore[abstract]
     router_rt = ServerRuntime(BenchService(RouterServicer(core)), settings)
     noop_addr = await noop_rt.start()

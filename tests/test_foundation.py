@@ -51,7 +51,7 @@ def test_sizes() -> None:
     assert format_size(3 * 1024**2) == "3.0 MiB"
     for bad in ("", "x", "5 parsecs", -1):
         with pytest.raises(ValueError):
-            parse_size(bad)  # type: ignore[arg-type]
+            parse_size(bad)
 
 
 def test_lazy_registry_imports_on_resolve() -> None:

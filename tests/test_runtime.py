@@ -19,7 +19,7 @@ from kvmesh.testing.ports import free_port
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 
-class EchoRouter(router_pb2_grpc.RouterServicer):
+class EchoRouter(router_pb2_grpc.RouterServicer):  # only Route is needed
     """A minimal Router that echoes the request id (enough to exercise the runtime)."""
 
     async def Route(
@@ -36,7 +36,7 @@ class RecordingService(Service):
         self.calls: list[str] = []
 
     def register(self, server: grpc.aio.Server) -> None:
-        router_pb2_grpc.add_RouterServicer_to_server(EchoRouter(), server)
+        router_pb2_grpc.add_RouterServicer_to_server(EchoRouter(), server)  # type: ignore[abstract]
 
     async def start(self, address: str) -> None:
         self.calls.append(f"start {address}")

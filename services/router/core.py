@@ -103,7 +103,7 @@ class RouterCore:
         settings: RouterSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings or RouterSettings()  # type: ignore[call-arg]
+        self.settings = settings or RouterSettings()
         self.rng = random.Random(self.settings.random_seed)
         if isinstance(policy, Policy):
             self.policy = policy

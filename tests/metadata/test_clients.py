@@ -16,7 +16,7 @@ from tests.metadata.test_process import eventually
 
 
 async def serve(address: str) -> ServerRuntime:
-    settings = MetadataSettings(listen=address, backend="memory://?sweep_ms=50", grace_seconds=0.2)  # type: ignore[call-arg]
+    settings = MetadataSettings(listen=address, backend="memory://?sweep_ms=50", grace_seconds=0.2)
     runtime = ServerRuntime(MetadataService(settings), settings)
     await runtime.start()
     return runtime
@@ -78,7 +78,7 @@ async def test_session_registers_again_when_its_lease_is_revoked_elsewhere() -> 
 async def test_draining_replica_ends_watch_streams_at_once() -> None:
     """Watchers move to another replica right away instead of waiting out the grace period."""
     address = f"127.0.0.1:{free_port()}"
-    settings = MetadataSettings(listen=address, backend="memory://", grace_seconds=30)  # type: ignore[call-arg]
+    settings = MetadataSettings(listen=address, backend="memory://", grace_seconds=30)
     runtime = ServerRuntime(MetadataService(settings), settings)
     await runtime.start()
     watcher = MembershipWatcher([address], common_pb2.ROLE_ENGINE)

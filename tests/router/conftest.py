@@ -58,7 +58,7 @@ async def mesh_factory() -> AsyncIterator[Callable[..., object]]:
     meshes: list[Mesh] = []
 
     async def start(**router_settings: object) -> Mesh:
-        md_settings = MetadataSettings(listen="127.0.0.1:0", backend="memory://?sweep_ms=50", grace_seconds=0.5)  # type: ignore[call-arg]
+        md_settings = MetadataSettings(listen="127.0.0.1:0", backend="memory://?sweep_ms=50", grace_seconds=0.5)
         md = ServerRuntime(MetadataService(md_settings), md_settings)
         runtimes.append(md)
         md_address = await md.start()
