@@ -19,12 +19,12 @@ import logging
 import mmap
 import os
 import socket
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
+from kvmesh.client.session import AttachedSession, attach, default_client_id
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.local")
@@ -114,64 +114,6 @@ class SegmentMapping:
         self._map = None
 
 
-class DeferredReleases:
-    """View ids a client is done with, released with its next Acquire or after a short delay.
-
-    Piggy-backing the releases of finished reads on the next read saves one round trip per
-    read; the delay bounds how long an idle client keeps values pinned.
-    """
-
-    def __init__(
-        self, stub: cachenode_pb2_grpc.KVCacheStub, session_id: str, delay_s: float, rpc_timeout: float
-    ) -> None:
-        self._stub = stub
-        self._session_id = session_id
-        self._delay_s = delay_s
-        self._timeout = rpc_timeout
-        self._ids: list[int] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def add(self, view_ids: Sequence[int]) -> None:
-        self._ids.extend(view_ids)
-        if self._ids and self._timer is None and not self._closed:
-            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start)
-
-    def take(self) -> list[int]:
-        """The ids to send with the next Acquire (the node releases them first)."""
-        ids, self._ids = self._ids, []
-        return ids
-
-    def _start(self) -> None:
-        self._timer = None
-        if self._ids and not self._closed and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._flush(), name="kvmesh-view-release")
-
-    async def _flush(self) -> None:
-        ids = self.take()
-        if not ids:
-            return
-        try:
-            await self._stub.ReleaseViews(
-                cachenode_pb2.ReleaseViewsRequest(session_id=self._session_id, view_ids=ids), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:  # the session is gone: the node released them with it
-            log.debug("deferred release of %d views failed: %s", len(ids), exc.code().name)
-
-    async def close(self) -> None:
-        """Stops the timer; pending ids are dropped (ending the session releases them on the node)."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self._ids.clear()
-
-
 class LocalView:
     """A read-only view of a stored value in the node's memory, valid until released.
 
@@ -210,8 +152,13 @@ class LocalView:
             self._view = None
 
 
-class LocalDataPath:
+class LocalDataPath(AttachedSession):
     """An attached zero-copy session with one cache node on this host."""
+
+    unavailable = LocalPathUnavailable
+    label = "data-path"
+    task_name = "local-datapath-attach"
+    logger = log
 
     def __init__(
         self,
@@ -223,19 +170,10 @@ class LocalDataPath:
         rpc_timeout: float,
         release_delay_s: float = 0.01,
     ) -> None:
-        self._stub = stub
-        self._call = call
-        self.session_id = attached.session_id
-        self.allocation_timeout_ms = attached.allocation_timeout_ms
         self._mapping = mapping
         self._offload_bytes = offload_bytes
-        self._timeout = rpc_timeout
         self._held: dict[int, LocalView] = {}
-        # Views that get()/get_into()/get_many() are done with: released with the next Acquire
-        # (one round trip instead of two per read) or, when no read follows, after a short delay.
-        self._releases = DeferredReleases(stub, attached.session_id, release_delay_s, rpc_timeout)
-        self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="local-datapath-attach")
-        self._detached = False
+        super().__init__(stub, call, attached, rpc_timeout, release_delay_s)
 
     @classmethod
     async def open(
@@ -249,22 +187,9 @@ class LocalDataPath:
     ) -> LocalDataPath:
         """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us."""
         request = cachenode_pb2.AttachRequest(
-            client_id=client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-            transport=cachenode_pb2.TRANSPORT_SHM,
+            client_id=client_id or default_client_id(), transport=cachenode_pb2.TRANSPORT_SHM
         )
-        call = stub.Attach(request)
-        try:
-            attached = await asyncio.wait_for(call.read(), rpc_timeout)
-        except grpc.aio.AioRpcError as exc:
-            call.cancel()
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
-                raise LocalPathUnavailable(f"node offers no shared-memory path: {exc.details()}") from exc
-            raise
-        except BaseException:
-            call.cancel()
-            raise
-        if attached is grpc.aio.EOF:
-            raise LocalPathUnavailable("node ended the Attach stream at once")
+        call, attached = await attach(stub, request, rpc_timeout, LocalPathUnavailable, "shared-memory path")
         try:
             mapping = SegmentMapping(attached.segment, attached.segment_size)
         except BaseException:
@@ -272,107 +197,27 @@ class LocalDataPath:
             raise
         return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s)
 
-    @property
-    def attached(self) -> bool:
-        """False once the session ended (node stopped, or `close()`): use the gRPC path then."""
-        return not self._detached
-
-    async def _follow(self) -> None:
-        try:
-            while await self._call.read() is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                log.info("data-path session %s ended: %s", self.session_id, exc.code().name)
-        finally:
-            self._detached = True
-
-    def _check(self) -> None:
-        if self._detached:
-            raise LocalPathUnavailable(f"data-path session {self.session_id} has ended")
-
     async def _copy(self, dst: memoryview, src: bytes | bytearray | memoryview) -> None:
         if len(dst) >= self._offload_bytes:
             await asyncio.to_thread(dst.__setitem__, slice(None), src)
         else:
             dst[:] = src
 
-    # -- writes --------------------------------------------------------------------------
-
-    async def put(
-        self, namespace: str, key: bytes, value: bytes | bytearray | memoryview, ttl_seconds: int = 0
-    ) -> None:
-        """Stores a value by writing it straight into the node's memory."""
-        await self.put_many(namespace, [(key, value)], ttl_seconds)
-
-    async def put_many(
-        self,
-        namespace: str,
-        items: Sequence[tuple[bytes, bytes | bytearray | memoryview]],
-        ttl_seconds: int = 0,
-    ) -> None:
-        """Stores several values with two round trips in all (one Allocate, one Seal).
-
-        All values become visible together when the Seal returns; on any failure none is
-        published (the allocations are aborted).
-        """
-        self._check()
-        if not items:
-            return
-        sources = [memoryview(value).cast("B") for _, value in items]
-        single = len(items) == 1
-        request = cachenode_pb2.AllocateRequest(
-            session_id=self.session_id, namespace=namespace, ttl_seconds=ttl_seconds
-        )
-        if single:
-            request.key, request.size = items[0][0], len(sources[0])
-        else:
-            request.items.extend(
-                cachenode_pb2.AllocateItem(key=key, size=len(src)) for (key, _), src in zip(items, sources, strict=True)
-            )
-        response = await self._stub.Allocate(request, timeout=self._timeout)
-        allocations = (
-            [cachenode_pb2.Allocation(allocation_id=response.allocation_id, region=response.region)]
-            if single
-            else list(response.allocations)
-        )
-        ids = [a.allocation_id for a in allocations]
-        sealed = False
-        try:
-            if len(allocations) != len(items):
-                raise LocalPathUnavailable(f"node answered {len(allocations)} allocations for {len(items)} values")
-            for allocation, src in zip(allocations, sources, strict=True):
-                dst = self._mapping.view(allocation.region.offset, len(src))
-                try:
-                    await self._copy(dst, src)
-                finally:
-                    dst.release()
-            await self._stub.Seal(
-                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids), timeout=self._timeout
-            )
-            sealed = True
-        finally:
-            if not sealed and ids:
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                    await self._stub.Seal(
-                        cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids, abort=True),
-                        timeout=self._timeout,
-                    )
+    async def _fill(self, allocations: Sequence[cachenode_pb2.Allocation], sources: Sequence[memoryview]) -> None:
+        for allocation, src in zip(allocations, sources, strict=True):
+            dst = self._mapping.view(allocation.region.offset, len(src))
+            try:
+                await self._copy(dst, src)
+            finally:
+                dst.release()
 
     # -- reads ---------------------------------------------------------------------------
 
     async def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[LocalView | None]:
         """Read-only views of the values (None for a miss); each holds its value until released."""
-        self._check()
-        releasing = self._releases.take()
-        response = await self._stub.Acquire(
-            cachenode_pb2.AcquireRequest(
-                session_id=self.session_id, namespace=namespace, keys=list(keys), release_view_ids=releasing
-            ),
-            timeout=self._timeout,
-        )
+        views = await self._acquire_views(namespace, keys)
         out: list[LocalView | None] = []
-        for key, view in zip(keys, response.views, strict=True):
+        for key, view in zip(keys, views, strict=True):
             if not view.found:
                 out.append(None)
                 continue
@@ -447,13 +292,7 @@ class LocalDataPath:
         for view in self._held.values():
             view._drop()
         self._held.clear()
-        await self._releases.close()
-        self._call.cancel()
-        if self._follower is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
-        self._detached = True
+        await self._end()
         self._mapping.close()
 
 

@@ -15,18 +15,14 @@ means one transfer at a time per client (a lock), which is what the NIC serialis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-from kvmesh.client.local import DeferredReleases
+from kvmesh.client.session import AttachedSession, attach, default_client_id
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.rdma")
@@ -43,8 +39,14 @@ class TransferFailed(Exception):
     """A one-sided transfer returned an error code (the peer went away, or a bad address)."""
 
 
-class RdmaDataPath:
+class RdmaDataPath(AttachedSession):
     """An attached RDMA session with one cache node."""
+
+    unavailable = RemotePathUnavailable
+    label = "rdma"
+    task_name = "rdma-datapath-attach"
+    logger = log
+    _single_form = False
 
     def __init__(
         self,
@@ -56,22 +58,14 @@ class RdmaDataPath:
         rpc_timeout: float,
         release_delay_s: float = 0.01,
     ) -> None:
-        self._stub = stub
-        self._call = call
-        self.session_id = attached.session_id
         self.node_segment = attached.segment
         self.node_size = attached.segment_size
         self.base_address = attached.base_address
-        self.allocation_timeout_ms = attached.allocation_timeout_ms
         self._transfer = transfer
         self._buffer = buffer
         self._address = int(buffer.ctypes.data)
-        self._timeout = rpc_timeout
         self._lock = asyncio.Lock()
-        # Reads piggy-back the release of their views on the next Acquire (see DeferredReleases).
-        self._releases = DeferredReleases(stub, attached.session_id, release_delay_s, rpc_timeout)
-        self._detached = False
-        self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name="rdma-datapath-attach")
+        super().__init__(stub, call, attached, rpc_timeout, release_delay_s)
 
     @classmethod
     async def open(
@@ -102,43 +96,16 @@ class RdmaDataPath:
             raise RemotePathUnavailable(f"registering the staging buffer failed (code {rc})")
         segment = f"{local_hostname}:{transfer.get_rpc_port()}" if metadata == P2P else local_hostname
         request = cachenode_pb2.AttachRequest(
-            client_id=client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            client_id=client_id or default_client_id(),
             transport=cachenode_pb2.TRANSPORT_RDMA,
             client_segment=segment,
         )
-        call = stub.Attach(request)
-        try:
-            attached = await asyncio.wait_for(call.read(), rpc_timeout)
-        except grpc.aio.AioRpcError as exc:
-            call.cancel()
+
+        async def unregister() -> None:
             await asyncio.to_thread(transfer.unregister_memory, address)
-            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
-                raise RemotePathUnavailable(f"node offers no RDMA path: {exc.details()}") from exc
-            raise
-        except BaseException:
-            call.cancel()
-            raise
-        if attached is grpc.aio.EOF:
-            raise RemotePathUnavailable("node ended the Attach stream at once")
+
+        call, attached = await attach(stub, request, rpc_timeout, RemotePathUnavailable, "RDMA path", unregister)
         return cls(stub, call, attached, transfer, buffer, rpc_timeout)
-
-    @property
-    def attached(self) -> bool:
-        return not self._detached
-
-    async def _follow(self) -> None:
-        try:
-            while await self._call.read() is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                log.info("rdma session %s ended: %s", self.session_id, exc.code().name)
-        finally:
-            self._detached = True
-
-    def _check(self) -> None:
-        if self._detached:
-            raise RemotePathUnavailable(f"rdma session {self.session_id} has ended")
 
     def _remote(self, region: cachenode_pb2.Region, size: int) -> int:
         if region.offset + size > self.node_size:
@@ -193,58 +160,13 @@ class RdmaDataPath:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def put(
-        self, namespace: str, key: bytes, value: bytes | bytearray | memoryview, ttl_seconds: int = 0
-    ) -> None:
-        await self.put_many(namespace, [(key, value)], ttl_seconds)
-
-    async def put_many(
-        self, namespace: str, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]], ttl_seconds: int = 0
-    ) -> None:
-        """Writes values into the node's memory one-sided; all become visible at the Seal."""
-        self._check()
-        if not items:
-            return
-        sources = [memoryview(v).cast("B") for _, v in items]
-        request = cachenode_pb2.AllocateRequest(
-            session_id=self.session_id, namespace=namespace, ttl_seconds=ttl_seconds
-        )
-        request.items.extend(
-            cachenode_pb2.AllocateItem(key=k, size=len(s)) for (k, _), s in zip(items, sources, strict=True)
-        )
-        response = await self._stub.Allocate(request, timeout=self._timeout)
-        ids = [a.allocation_id for a in response.allocations]
-        sealed = False
-        try:
-            remotes = [self._remote(a.region, len(s)) for a, s in zip(response.allocations, sources, strict=True)]
-            async with self._lock:
-                await asyncio.to_thread(self._write_all, sources, remotes)
-            await self._stub.Seal(
-                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids), timeout=self._timeout
-            )
-            sealed = True
-        finally:
-            if not sealed and ids:
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                    await self._stub.Seal(
-                        cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids, abort=True),
-                        timeout=self._timeout,
-                    )
+    async def _fill(self, allocations: Sequence[cachenode_pb2.Allocation], sources: Sequence[memoryview]) -> None:
+        """WRITEs the values into the node's memory one-sided (they become visible at the Seal)."""
+        remotes = [self._remote(a.region, len(s)) for a, s in zip(allocations, sources, strict=True)]
+        async with self._lock:
+            await asyncio.to_thread(self._write_all, list(sources), remotes)
 
     # -- reads ---------------------------------------------------------------------------
-
-    async def _acquired(self, namespace: str, keys: Sequence[bytes]) -> list[cachenode_pb2.View]:
-        self._check()
-        response = await self._stub.Acquire(
-            cachenode_pb2.AcquireRequest(
-                session_id=self.session_id,
-                namespace=namespace,
-                keys=list(keys),
-                release_view_ids=self._releases.take(),
-            ),
-            timeout=self._timeout,
-        )
-        return list(response.views)
 
     async def _release(self, views: Sequence[cachenode_pb2.View]) -> None:
         if not self._detached:
@@ -252,7 +174,7 @@ class RdmaDataPath:
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
         """Reads values one-sided (the node holds them pinned until the read is done)."""
-        views = await self._acquired(namespace, keys)
+        views = await self._acquire_views(namespace, keys)
         try:
             found = [v for v in views if v.found]
             outs = [bytearray(v.region.size) for v in found]
@@ -271,7 +193,7 @@ class RdmaDataPath:
 
     async def get_into(self, namespace: str, key: bytes, out: memoryview) -> int | None:
         """Reads one value into a caller's buffer; returns its size, or None on a miss."""
-        (view,) = await self._acquired(namespace, [key])
+        (view,) = await self._acquire_views(namespace, [key])
         if not view.found:
             return None
         try:
@@ -287,13 +209,7 @@ class RdmaDataPath:
 
     async def close(self) -> None:
         """Ends the session (the node releases what it still held) and unregisters the buffer."""
-        await self._releases.close()
-        self._call.cancel()
-        if self._follower is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
-        self._detached = True
+        await self._end()
         async with self._lock:
             if self._transfer is not None:
                 await asyncio.to_thread(self._transfer.unregister_memory, self._address)
