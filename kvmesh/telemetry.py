@@ -32,13 +32,6 @@ class Telemetry:
 
         return [aio_server_interceptor()]
 
-    def client_interceptors(self) -> list[Any]:
-        if not self.tracing:
-            return []
-        from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-        return list(aio_client_interceptors())
-
     def shutdown(self) -> None:
         """Flushes and stops exporters (call last in shutdown)."""
         for provider in self._providers:
@@ -88,6 +81,11 @@ def setup_telemetry(
         metrics.set_meter_provider(meter_provider)
         tel._providers.append(meter_provider)
     return tel
+
+
+def tracing_enabled() -> bool:
+    """True once `setup_telemetry` installed an exporting tracer provider in this process."""
+    return type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
 
 
 def meter(name: str) -> metrics.Meter:

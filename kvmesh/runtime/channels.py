@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from kvmesh.telemetry import tracing_enabled
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -27,7 +29,14 @@ def open_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     interceptors: Sequence[Any] | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure aio channel to `host:port` (mesh traffic stays inside the cluster network)."""
-    return grpc.aio.insecure_channel(
-        address, options=channel_options(max_message_bytes), interceptors=list(interceptors or [])
-    )
+    """An insecure aio channel to `host:port` (mesh traffic stays inside the cluster network).
+
+    When this process exports traces (`--otlp-endpoint`), every channel gets the OpenTelemetry
+    client interceptors, so calls between services show up as client spans.
+    """
+    chosen = list(interceptors or [])
+    if tracing_enabled():
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        chosen.extend(aio_client_interceptors())
+    return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes), interceptors=chosen)
