@@ -39,6 +39,32 @@ class EngineStats:
     evictions: int = 0
 
 
+@dataclass
+class Counters:
+    """The hit, miss and eviction counts an engine keeps itself, and its stats from them."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    def count_reads(self, values: Sequence[object | None]) -> None:
+        """Counts a batch of reads: every None is a miss."""
+        hits = sum(v is not None for v in values)
+        self.hits += hits
+        self.misses += len(values) - hits
+
+    def stats(self, name: str, used_bytes: int, capacity_bytes: int, items: int) -> EngineStats:
+        return EngineStats(
+            name=name,
+            used_bytes=used_bytes,
+            capacity_bytes=capacity_bytes,
+            items=items,
+            hits=self.hits,
+            misses=self.misses,
+            evictions=self.evictions,
+        )
+
+
 # Called with (namespace, key, value) when an engine evicts a value, so a tier can demote it.
 EvictionListener = Callable[[str, bytes, bytes], Awaitable[None] | None]
 

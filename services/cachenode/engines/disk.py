@@ -35,7 +35,7 @@ import lmdb
 from kvmesh.runtime.errors import ResourceExhausted, Unavailable
 from kvmesh.units import format_size
 from kvmesh.uri import Uri, UriError
-from services.cachenode.engines.base import Capabilities, Engine, EngineStats
+from services.cachenode.engines.base import Capabilities, Counters, Engine, EngineStats
 
 T = TypeVar("T")
 log = logging.getLogger("kvmesh.cachenode.disk")
@@ -76,9 +76,7 @@ class DiskEngine(Engine):
             used = txn.get(_META_USED)
             self._used = _SEQ.unpack(used)[0] if used else 0
         self._items = self._count_items()
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
+        self._counters = Counters()
         self._corrupt = 0
         self._closed = False
 
@@ -108,15 +106,7 @@ class DiskEngine(Engine):
         return self._capacity
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            name=self.name,
-            used_bytes=self._used,
-            capacity_bytes=self._capacity,
-            items=self._items,
-            hits=self._hits,
-            misses=self._misses,
-            evictions=self._evictions,
-        )
+        return self._counters.stats(self.name, self._used, self._capacity, self._items)
 
     async def _write(self, fn: Any, *args: Any) -> Any:
         if self._closed:
@@ -181,7 +171,7 @@ class DiskEngine(Engine):
             raise ResourceExhausted(f"disk store is full: {exc}") from exc
         self._used = used
         self._items += items_delta
-        self._evictions += evicted
+        self._counters.evictions += evicted
 
     def _stored_used(self, txn: Any) -> int:
         """Used bytes as committed (read inside the write transaction, so it is never stale)."""
@@ -245,9 +235,7 @@ class DiskEngine(Engine):
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
         values: list[bytes | None] = await self._read(self._get_sync, namespace, list(keys))
-        hits = sum(v is not None for v in values)
-        self._hits += hits
-        self._misses += len(values) - hits
+        self._counters.count_reads(values)
         return values
 
     async def delete(self, namespace: str, key: bytes) -> bool:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Hashable
 from typing import Protocol
 
-from services.cachenode.engines.base import EngineStats
+from services.cachenode.engines.base import Counters, EngineStats
 from services.cachenode.engines.eviction import EvictionPolicy
 
 Ident = tuple[str, bytes]
@@ -62,23 +62,10 @@ class ExtentIndex:
         self.policy = policy
         self.entries: dict[Ident, Extent] = {}
         self.used = 0
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self.entries)
+        self.counters = Counters()
 
     def stats(self, name: str) -> EngineStats:
-        return EngineStats(
-            name=name,
-            used_bytes=self.used,
-            capacity_bytes=self.allocator.capacity,
-            items=len(self.entries),
-            hits=self.hits,
-            misses=self.misses,
-            evictions=self.evictions,
-        )
+        return self.counters.stats(name, self.used, self.allocator.capacity, len(self.entries))
 
     # -- space ---------------------------------------------------------------------------
 
@@ -107,10 +94,9 @@ class ExtentIndex:
     def find(self, ident: Ident) -> Extent | None:
         """`lookup` for a read: counts the hit or miss and tells the policy."""
         extent = self.lookup(ident)
+        self.counters.count_reads([extent])
         if extent is None:
-            self.misses += 1
             return None
-        self.hits += 1
         self.policy.touch(ident)
         return extent
 

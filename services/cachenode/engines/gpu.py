@@ -217,7 +217,7 @@ class GpuEngine(Engine):
                 await result
         else:
             self._extents.drop((namespace, key))
-        self._extents.evictions += 1
+        self._extents.counters.evictions += 1
         return True
 
     async def _claim(self, size: int) -> int:

@@ -93,7 +93,7 @@ class MemoryEngine(ZeroCopyEngine):
             value = bytes(self._arena.view(extent.offset, extent.size))
             self._notify_eviction(namespace, key, value)
         self._extents.drop((namespace, key))
-        self._extents.evictions += 1
+        self._extents.counters.evictions += 1
         return True
 
     def _notify_eviction(self, namespace: str, key: bytes, value: bytes) -> None:

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from kvmesh.backoff import Backoff
 from kvmesh.runtime.errors import ResourceExhausted, Unavailable
 from kvmesh.uri import Uri, UriError
-from services.cachenode.engines.base import Capabilities, Engine, EngineStats
+from services.cachenode.engines.base import Capabilities, Counters, Engine, EngineStats
 
 T = TypeVar("T")
 
@@ -60,8 +60,7 @@ class RedisEngine(Engine):
         self._prefix = (uri.param("prefix", "kvmesh:") or "").encode()
         self._deadline_s = uri.float_param("deadline", 5.0)
         self._backoff = Backoff(base_s=0.02, cap_s=1.0)
-        self._hits = 0
-        self._misses = 0
+        self._counters = Counters()
         self._used_reported = 0
         self._closed = False
 
@@ -114,14 +113,7 @@ class RedisEngine(Engine):
         return self._capacity
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            name=self.name,
-            used_bytes=self._used_reported,
-            capacity_bytes=self._capacity,
-            items=0,
-            hits=self._hits,
-            misses=self._misses,
-        )
+        return self._counters.stats(self.name, self._used_reported, self._capacity, 0)
 
     def _k(self, namespace: str, key: bytes) -> bytes:
         return self._prefix + namespace.encode() + b"\x00" + key
@@ -159,10 +151,7 @@ class RedisEngine(Engine):
 
     async def get(self, namespace: str, key: bytes) -> bytes | None:
         value = await self._retry(lambda: self._client.get(self._k(namespace, key)))
-        if value is None:
-            self._misses += 1
-        else:
-            self._hits += 1
+        self._counters.count_reads([value])
         return value
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -176,9 +165,7 @@ class RedisEngine(Engine):
             return list(await pipe.execute())
 
         values = await self._retry(run)
-        hits = sum(v is not None for v in values)
-        self._hits += hits
-        self._misses += len(values) - hits
+        self._counters.count_reads(values)
         return values
 
     async def delete(self, namespace: str, key: bytes) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from kvmesh.runtime.errors import ResourceExhausted, Unavailable
 from kvmesh.units import format_size
 from kvmesh.uri import Uri, UriError
-from services.cachenode.engines.base import Capabilities, Engine, EngineStats
+from services.cachenode.engines.base import Capabilities, Counters, Engine, EngineStats
 
 T = TypeVar("T")
 _TYPENAME = "kvmesh::Value"
@@ -55,9 +55,7 @@ class VineyardEngine(Engine):
         self._ipc: Any = None
         self._order: OrderedDict[str, int] = OrderedDict()  # name → size, oldest first
         self._used = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
+        self._counters = Counters()
         self._closed = False
 
     @classmethod
@@ -94,15 +92,7 @@ class VineyardEngine(Engine):
         return self._capacity
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            name=self.name,
-            used_bytes=self._used,
-            capacity_bytes=self._capacity,
-            items=len(self._order),
-            hits=self._hits,
-            misses=self._misses,
-            evictions=self._evictions,
-        )
+        return self._counters.stats(self.name, self._used, self._capacity, len(self._order))
 
     @staticmethod
     def _name(namespace: str, key: bytes) -> str:
@@ -137,7 +127,7 @@ class VineyardEngine(Engine):
         for name in self._order:
             if name != keep:
                 self._drop_sync(name)
-                self._evictions += 1
+                self._counters.evictions += 1
                 return True
         return False
 
@@ -241,9 +231,7 @@ class VineyardEngine(Engine):
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[bytes | None]:
         values = await self._call(self._get_many_sync, namespace, list(keys))
-        hits = sum(v is not None for v in values)
-        self._hits += hits
-        self._misses += len(values) - hits
+        self._counters.count_reads(values)
         return values
 
     async def delete(self, namespace: str, key: bytes) -> bool:
