@@ -10,10 +10,12 @@ backend still retains the events after it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kvmesh.runtime.errors import NotFound, Unavailable
 from kvmesh.uri import Uri
@@ -143,6 +145,26 @@ class Store(ABC):
         (including a revision this backend never reached). Runs until closed
         (`aclose()`); raises Unavailable when the backend goes away.
         """
+
+
+class Sweeper:
+    """A store's expiry loop: started once by `start()`, cancelled and awaited by `stop()`."""
+
+    def __init__(self, loop: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        self._loop = loop
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 class StoreHandle:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.uri import Uri, UriError
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store
+from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MemoryStore(Store):
         self._log: deque[Change] = deque()
         self._subscribers: set[_Subscriber] = set()
         self._lease_ids = itertools.count(self._revision)
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Sweeper(self._sweep_forever, "metadata-memory-sweeper")
 
     @classmethod
     async def create(cls, uri: Uri) -> MemoryStore:
@@ -79,15 +79,10 @@ class MemoryStore(Store):
         return cls(retain=retain, sweep_s=sweep_ms / 1000.0)
 
     async def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="metadata-memory-sweeper")
+        self._sweeper.start()
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self._sweeper.stop()
         for sub in list(self._subscribers):
             sub.overflowed = True
             with contextlib.suppress(asyncio.QueueFull):

@@ -17,7 +17,6 @@ URI parameters: `prefix` (default kvmesh), `retain` (revisions kept for resume, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -28,7 +27,7 @@ from redis import exceptions as redis_exc
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.uri import Uri, UriError
 from services.metadata.stores import redis_scripts as lua
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, prefix_end
+from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
 
 log = logging.getLogger("kvmesh.metadata.redis")
 
@@ -49,7 +48,7 @@ class RedisStore(Store):
             name: client.register_script(getattr(lua, name))
             for name in ("PUT", "CAS", "DELETE", "RANGE", "STATE", "GRANT", "REFRESH", "REVOKE", "SWEEP")
         }
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Sweeper(self._sweep_forever, "metadata-redis-sweeper")
         self._readers: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -83,15 +82,10 @@ class RedisStore(Store):
         return cls(client, watch_client, prefix, retain, sweep_ms / 1000.0, block_ms)
 
     async def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="metadata-redis-sweeper")
+        self._sweeper.start()
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self._sweeper.stop()
         for reader in list(self._readers):
             reader.cancel()
         if self._readers:
