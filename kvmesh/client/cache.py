@@ -37,6 +37,24 @@ T = TypeVar("T")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
 
+class _Retry:
+    """Retries of one call on one node: backoff between attempts, none past the deadline."""
+
+    def __init__(self, backoff: Backoff, deadline_s: float) -> None:
+        self._backoff = backoff
+        self._end = time.monotonic() + deadline_s
+        self._attempt = 0
+
+    async def wait(self) -> bool:
+        """Sleeps before the next attempt; False (no sleep) once the deadline has passed."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, self._backoff.delay(self._attempt)))
+        self._attempt += 1
+        return True
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """A cache node as the client knows it."""
@@ -190,10 +208,12 @@ class CacheClient:
         """Node ids holding `key`, primary first."""
         return self.ring.lookup(key, self.replicas)
 
+    def _retry(self) -> _Retry:
+        return _Retry(self.backoff, self.retry_deadline_s)
+
     async def _call(self, node_id: str, op: Callable[[cachenode_pb2_grpc.KVCacheStub], Awaitable[T]]) -> T | None:
         """Runs `op` on a node, retrying transient errors until the deadline; None when it fails."""
-        end = time.monotonic() + self.retry_deadline_s
-        attempt = 0
+        retry = self._retry()
         while True:
             node = self._nodes.get(node_id)
             if node is None:
@@ -204,12 +224,9 @@ class CacheClient:
                 if exc.code() not in RETRYABLE:
                     log.warning("cache node %s refused a call: %s %s", node_id, exc.code().name, exc.details())
                     return None
-                left = end - time.monotonic()
-                if left <= 0:
+                if not await retry.wait():
                     log.debug("cache node %s unavailable: %s", node_id, exc.code().name)
                     return None
-                await asyncio.sleep(min(left, self.backoff.delay(attempt)))
-                attempt += 1
 
     # -- single keys ---------------------------------------------------------------------
 
@@ -295,8 +312,7 @@ class CacheClient:
         out: list[bytes | None] = [None] * len(keys)
         buffers: dict[int, bytearray] = {}
         request = cachenode_pb2.BatchGetRequest(namespace=self.namespace, keys=keys)
-        end = time.monotonic() + self.retry_deadline_s
-        attempt = 0
+        retry = self._retry()
         while True:
             node = self._nodes.get(node_id)
             if node is None:
@@ -321,11 +337,8 @@ class CacheClient:
                 if exc.code() not in RETRYABLE or any(v is not None for v in out) or buffers:
                     # Already got part of the answer: keep it, the rest are misses.
                     return out
-                left = end - time.monotonic()
-                if left <= 0:
+                if not await retry.wait():
                     return out
-                await asyncio.sleep(min(left, self.backoff.delay(attempt)))
-                attempt += 1
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in order (None = miss). Each key is read from its primary; misses caused by
