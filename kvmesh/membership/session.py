@@ -17,6 +17,7 @@ import grpc
 
 from kvmesh.backoff import Backoff
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
 log = logging.getLogger("kvmesh.membership")
@@ -75,9 +76,7 @@ class MemberSession:
         self._closing.set()
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if deregister and self.lease_id and self._channel is not None:
             stub = metadata_pb2_grpc.MembershipStub(self._channel)

@@ -9,7 +9,6 @@ resuming from the last revision so no event is lost or repeated.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ import grpc
 
 from kvmesh.backoff import Backoff
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
 log = logging.getLogger("kvmesh.membership")
@@ -76,9 +76,7 @@ class MembershipWatcher:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._channel is not None:
             await self._channel.close()

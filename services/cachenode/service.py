@@ -9,7 +9,6 @@ server stops, and closes the engine last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2, common_pb2
 from services.cachenode.config import CacheNodeSettings
 from services.cachenode.engines.base import Engine
@@ -131,9 +131,7 @@ class CacheNodeService(Service):
     async def _stop_load_watch(self) -> None:
         task, self._load_watch = self._load_watch, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def drain(self) -> None:
         if self._datapath is not None:  # data-path streams never end by themselves: end them now

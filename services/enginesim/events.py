@@ -10,7 +10,6 @@ cache is sent once more a little later, in case the router did not know this mem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -18,6 +17,7 @@ import grpc
 
 from kvmesh.backoff import Backoff
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("kvmesh.enginesim.events")
@@ -81,11 +81,7 @@ class EventReporter:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         self._queues.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*tasks)
 
     def _snapshot_batches(self, cleared: bool) -> list[router_pb2.KvEventBatch]:
         events = [router_pb2.KvEvent(cleared=router_pb2.AllBlocksCleared())] if cleared else []

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from kvmesh.tasks import cancel_and_wait
 from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
 
 log = logging.getLogger("kvmesh.enginesim")
@@ -50,9 +51,7 @@ class EngineRunner:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         for handle in self._timers:
             handle.cancel()

@@ -9,7 +9,6 @@ events to the router so the router's tree mirrors what the engine really holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.errors import InvalidArgument, KvmeshError, guard
 from kvmesh.runtime.server import Service
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, enginesim_pb2, enginesim_pb2_grpc
 from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
 from services.enginesim.events import EventReporter
@@ -126,11 +126,7 @@ class EngineSimService(Service):
         if self.router_watcher is not None:
             await self.router_watcher.close()
         await self.runner.close()
-        for task in list(self._background):
-            task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._background)
         await self.reporter.close()
         if self._close_store is not None:
             await self._close_store()

@@ -9,7 +9,6 @@ change is applied whole between two routing decisions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
@@ -17,6 +16,7 @@ import grpc
 
 from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.server import Service
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
 from services.router.core import RouterCore
 from services.router.metrics import register_router_metrics
@@ -79,9 +79,7 @@ class RouterService(Service):
     async def close(self) -> None:
         await self.drain()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
             self._sweeper = None
         if self.watcher is not None:
             await self.watcher.close()

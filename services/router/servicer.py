@@ -87,31 +87,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.core.release(request.request_id)  # unknown ids are fine: release is idempotent
         return router_pb2.ReleaseResponse()
 
+    @guard
     async def ReportEvents(
         self, request_iterator: AsyncIterator[router_pb2.KvEventBatch], context: grpc.aio.ServicerContext
     ) -> router_pb2.ReportEventsResponse:
         out = router_pb2.ReportEventsResponse()
-        try:
-            async for batch in request_iterator:
-                if not batch.member_id:
-                    raise InvalidArgument(f"batch {out.batches}: member_id is required")
-                # Convert the whole batch first: a malformed batch changes nothing.
-                events = [from_proto(i, e) for i, e in enumerate(batch.events)]
-                result = self.core.apply_events(batch.member_id, events)
-                out.batches += 1
-                out.applied_events += result.applied
-                out.ignored_events += result.ignored
-                if result.reason:
-                    out.last_ignored_reason = result.reason
-        except (KvmeshError, ValueError) as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("applying KV events failed")
-            code, message = status_for(exc)
-            await context.abort(code, message)
+        async for batch in request_iterator:
+            if not batch.member_id:
+                raise InvalidArgument(f"batch {out.batches}: member_id is required")
+            # Convert the whole batch first: a malformed batch changes nothing.
+            events = [from_proto(i, e) for i, e in enumerate(batch.events)]
+            result = self.core.apply_events(batch.member_id, events)
+            out.batches += 1
+            out.applied_events += result.applied
+            out.ignored_events += result.ignored
+            if result.reason:
+                out.last_ignored_reason = result.reason
         return out
 
     @guard

@@ -9,13 +9,13 @@ stopping), the session's views are released and its unsealed allocations dropped
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2
 from services.cachenode.datapath.exports import exports_of
 from services.cachenode.datapath.sessions import DataPathLimits, Session, SessionTable
@@ -96,9 +96,7 @@ class DataPath:
         if self.table is not None:
             self.table.close()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
             self._sweeper = None
 
     async def _sweep(self) -> None:

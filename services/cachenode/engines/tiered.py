@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+from kvmesh.tasks import cancel_and_wait
 from services.cachenode.engines.base import Capabilities, Engine, EngineStats
 
 log = logging.getLogger("kvmesh.cachenode.tiered")
@@ -192,8 +193,6 @@ class TieredEngine(Engine):
         if self._demoter is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.flush(), 5.0)
-            self._demoter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._demoter
+            await cancel_and_wait(self._demoter)
         for tier in self.tiers:
             await tier.close()

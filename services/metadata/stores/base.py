@@ -11,13 +11,13 @@ backend still retains the events after it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvmesh.runtime.errors import NotFound, Unavailable
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.uri import Uri
 
 
@@ -161,9 +161,7 @@ class Sweeper:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
 
