@@ -23,7 +23,8 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check kvmesh services tests bench scripts
-	$(VENV)/bin/mypy kvmesh services bench tests
+	$(VENV)/bin/mypy kvmesh bench tests
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m bench.all $(BENCH_ARGS)

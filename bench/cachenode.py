@@ -28,15 +28,15 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.client import wire
+from kvmesh import wire
 from kvmesh.runtime.channels import channel_options, open_channel
-from kvmesh.testing.ports import free_port, wait_port
-from kvmesh.testing.processes import KvmeshProcess, kvmesh_env
-from kvmesh.testing.servers import start_redis
+from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
+from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.ports import free_port, wait_port
+from kvmesh.tools.testing.servers import start_redis
 from kvmesh.units import format_size, parse_size
 from kvmesh.v1 import cachenode_pb2 as pb
 from kvmesh.v1 import cachenode_pb2_grpc
-from services.cachenode.handlers import add_kvcache_to_server
 
 SIZES = [64 * 1024, 1024**2, 8 * 1024**2]
 IN_FLIGHT = 16
@@ -99,7 +99,7 @@ class GrpcSystem(System):
         self.name = name
         self.chunk = chunk
         self.channel = open_channel(address)
-        # Hand-coded value messages (kvmesh.client.wire), as in kvmesh.client.
+        # Hand-coded value messages (kvmesh.wire), as in kvmesh.client.
         self.batch_put = self.channel.stream_unary(
             "/kvmesh.v1.KVCache/BatchPut", request_serializer=wire.identity,
             response_deserializer=pb.BatchPutResponse.FromString,
@@ -264,7 +264,7 @@ def run(quick: bool, chunk: int) -> None:
     import uvloop
 
     node = KvmeshProcess(
-        ["cachenode", "--standalone", "--listen", "127.0.0.1:0", "--engine", "memory://?capacity=2GiB",
+        ["cachenode", "--standalone", "--listen", "127.0.0.1:0", "--storage", "memory://?capacity=2GiB",
          "--chunk-bytes", str(chunk), "--log-level", "warning"],
         name="cachenode",
     )

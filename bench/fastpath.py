@@ -25,7 +25,7 @@ import numpy as np
 
 from kvmesh.client.local import LocalDataPath
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.processes import KvmeshProcess
+from kvmesh.tools.processes import KvmeshProcess
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 MiB = 1 << 20
@@ -82,7 +82,7 @@ async def grpc_ops(stub: cachenode_pb2_grpc.KVCacheStub, value: bytes, namespace
 
 
 async def bench_local(seconds: float, batch: int) -> None:
-    node = KvmeshProcess(["cachenode", "--standalone", "--engine", "memory://?capacity=512MiB&arena=shm"])
+    node = KvmeshProcess(["cachenode", "--standalone", "--storage", "memory://?capacity=512MiB&arena=shm"])
     try:
         address = node.wait_ready(30)
         channel = open_channel(address)
@@ -151,11 +151,11 @@ async def bench_gpu(seconds: float) -> None:
     if not torch.cuda.is_available():
         print("\nGPU tier: skipped (no CUDA device on this machine; run this on one to fill the table)")
         return
+    from kvmesh.services.cachenode.storage.gpu import GpuStorage
     from kvmesh.uri import parse_uri
-    from services.cachenode.engines.gpu import GpuEngine
 
-    engine = await GpuEngine.create(parse_uri("gpu://cuda:0?capacity=1GiB"))
-    node = KvmeshProcess(["cachenode", "--standalone", "--engine", "gpu://cuda:0?capacity=1GiB"])
+    engine = await GpuStorage.create(parse_uri("gpu://cuda:0?capacity=1GiB"))
+    node = KvmeshProcess(["cachenode", "--standalone", "--storage", "gpu://cuda:0?capacity=1GiB"])
     try:
         address = node.wait_ready(60)
         channel = open_channel(address)
@@ -195,7 +195,7 @@ async def bench_rdma(seconds: float, protocol: str) -> None:
     from kvmesh.client.rdma import RdmaDataPath
 
     engine = f"rdma://127.0.0.1?capacity=256MiB&protocol={protocol}"
-    node = KvmeshProcess(["cachenode", "--standalone", "--engine", engine], env={"MC_TCP_BIND_ADDRESS": "127.0.0.1"})
+    node = KvmeshProcess(["cachenode", "--standalone", "--storage", engine], env={"MC_TCP_BIND_ADDRESS": "127.0.0.1"})
     try:
         address = node.wait_ready(60)
         channel = open_channel(address)

@@ -34,9 +34,9 @@ from pathlib import Path
 import grpc
 
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.processes import ROOT, KvmeshProcess, kvmesh_env
-from kvmesh.testing.servers import ServerHandle, start_etcd, start_redis
+from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.servers import ServerHandle, start_etcd, start_redis
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
 TARGET_P99_MS = {"memory": 50.0, "etcd": 250.0, "redis": 250.0}
@@ -134,7 +134,7 @@ async def propagation(address: str, watch: Watch, count: int, figures: Figures) 
 def member_process(address: str, member_id: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.membership", "--run-member", address, member_id],
-        env=kvmesh_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=kvmesh_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 

@@ -28,10 +28,10 @@ import grpc
 
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime, Service
+from kvmesh.services.router.core import RouterCore, Stored
+from kvmesh.services.router.router_api import RouterApi
+from kvmesh.services.router.settings import RouterSettings
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.router.core import RouterCore, Stored
-from services.router.servicer import RouterServicer
-from services.router.settings import RouterSettings
 
 PROMPT_TOKENS = 2048
 SYSTEM_TOKENS = 512
@@ -243,7 +243,7 @@ async def grpc_bench(blocks: int, seconds: float, conc: int, rounds: int) -> tup
     ]
     settings = RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5)
     noop_rt = ServerRuntime(BenchService(NoopServicer()), settings)  # type: ignore[abstract]
-    router_rt = ServerRuntime(BenchService(RouterServicer(core)), settings)
+    router_rt = ServerRuntime(BenchService(RouterApi(core)), settings)
     noop_addr = await noop_rt.start()
     router_addr = await router_rt.start()
     noop: list[float] = []

@@ -22,17 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-from kvmesh.replay.core_router import CoreRouter
-from kvmesh.replay.metrics import ReplayResult
-from kvmesh.replay.pool import PoolModel
-from kvmesh.replay.report import print_summary, wide_console, write_json, write_plots
-from kvmesh.replay.simulate import ReplayConfig, replay_in_process
-from kvmesh.testing.processes import ROOT, kvmesh_env
-from kvmesh.workload.trace import TraceRequest, infinite_cache_bound, load_trace
+from kvmesh.tools.processes import kvmesh_env
+from kvmesh.tools.replay.core_router import CoreRouter
+from kvmesh.tools.replay.metrics import ReplayResult
+from kvmesh.tools.replay.pool import PoolModel
+from kvmesh.tools.replay.report import print_summary, wide_console, write_json, write_plots
+from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
+from kvmesh.tools.workload.trace import TraceRequest, infinite_cache_bound, load_trace
+
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout
 
 DEFAULT_TRACE = ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 POLICIES = ["random", "round-robin", "least-load", "prefix", "cache-aware", "kv-aware"]
-ENGINES, CAPACITY, POOL = 8, 1000, 32_000
+STORAGE_BACKENDS, CAPACITY, POOL = 8, 1000, 32_000
 
 
 def single_lru_ceiling(requests: list[TraceRequest], capacity: int) -> float:
@@ -56,23 +58,23 @@ def main() -> int:
     console = wide_console()
     requests = load_trace(args.trace, limit=2000 if args.quick else None)
     bound = infinite_cache_bound(requests)
-    ceiling = single_lru_ceiling(requests, ENGINES * CAPACITY)
+    ceiling = single_lru_ceiling(requests, STORAGE_BACKENDS * CAPACITY)
     # Routing alone cannot beat one cache of the engines' summed memory seeing every request.
     console.print(f"{args.trace.name}: {len(requests)} requests; infinite-cache bound {bound * 100:.1f}%; "
-                  f"one shared LRU of {ENGINES * CAPACITY:,} blocks {ceiling * 100:.1f}% "
+                  f"one shared LRU of {STORAGE_BACKENDS * CAPACITY:,} blocks {ceiling * 100:.1f}% "
                   f"({ceiling / bound * 100:.1f}% of the bound)")
     results: list[ReplayResult] = []
     started = time.perf_counter()
     for policy in POLICIES:
         results.append(replay_in_process(requests, CoreRouter(policy), policy,
-                                         ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY)))
+                                         ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY)))
     # The router's load gate loosened: fewer requests leave the pod that holds their prefix.
     results.append(replay_in_process(requests, CoreRouter("prefix", imbalance_abs=32), "prefix imbalance_abs=32",
-                                     ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY)))
+                                     ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY)))
     with_pool = replay_in_process(requests, CoreRouter("prefix"), "prefix",
-                                  ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY, pool_blocks=POOL))
+                                  ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY, pool_blocks=POOL))
     results.append(with_pool)
-    print_summary(results, console, title=f"{ENGINES} engines x {CAPACITY} blocks, in-process, "
+    print_summary(results, console, title=f"{STORAGE_BACKENDS} engines x {CAPACITY} blocks, in-process, "
                                           f"{time.perf_counter() - started:.1f} s wall")
     by = {r.policy: r.summary() for r in results[:-1]}
     gated = by["prefix imbalance_abs=32"]
@@ -103,7 +105,7 @@ def _live_check(trace: Path, console) -> None:
         cmd = [sys.executable, "-m", "kvmesh", "bench", "trace", str(trace), "--limit", str(limit), "--quiet",
                "--engines", "4", "--cachenodes", "2", "--capacity-blocks", "1000", "--pool-blocks", "4000",
                "--speedup", "5", *(["--live"] if live else [])]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=kvmesh_env(), cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=kvmesh_env())
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("KVMESH_BENCH_SUMMARY ")), None)
         if line is None:
             console.print(f"[red]live check failed[/red]\n{out.stdout[-2000:]}{out.stderr[-2000:]}")

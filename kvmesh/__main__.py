@@ -2,6 +2,6 @@
 
 import sys
 
-from kvmesh.cli.main import main
+from kvmesh.tools.cli.main import main
 
 sys.exit(main())

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from kvmesh.testing.processes import KvmeshProcess
-from kvmesh.testing.servers import ServerHandle, etcd_server, redis_server
+from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import argparse
 import pytest
 
 from kvmesh.backoff import Backoff
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
-from kvmesh.config import MemberSettings, split_addresses
+from kvmesh.flags import add_settings_arguments, settings_from_args
 from kvmesh.registry import LazyRegistry
+from kvmesh.settings import MemberSettings, split_addresses
 from kvmesh.units import format_size, parse_size
 from kvmesh.uri import UriError, parse_uri
 

@@ -11,11 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvmesh.config import ServiceSettings
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime, Service, advertised_address
+from kvmesh.settings import ServiceSettings
 from kvmesh.telemetry import meter, setup_telemetry
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 
@@ -84,6 +84,26 @@ async def test_runtime_serves_health_reflection_and_stops_in_order() -> None:
     await runtime.stop()
     await runtime.stop()  # idempotent
     assert service.calls == [f"start {address}", "drain", "close"]
+
+
+async def test_runtime_as_async_context_manager_stops_even_when_the_body_raises() -> None:
+    service = RecordingService()
+    async with ServerRuntime(service, ServiceSettings(listen="127.0.0.1:0")) as runtime:
+        address = runtime.address
+        async with open_channel(address) as channel:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    assert service.calls == [f"start {address}", "drain", "close"]
+
+    failing = RecordingService()
+    with pytest.raises(RuntimeError, match="boom"):
+        async with ServerRuntime(failing, ServiceSettings(listen="127.0.0.1:0")) as runtime:
+            raise RuntimeError("boom")
+    assert failing.calls == [f"start {runtime.address}", "drain", "close"]
+    async with open_channel(runtime.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE  # nothing listens any more
 
 
 def test_advertised_address() -> None:

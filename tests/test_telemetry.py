@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
 pytestmark = pytest.mark.integration

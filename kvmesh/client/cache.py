@@ -20,9 +20,9 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from kvmesh import wire
 from kvmesh.backoff import Backoff
 from kvmesh.blocks import BlockHasher
-from kvmesh.client import wire
 from kvmesh.client.hashring import HashRing
 from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable
 from kvmesh.membership import MembershipChange, MembershipWatcher
@@ -71,7 +71,7 @@ class _Node:
         self.info = info
         self.channel = open_channel(info.address, max_message_bytes)
         self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
-        # The value-carrying streams use hand-coded messages (kvmesh.client.wire): fewer copies.
+        # The value-carrying streams use hand-coded messages (kvmesh.wire): fewer copies.
         self.batch_put = self.channel.stream_unary(
             "/kvmesh.v1.KVCache/BatchPut",
             request_serializer=wire.identity,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.client.session import AttachedSession, attach, default_client_id
+from kvmesh.client.attachment import Attachment, attach, default_client_id
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.local")
@@ -152,7 +152,7 @@ class LocalView:
             self._view = None
 
 
-class LocalDataPath(AttachedSession):
+class LocalDataPath(Attachment):
     """An attached zero-copy session with one cache node on this host."""
 
     unavailable = LocalPathUnavailable

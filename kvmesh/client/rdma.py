@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kvmesh.client.session import AttachedSession, attach, default_client_id
+from kvmesh.client.attachment import Attachment, attach, default_client_id
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.rdma")
@@ -39,7 +39,7 @@ class TransferFailed(Exception):
     """A one-sided transfer returned an error code (the peer went away, or a bad address)."""
 
 
-class RdmaDataPath(AttachedSession):
+class RdmaDataPath(Attachment):
     """An attached RDMA session with one cache node."""
 
     unavailable = RemotePathUnavailable

@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvmesh.config import ServiceSettings
 from kvmesh.logs import setup_logging
 from kvmesh.runtime.channels import channel_options
+from kvmesh.settings import ServiceSettings
 from kvmesh.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger("kvmesh.server")
@@ -59,7 +59,10 @@ def advertised_address(listen: str, bound_port: int, advertise: str | None) -> s
 
 
 class ServerRuntime:
-    """A started gRPC server with health and reflection; `stop()` follows the shutdown order."""
+    """A started gRPC server with health and reflection; `stop()` follows the shutdown order.
+
+    `async with ServerRuntime(...) as rt:` starts it and stops it on the way out, even when the
+    body raises, so tests and tools cannot forget the shutdown order."""
 
     def __init__(self, service: Service, settings: ServiceSettings, telemetry: Telemetry | None = None) -> None:
         self.service = service
@@ -93,6 +96,17 @@ class ServerRuntime:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving", self.service.name, extra={"address": self.address})
         return self.address
+
+    async def __aenter__(self) -> ServerRuntime:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         if self._stopped:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.flags import add_settings_arguments, settings_from_args
 from kvmesh.runtime.server import run_service
-from services.cachenode.config import CacheNodeSettings
+from kvmesh.services.cachenode.settings import CacheNodeSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cachenode.service import CacheNodeService
+    from kvmesh.services.cachenode.service import CacheNodeService
 
     settings = settings_from_args(CacheNodeSettings, args)
     return run_service(CacheNodeService(settings), settings)

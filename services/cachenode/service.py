@@ -1,9 +1,9 @@
-"""The cache node as a kvmesh `Service`: engine lifecycle and membership.
+"""The cache node as a kvmesh `Service`: storage lifecycle and membership.
 
-The engine is built once the server listens (engine URIs are validated by then: a bad one
+The storage is built once the server listens (storage URIs are validated by then: a bad one
 stops the node with a clear message), then the node registers as ROLE_CACHENODE with its
 capacity and reports used bytes with every heartbeat. On shutdown it deregisters before the
-server stops, and closes the engine last.
+server stops, and closes the storage last.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
+from kvmesh.services.cachenode.kvcache_api import KVCacheApi, Limits
+from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
+from kvmesh.services.cachenode.settings import CacheNodeSettings
+from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2, common_pb2
-from services.cachenode.config import CacheNodeSettings
-from services.cachenode.engines.base import Engine
-from services.cachenode.engines.registry import build_engine
-from services.cachenode.handlers import add_kvcache_to_server
-from services.cachenode.servicer import DataPath, KVCacheServicer, Limits
 
 if TYPE_CHECKING:
-    from services.cachenode.datapath.service import DataPath as SessionDataPath
+    from kvmesh.services.cachenode.zerocopy.api import ZeroCopyApi
 
 log = logging.getLogger("kvmesh.cachenode")
 
@@ -35,13 +35,13 @@ LOAD_SETTLE_SECONDS = 1.5
 
 
 class CacheNodeService(Service):
-    """A KVCache server over one (possibly tiered) engine."""
+    """A KVCache server over one (possibly tiered) storage."""
 
     name = "cachenode"
     service_names = (cachenode_pb2.DESCRIPTOR.services_by_name["KVCache"].full_name,)
 
     def __init__(
-        self, settings: CacheNodeSettings, engine: Engine | None = None, datapath: DataPath | None = None
+        self, settings: CacheNodeSettings, storage: Storage | None = None, zerocopy: ZeroCopyApi | None = None
     ) -> None:
         self.settings = settings
         limits = Limits(
@@ -50,47 +50,47 @@ class CacheNodeService(Service):
             chunk_bytes=min(settings.chunk_bytes, settings.max_message_bytes - 64 * 1024),
             namespaces=settings.allowed_namespaces,
         )
-        self.servicer = KVCacheServicer(engine, limits, datapath)
+        self.servicer = KVCacheApi(storage, limits, zerocopy)
         self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
         self.session: MemberSession | None = None
         self._load_watch: asyncio.Task[None] | None = None
-        self._datapath: SessionDataPath | None = None
+        self._zerocopy: ZeroCopyApi | None = None
 
     @property
-    def engine(self) -> Engine | None:
-        return self.servicer.engine
+    def storage(self) -> Storage | None:
+        return self.servicer.storage
 
     def register(self, server: grpc.aio.Server) -> None:
         add_kvcache_to_server(self.servicer, server)
 
     def load(self) -> common_pb2.Load:
-        engine = self.servicer.engine
-        if engine is None:
+        storage = self.servicer.storage
+        if storage is None:
             return common_pb2.Load()
-        used = sum(s.used_bytes for s in engine.tier_stats()[:1])
-        capacity = engine.capacity_bytes
+        used = sum(s.used_bytes for s in storage.tier_stats()[:1])
+        capacity = storage.capacity_bytes
         return common_pb2.Load(
             used_bytes=max(0, used), capacity_bytes=capacity, kv_usage=used / capacity if capacity else 0.0
         )
 
     async def start(self, address: str) -> None:
-        if self.servicer.engine is None:
-            self.servicer.engine = await build_engine(self.settings.engine)
-        engine = self.servicer.engine
-        log.info("engine ready", extra={"engine": engine.name, "capacity": engine.capacity_bytes})
-        if self.servicer.datapath is None:  # zero-copy / RDMA sessions (services/cachenode/datapath)
-            from services.cachenode.datapath.service import DataPath as SessionDataPath
+        if self.servicer.storage is None:
+            self.servicer.storage = await build_storage(self.settings.storage)
+        storage = self.servicer.storage
+        log.info("storage ready", extra={"storage": storage.name, "capacity": storage.capacity_bytes})
+        if self.servicer.zerocopy is None:  # zero-copy / RDMA sessions (services/cachenode/zerocopy)
+            from kvmesh.services.cachenode.zerocopy.api import ZeroCopyApi
 
-            self._datapath = SessionDataPath.for_node(
-                engine,
+            self._zerocopy = ZeroCopyApi.for_node(
+                storage,
                 allocation_timeout_ms=self.settings.allocation_timeout_ms,
                 max_key_bytes=self.settings.max_key_bytes,
                 max_value_bytes=self.settings.max_value_bytes,
                 namespaces=self.settings.allowed_namespaces,
             )
-            if self._datapath is not None:
-                await self._datapath.start()
-                self.servicer.datapath = self._datapath
+            if self._zerocopy is not None:
+                await self._zerocopy.start()
+                self.servicer.zerocopy = self._zerocopy
         if self.settings.standalone:
             return
         member = common_pb2.Member(
@@ -98,8 +98,8 @@ class CacheNodeService(Service):
             role=common_pb2.ROLE_CACHENODE,
             address=address,
             zone=self.settings.zone,
-            capacity_bytes=engine.capacity_bytes,
-            labels={"engine": engine.name},
+            capacity_bytes=storage.capacity_bytes,
+            labels={"storage": storage.name},
         )
         self.session = MemberSession(
             self.settings.metadata_addresses, member, ttl_seconds=self.settings.ttl_seconds, load_fn=self.load
@@ -134,8 +134,8 @@ class CacheNodeService(Service):
             await cancel_and_wait(task)
 
     async def drain(self) -> None:
-        if self._datapath is not None:  # data-path streams never end by themselves: end them now
-            self._datapath.drain()
+        if self._zerocopy is not None:  # data-path streams never end by themselves: end them now
+            self._zerocopy.drain()
         await self._stop_load_watch()
         if self.session is not None:
             await self.session.close(deregister=True)
@@ -146,9 +146,9 @@ class CacheNodeService(Service):
         if self.session is not None:
             await self.session.close(deregister=False)
             self.session = None
-        if self._datapath is not None:
-            await self._datapath.close()
-            self._datapath = None
-        engine, self.servicer.engine = self.servicer.engine, None
-        if engine is not None:
-            await engine.close()
+        if self._zerocopy is not None:
+            await self._zerocopy.close()
+            self._zerocopy = None
+        storage, self.servicer.storage = self.servicer.storage, None
+        if storage is not None:
+            await storage.close()

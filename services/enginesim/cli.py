@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.flags import add_settings_arguments, settings_from_args
 from kvmesh.runtime.server import run_service
-from services.enginesim.settings import EngineSimSettings
+from kvmesh.services.enginesim.settings import EngineSimSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.enginesim.service import EngineSimService
+    from kvmesh.services.enginesim.service import EngineSimService
 
     settings = settings_from_args(EngineSimSettings, args)
     return run_service(EngineSimService(settings), settings)

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from services.enginesim.prefix_cache import Allocation, PrefixCache
-from services.enginesim.timing import TimingModel, attention_pairs
+from kvmesh.services.enginesim.prefix_cache import Allocation, PrefixCache
+from kvmesh.services.enginesim.timing import TimingModel, attention_pairs
 
 
 class EventKind(Enum):

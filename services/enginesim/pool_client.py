@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from kvmesh.client import CacheClient
-from services.enginesim.pool import BlockStore
-from services.enginesim.settings import EngineSimSettings
+from kvmesh.services.enginesim.pool import BlockStore
+from kvmesh.services.enginesim.settings import EngineSimSettings
 
 
 class ClientStore:

@@ -14,8 +14,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from kvmesh.services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
 from kvmesh.tasks import cancel_and_wait
-from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
 
 log = logging.getLogger("kvmesh.enginesim")
 

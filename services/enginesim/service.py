@@ -19,13 +19,13 @@ from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.errors import InvalidArgument, KvmeshError, guard
 from kvmesh.runtime.server import Service
+from kvmesh.services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
+from kvmesh.services.enginesim.events import EventReporter
+from kvmesh.services.enginesim.pool import BlockPool, BlockStore
+from kvmesh.services.enginesim.runner import EngineRunner
+from kvmesh.services.enginesim.settings import EngineSimSettings
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, enginesim_pb2, enginesim_pb2_grpc
-from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
-from services.enginesim.events import EventReporter
-from services.enginesim.pool import BlockPool, BlockStore
-from services.enginesim.runner import EngineRunner
-from services.enginesim.settings import EngineSimSettings
 
 log = logging.getLogger("kvmesh.enginesim")
 
@@ -44,7 +44,7 @@ StoreFactory = Callable[[EngineSimSettings], Awaitable[tuple[BlockStore, Callabl
 
 async def open_cache_client(settings: EngineSimSettings) -> tuple[BlockStore, Callable[[], Awaitable[None]]]:
     """The client library, following the cache nodes registered with the metadata service."""
-    from services.enginesim.pool_client import connect_pool
+    from kvmesh.services.enginesim.pool_client import connect_pool
 
     return await connect_pool(settings)
 

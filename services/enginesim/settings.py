@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from kvmesh.config import MemberSettings, split_addresses
+from kvmesh.services.enginesim.timing import TimingModel
+from kvmesh.settings import MemberSettings, split_addresses
 from kvmesh.units import parse_size
-from services.enginesim.timing import TimingModel
 
 _DEFAULT = TimingModel()
 

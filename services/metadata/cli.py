@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.flags import add_settings_arguments, settings_from_args
 from kvmesh.runtime.server import run_service
+from kvmesh.services.metadata.settings import MetadataSettings
 from kvmesh.uri import UriError
-from services.metadata.settings import MetadataSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(MetadataSettings, args)
-    from services.metadata.service import MetadataService
-    from services.metadata.stores.registry import resolve_backend
+    from kvmesh.services.metadata.service import MetadataService
+    from kvmesh.services.metadata.stores.registry import resolve_backend
 
     try:
         resolve_backend(settings.backend)  # a bad URI is a usage error, reported before serving

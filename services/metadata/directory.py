@@ -18,8 +18,8 @@ from collections.abc import AsyncGenerator
 from google.protobuf.message import DecodeError
 
 from kvmesh.runtime.errors import Unavailable
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, StoreHandle
 from kvmesh.v1 import common_pb2, metadata_pb2
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, StoreHandle
 
 MEMBERS = "members/"
 LEASES = "leases/"

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh.runtime.errors import KvmeshError, guard
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, Store, StoreHandle
+from kvmesh.services.metadata.streaming import abort_with, until_closing
+from kvmesh.services.metadata.validation import Limits, check_key, check_lease, check_prefix, check_value
 from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
-from services.metadata.stores.base import Change, Compacted, Entry, Store, StoreHandle
-from services.metadata.streaming import abort_with, until_closing
-from services.metadata.validation import Limits, check_key, check_lease, check_prefix, check_value
 
 KV = "kv/"
 

@@ -9,13 +9,13 @@ import grpc
 from opentelemetry.metrics import Observation
 
 from kvmesh.runtime.errors import guard
+from kvmesh.services.metadata.directory import MemberDirectory, decode_member
+from kvmesh.services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
+from kvmesh.services.metadata.stores.base import Entry, LeaseNotFound
+from kvmesh.services.metadata.streaming import abort_with, until_closing
+from kvmesh.services.metadata.validation import Limits, check_lease, check_member, check_role, check_ttl
 from kvmesh.telemetry import meter
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
-from services.metadata.directory import MemberDirectory, decode_member
-from services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
-from services.metadata.stores.base import Entry, LeaseNotFound
-from services.metadata.streaming import abort_with, until_closing
-from services.metadata.validation import Limits, check_lease, check_member, check_role, check_ttl
 
 
 class MembershipApi(metadata_pb2_grpc.MembershipServicer):

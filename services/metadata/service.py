@@ -8,15 +8,15 @@ import grpc
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.runtime.server import Service
+from kvmesh.services.metadata.directory import MemberDirectory
+from kvmesh.services.metadata.keyvalue_api import KeyValueApi
+from kvmesh.services.metadata.membership_api import MembershipApi
+from kvmesh.services.metadata.policy import HeartbeatPolicy, LoadUpdatePolicy
+from kvmesh.services.metadata.settings import MetadataSettings
+from kvmesh.services.metadata.stores.base import Store, StoreHandle
+from kvmesh.services.metadata.stores.registry import open_store
+from kvmesh.services.metadata.validation import Limits
 from kvmesh.v1 import metadata_pb2_grpc
-from services.metadata.directory import MemberDirectory
-from services.metadata.keyvalue_api import KeyValueApi
-from services.metadata.membership_api import MembershipApi
-from services.metadata.policy import HeartbeatPolicy, LoadUpdatePolicy
-from services.metadata.settings import MetadataSettings
-from services.metadata.stores.base import Store, StoreHandle
-from services.metadata.stores.registry import open_store
-from services.metadata.validation import Limits
 
 log = logging.getLogger("kvmesh.metadata")
 

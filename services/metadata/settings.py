@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from kvmesh.config import DEFAULT_METADATA_ADDRESS, ServiceSettings
+from kvmesh.settings import DEFAULT_METADATA_ADDRESS, ServiceSettings
 from kvmesh.units import parse_size
 
 

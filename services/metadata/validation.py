@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.runtime.errors import InvalidArgument, ResourceExhausted
+from kvmesh.services.metadata.directory import ROLE_NAMES
 from kvmesh.v1 import common_pb2
-from services.metadata.directory import ROLE_NAMES
 
 
 @dataclass(frozen=True)

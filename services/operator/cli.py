@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.flags import add_settings_arguments, settings_from_args
 
 
 class OperatorSettings(BaseSettings):
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from kvmesh.logs import setup_logging
-    from services.operator import handlers  # noqa: F401  (registers the handlers with kopf)
+    from kvmesh.services.operator import controller  # noqa: F401  (registers the handlers with kopf)
 
     setup_logging(settings.log_level, settings.log_format)
     namespaces = settings.namespace_list

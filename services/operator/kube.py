@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from services.operator.reconcile import OWNED_KINDS, Obj
+from kvmesh.services.operator.reconcile import OWNED_KINDS, Obj
 
 FIELD_MANAGER = "kvmesh-operator"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.operator.resources import POOL_LABEL, Obj, desired_objects, names, selector_labels
-from services.operator.spec import PoolSpec, SpecError, parse_spec
+from kvmesh.services.operator.resources import POOL_LABEL, Obj, desired_objects, names, selector_labels
+from kvmesh.services.operator.spec import PoolSpec, SpecError, parse_spec
 
 # What the operator may own, as (apiVersion, kind): the RBAC role grants exactly these.
 OWNED_KINDS: tuple[tuple[str, str], ...] = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.operator.spec import API_VERSION, KIND, PoolSpec
+from kvmesh.services.operator.spec import API_VERSION, KIND, PoolSpec
 
 Obj = dict[str, Any]
 
@@ -307,7 +307,7 @@ def cache_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
                 KVMESH_MEMBER_ID="$(POD_NAME)",
                 KVMESH_ADVERTISE=f"$(POD_NAME).{n['cache_headless']}.$(POD_NAMESPACE).svc:{CACHE_PORT}",
                 KVMESH_METADATA=f"{n['metadata']}.{ns}.svc:{METADATA_PORT}",
-                KVMESH_ENGINE=spec.cache.engine,
+                KVMESH_STORAGE=spec.cache.engine,
                 KVMESH_LOG_FORMAT="json",
             ),
         ],

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvmesh.tiers import STORAGE_SCHEMES, split_tiers
 from kvmesh.uri import UriError, parse_uri
 
 GROUP = "kvcache.kvmesh.io"
@@ -72,12 +73,9 @@ class CacheSpec(_Model):
     @field_validator("engine")
     @classmethod
     def _engine(cls, value: str) -> str:
-        tiers = [t.strip() for t in value.split(",")]
-        if not all(tiers):
+        tiers = split_tiers(value)
+        if not tiers or any(not part.strip() for part in value.split(",")):
             raise ValueError(f"empty tier in engine {value!r}")
-        from services.cachenode.engines.registry import ENGINES  # names only: no engine is imported
-
-        known = set(ENGINES.schemes())
         for tier in tiers:
             try:
                 uri = parse_uri(tier)
@@ -85,13 +83,13 @@ class CacheSpec(_Model):
                 uri.size_param("capacity", 0)  # a capacity must be a size (2GiB), checked here not in the pod
             except UriError as exc:
                 raise ValueError(f"bad engine URI {tier!r}: {exc}") from None
-            if scheme not in known:
-                raise ValueError(f"unknown engine scheme {scheme!r} (known: {', '.join(sorted(known))})")
+            if scheme not in STORAGE_SCHEMES:
+                raise ValueError(f"unknown storage scheme {scheme!r} (known: {', '.join(sorted(STORAGE_SCHEMES))})")
         return ",".join(tiers)
 
     @property
     def tiers(self) -> list[str]:
-        return self.engine.split(",")
+        return split_tiers(self.engine)
 
     def disk_paths(self) -> list[str]:
         """Mount points the disk tiers need (each gets a volume)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from kvmesh.cli.settings_args import add_settings_arguments, settings_from_args
+from kvmesh.flags import add_settings_arguments, settings_from_args
 from kvmesh.runtime.server import run_service
-from services.router.settings import RouterSettings
+from kvmesh.services.router.settings import RouterSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(RouterSettings, args)
-    from services.router.service import RouterService
+    from kvmesh.services.router.service import RouterService
 
     return run_service(RouterService(settings), settings)

@@ -21,11 +21,11 @@ import numpy as np
 from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MembershipChange
 from kvmesh.runtime.errors import InvalidArgument, Unavailable
+from kvmesh.services.router.pods import Pod, PodTable
+from kvmesh.services.router.policies import Policy, RouteContext, make_policy
+from kvmesh.services.router.settings import RouterSettings
+from kvmesh.services.router.tree import PrefixTree
 from kvmesh.v1 import common_pb2
-from services.router.pods import Pod, PodTable
-from services.router.policies import Policy, RouteContext, make_policy
-from services.router.settings import RouterSettings
-from services.router.tree import PrefixTree
 
 U64_MAX = (1 << 64) - 1
 _MAX_HASHERS = 256  # distinct model names whose hasher is cached

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from kvmesh.services.router.core import RouterCore, RouterStats
 from kvmesh.telemetry import meter
-from services.router.core import RouterCore, RouterStats
 
 
 def _observe(core: RouterCore, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:

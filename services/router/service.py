@@ -16,12 +16,12 @@ import grpc
 
 from kvmesh.membership import MemberSession, MembershipWatcher
 from kvmesh.runtime.server import Service
+from kvmesh.services.router.core import RouterCore
+from kvmesh.services.router.metrics import register_router_metrics
+from kvmesh.services.router.router_api import RouterApi
+from kvmesh.services.router.settings import RouterSettings
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
-from services.router.core import RouterCore
-from services.router.metrics import register_router_metrics
-from services.router.servicer import RouterServicer
-from services.router.settings import RouterSettings
 
 log = logging.getLogger("kvmesh.router")
 
@@ -33,7 +33,7 @@ class RouterService(Service):
     def __init__(self, settings: RouterSettings, follow_membership: bool = True) -> None:
         self.settings = settings
         self.core = RouterCore(settings.policy, settings)
-        self.servicer = RouterServicer(self.core)
+        self.servicer = RouterApi(self.core)
         register_router_metrics(self.core)
         self._follow = follow_membership
         self.watcher: MembershipWatcher | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
-from kvmesh.config import MemberSettings
+from kvmesh.settings import MemberSettings
 
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7600"  # what `kvmesh route --router` dials by default
 POLICY_NAMES = ("random", "round-robin", "least-load", "prefix", "cache-aware", "kv-aware")

@@ -9,11 +9,9 @@ from typing import Any
 
 import pytest
 
-from kvmesh.runtime.channels import open_channel
-from kvmesh.runtime.server import ServerRuntime
+from kvmesh.services.cachenode.service import CacheNodeService
+from kvmesh.tools.testing.mesh import local_mesh
 from kvmesh.v1 import cachenode_pb2_grpc
-from services.cachenode.config import CacheNodeSettings
-from services.cachenode.service import CacheNodeService
 from tests.cachenode.servers import redis_cluster, redis_tls_server, vineyardd
 
 
@@ -21,16 +19,8 @@ from tests.cachenode.servers import redis_cluster, redis_tls_server, vineyardd
 async def running_node(**settings: Any) -> AsyncIterator[tuple[CacheNodeService, cachenode_pb2_grpc.KVCacheStub]]:
     """A cache node on a free port (not registered anywhere) and a stub talking to it."""
     settings.setdefault("standalone", True)
-    settings.setdefault("engine", "memory://?capacity=64MiB")
-    service = CacheNodeService(CacheNodeSettings(listen="127.0.0.1:0", **settings))
-    runtime = ServerRuntime(service, service.settings)
-    address = await runtime.start()
-    channel = open_channel(address)
-    try:
-        yield service, cachenode_pb2_grpc.KVCacheStub(channel)
-    finally:
-        await channel.close()
-        await runtime.stop()
+    async with local_mesh(metadata=0, cachenodes=1, cachenode_settings=settings, grace_seconds=5) as mesh:
+        yield mesh.of_role("cachenode")[0].service, mesh.kvcache()
 
 
 NodeFactory = Callable[..., Any]

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmesh.testing.ports import free_port, wait_port
-from kvmesh.testing.servers import start_redis
+from kvmesh.tools.testing.ports import free_port, wait_port
+from kvmesh.tools.testing.servers import start_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 

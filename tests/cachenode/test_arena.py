@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.cachenode.engines.arena import ExtentAllocator, HeapArena, build_arena
+from kvmesh.services.cachenode.storage.arena import ExtentAllocator, HeapArena, build_arena
 
 
 def take(alloc: ExtentAllocator, size: int) -> int:

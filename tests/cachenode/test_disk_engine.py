@@ -6,13 +6,13 @@ from pathlib import Path
 
 import lmdb
 
-from services.cachenode.engines.disk import DiskEngine, _ident
-from services.cachenode.engines.registry import build_engine
+from kvmesh.services.cachenode.storage.disk import DiskStorage, _ident
+from kvmesh.services.cachenode.storage.registry import build_storage
 
 
-async def disk(path: Path, capacity: str = "1MiB") -> DiskEngine:
-    engine = await build_engine(f"disk://{path}?capacity={capacity}&sync=false")
-    assert isinstance(engine, DiskEngine)
+async def disk(path: Path, capacity: str = "1MiB") -> DiskStorage:
+    engine = await build_storage(f"disk://{path}?capacity={capacity}&sync=false")
+    assert isinstance(engine, DiskStorage)
     return engine
 
 

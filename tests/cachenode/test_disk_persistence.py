@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2 as pb
 from kvmesh.v1 import cachenode_pb2_grpc
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 def start(kvmesh, store: Path, name: str):
     return kvmesh(
         "cachenode", "--standalone", "--listen", "127.0.0.1:0",
-        "--engine", f"disk://{store}?capacity=512MiB&sync=false", "--chunk-bytes", "256KiB", name=name,
+        "--storage", f"disk://{store}?capacity=512MiB&sync=false", "--chunk-bytes", "256KiB", name=name,
     )
 
 
@@ -86,7 +87,8 @@ async def test_values_survive_restart_and_sigkill_mid_writes(kvmesh, tmp_path: P
                     acknowledged[key] = value
 
         tasks = [asyncio.create_task(writer(w)) for w in range(4)]
-        await asyncio.sleep(1.5)
+        # Kill once the writers are well under way (16 acknowledged since they started), mid-write.
+        await eventually(lambda: len(acknowledged) >= 20 + 16, timeout=30, what="the writers to get going")
         node.kill()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, Exception) for r in results)  # the writers saw the node die

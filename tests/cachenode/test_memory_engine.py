@@ -7,16 +7,16 @@ import random
 import pytest
 
 from kvmesh.runtime.errors import ResourceExhausted
+from kvmesh.services.cachenode.storage.memory import MemoryStorage
+from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.uri import UriError
-from services.cachenode.engines.memory import MemoryEngine
-from services.cachenode.engines.registry import build_engine
 
 KiB = 1024
 
 
-async def memory(uri: str) -> MemoryEngine:
-    engine = await build_engine(uri)
-    assert isinstance(engine, MemoryEngine)
+async def memory(uri: str) -> MemoryStorage:
+    engine = await build_storage(uri)
+    assert isinstance(engine, MemoryStorage)
     return engine
 
 
@@ -40,22 +40,27 @@ async def test_exact_byte_accounting_under_churn() -> None:
         await engine.close()
 
 
-async def test_reservation_is_invisible_until_commit_and_abort_frees() -> None:
+async def test_write_is_invisible_until_commit_and_abort_frees() -> None:
     engine = await memory("memory://?capacity=1MiB")
     try:
-        res = engine.reserve("ns", b"k", 10)
-        res.view[:5] = b"01234"
+        write = engine.begin_write("ns", b"k", 10)
+        write.write(0, b"01234")
         assert await engine.get("ns", b"k") is None and await engine.exists("ns", [b"k"]) == [False]
         assert engine.stats().used_bytes == 10  # the reservation holds its bytes
-        res.view[5:] = b"56789"
-        engine.commit(res)
+        write.view[5:] = b"56789"
+        await write.commit()
         assert await engine.get("ns", b"k") == b"0123456789"
         with pytest.raises(ValueError):
-            engine.commit(res)
-        other = engine.reserve("ns", b"k2", 100)
-        engine.abort(other)
-        engine.abort(other)
-        assert engine.stats().used_bytes == 10 and await engine.get("ns", b"k2") is None
+            await write.commit()
+        write.abort()  # after commit: nothing happens
+        assert await engine.get("ns", b"k") == b"0123456789"
+        with engine.begin_write("ns", b"k2", 100) as other:
+            other.write(0, b"x" * 100)
+        other.abort()
+        assert other.closed and engine.stats().used_bytes == 10 and await engine.get("ns", b"k2") is None
+        with engine.begin_write("ns", b"k3", 20) as third, pytest.raises(ValueError):
+            third.write(15, b"too long")
+        assert engine.stats().used_bytes == 10
     finally:
         await engine.close()
 
@@ -132,4 +137,4 @@ async def test_s3fifo_keeps_reused_keys_through_a_scan() -> None:
 )
 async def test_bad_memory_uris(uri: str) -> None:
     with pytest.raises(UriError):
-        await build_engine(uri)
+        await build_storage(uri)

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from kvmesh.runtime.errors import ResourceExhausted, Unavailable
-from kvmesh.testing.servers import start_redis
-from services.cachenode.engines.registry import build_engine
+from kvmesh.services.cachenode.storage.registry import build_storage
+from kvmesh.tools.testing.servers import start_redis
 
 
 async def test_full_redis_without_eviction_is_resource_exhausted(tmp_path: Path) -> None:
     server = start_redis(tmp_path, extra_args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
     try:
-        engine = await build_engine(f"redis://{server.address}/0")
+        engine = await build_storage(f"redis://{server.address}/0")
         try:
             assert engine.capacity_bytes == 4 * 1024**2  # learned from the server
             with pytest.raises(ResourceExhausted):
@@ -32,7 +32,7 @@ async def test_full_redis_without_eviction_is_resource_exhausted(tmp_path: Path)
 
 async def test_outage_retries_until_the_deadline_then_recovers(tmp_path: Path) -> None:
     server = start_redis(tmp_path)
-    engine = await build_engine(f"redis://{server.address}/0?deadline=1.5&timeout=0.5")
+    engine = await build_storage(f"redis://{server.address}/0?deadline=1.5&timeout=0.5")
     try:
         await engine.put("ns", b"k", b"before")
         server.stop()
@@ -53,5 +53,5 @@ async def test_outage_retries_until_the_deadline_then_recovers(tmp_path: Path) -
 async def test_unreachable_redis_fails_to_build_within_the_deadline() -> None:
     start = time.monotonic()
     with pytest.raises(Unavailable):
-        await build_engine("redis://127.0.0.1:1/0?deadline=0.5&timeout=0.2")
+        await build_storage("redis://127.0.0.1:1/0?deadline=0.5&timeout=0.2")
     assert time.monotonic() - start < 5.0

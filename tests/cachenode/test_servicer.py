@@ -10,10 +10,10 @@ import pytest
 
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime
+from kvmesh.services.cachenode.service import CacheNodeService
+from kvmesh.services.cachenode.settings import CacheNodeSettings
 from kvmesh.v1 import cachenode_pb2 as pb
 from kvmesh.v1 import cachenode_pb2_grpc
-from services.cachenode.config import CacheNodeSettings
-from services.cachenode.service import CacheNodeService
 
 NS = "t"
 
@@ -139,7 +139,7 @@ async def test_bad_unary_input_gets_clear_status(node) -> None:
 
 async def test_capacity_full_of_pinned_values_is_resource_exhausted(node) -> None:
     async with node(engine="memory://?capacity=1MiB") as (service, stub):
-        engine = service.engine
+        engine = service.storage
         await stub.Put(pb.PutRequest(namespace=NS, key=b"a", value=b"a" * 600_000))
         pinned = engine.pin(NS, b"a")
         assert pinned is not None
@@ -156,7 +156,7 @@ async def test_capacity_full_of_pinned_values_is_resource_exhausted(node) -> Non
         assert stats.evictions == 1 and stats.items == 1 and stats.used_bytes == 600_000
 
 
-async def test_data_path_rpcs_unimplemented_without_datapath(node) -> None:
+async def test_data_path_rpcs_unimplemented_without_zerocopy(node) -> None:
     async with node(engine="memory://?capacity=64MiB&arena=heap") as (_, stub):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Allocate(pb.AllocateRequest(session_id="x", namespace=NS, key=b"k", size=1))

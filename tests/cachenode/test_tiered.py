@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from kvmesh.services.cachenode.storage.registry import build_storage, split_tiers
+from kvmesh.services.cachenode.storage.tiered import TieredStorage
 from kvmesh.uri import UriError
-from services.cachenode.engines.registry import build_engine, split_tiers
-from services.cachenode.engines.tiered import TieredEngine
 
 KiB = 1024
 
 
-async def tiered(uri: str) -> TieredEngine:
-    engine = await build_engine(uri)
-    assert isinstance(engine, TieredEngine)
+async def tiered(uri: str) -> TieredStorage:
+    engine = await build_storage(uri)
+    assert isinstance(engine, TieredStorage)
     return engine
 
 
@@ -70,4 +70,4 @@ async def test_write_back_demotes_on_eviction(tmp_path: Path) -> None:
 
 async def test_bad_write_mode() -> None:
     with pytest.raises(UriError, match="write"):
-        await build_engine("memory://?write=sideways,memory://")
+        await build_storage("memory://?write=sideways,memory://")

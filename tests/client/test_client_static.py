@@ -12,8 +12,8 @@ import pytest
 
 from kvmesh.client import CacheClient, NodeInfo
 from kvmesh.runtime.server import ServerRuntime
-from services.cachenode.config import CacheNodeSettings
-from services.cachenode.service import CacheNodeService
+from kvmesh.services.cachenode.service import CacheNodeService
+from kvmesh.services.cachenode.settings import CacheNodeSettings
 
 
 @contextlib.asynccontextmanager

@@ -4,53 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 
+import grpc
 import pytest
 
 from kvmesh.client import CacheClient
-from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.ports import free_port
-from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
+from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
+from kvmesh.v1 import common_pb2
 
 pytestmark = pytest.mark.integration
 
 
-def start_mesh(kvmesh, nodes: int = 3, ttl: int = 2):
-    port = free_port()
-    metadata = kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata")
-    cachenodes = [start_node(kvmesh, port, i, ttl) for i in range(nodes)]
-    return port, metadata, cachenodes
+NODE = {"engine": "memory://?capacity=128MiB"}
 
 
-def start_node(kvmesh, metadata_port: int, i: int, ttl: int = 2):
-    return kvmesh(
-        "cachenode", "--listen", "127.0.0.1:0", "--metadata", f"127.0.0.1:{metadata_port}",
-        "--member-id", f"node{i}", "--ttl-seconds", str(ttl), "--engine", "memory://?capacity=128MiB",
-        name=f"cachenode{i}",
+def start_mesh(nodes: int = 3, ttl: int = 2) -> AbstractAsyncContextManager[MeshHandle]:
+    """Metadata on a pinned port (it restarts there) and cache nodes node0.., as `kvmesh` processes."""
+    return process_mesh(
+        metadata_backend="memory://", metadata_listen=f"127.0.0.1:{free_port()}", cachenodes=nodes,
+        cachenode_settings={**NODE, "ttl_seconds": ttl}, names={"cachenode": "node{i}"}, timeout=110,
     )
 
 
-async def list_cachenodes(port: int) -> list[common_pb2.Member]:
-    async with open_channel(f"127.0.0.1:{port}") as channel:
-        stub = metadata_pb2_grpc.MembershipStub(channel)
-        listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_CACHENODE))
-        return list(listed.members)
+async def list_cachenodes(mesh: MeshHandle) -> list[common_pb2.Member]:
+    return await mesh.listed("cachenode")
 
 
-async def wait_for(predicate, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
-
-
-async def test_placement_spread_and_replica_reads_after_a_node_leaves(kvmesh) -> None:
-    port, _, cachenodes = start_mesh(kvmesh, ttl=60)  # a long lease: leaving fast proves deregistration
-    async with await CacheClient.connect(f"127.0.0.1:{port}", replicas=2, retry_deadline_s=0.3) as client:
-        await wait_for(lambda: len(client.nodes) == 3)
+async def test_placement_spread_and_replica_reads_after_a_node_leaves() -> None:
+    # A long lease: leaving fast proves deregistration.
+    async with start_mesh(ttl=60) as mesh, await CacheClient.connect(
+        mesh.metadata_address, replicas=2, retry_deadline_s=0.3
+    ) as client:
+        await eventually(lambda: len(client.nodes) == 3, timeout=15, interval=0.05)
         items = [(os.urandom(16), os.urandom(16384)) for _ in range(300)]
         assert await client.put_many(items) == len(items)
         stats = await client.stats()
@@ -58,23 +47,24 @@ async def test_placement_spread_and_replica_reads_after_a_node_leaves(kvmesh) ->
         assert set(held) == {"node0", "node1", "node2"}
         assert all(n > 100 for n in held.values()) and sum(held.values()) == 2 * len(items)  # 2 replicas
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
-        members = await list_cachenodes(port)
+        members = await list_cachenodes(mesh)
         assert {m.id: m.capacity_bytes for m in members} == {f"node{i}": 128 * 1024**2 for i in range(3)}
         # Used bytes reach the metadata service early (a 60 s lease heartbeats every ~20 s).
-        end = time.monotonic() + 15
-        while not all(m.load.used_bytes >= 100 * 16384 for m in await list_cachenodes(port)):
-            assert time.monotonic() < end, [m.load for m in await list_cachenodes(port)]
-            await asyncio.sleep(0.2)
+        async def loads_reported() -> bool:
+            loads = [m.load for m in await list_cachenodes(mesh)]
+            assert all(load.used_bytes >= 100 * 16384 for load in loads), loads
+            return True
 
-        cachenodes[0].terminate()  # graceful: it deregisters, the client sees LEAVE at once
-        await wait_for(lambda: "node0" not in client.nodes, timeout=5)
+        await eventually(loads_reported, timeout=15, interval=0.2, what="used bytes at the metadata service")
+
+        await mesh.stop("node0")  # graceful: it deregisters, the client sees LEAVE at once
+        await eventually(lambda: "node0" not in client.nodes, timeout=5, interval=0.05)
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
 
 
-async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> None:
-    port, _, cachenodes = start_mesh(kvmesh)
-    async with await CacheClient.connect(f"127.0.0.1:{port}", retry_deadline_s=0.3) as client:
-        await wait_for(lambda: len(client.nodes) == 3)
+async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only() -> None:
+    async with start_mesh() as mesh, await CacheClient.connect(mesh.metadata_address, retry_deadline_s=0.3) as client:
+        await eventually(lambda: len(client.nodes) == 3, timeout=15, interval=0.05)
         items = [(os.urandom(16), os.urandom(256 * 1024)) for _ in range(120)]  # 30 MiB
         assert await client.put_many(items) == len(items)
         keys = [k for k, _ in items]
@@ -105,7 +95,7 @@ async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> Non
         task = asyncio.create_task(reads())
         writer = asyncio.create_task(writes())
         await asyncio.sleep(0.3)
-        cachenodes[1].kill()  # SIGKILL, no deregistration, while batches are in flight
+        mesh.member("node1").process.kill()  # type: ignore[union-attr]  # SIGKILL, no deregistration, while batches are in flight
         killed.set()
         rounds = await asyncio.wait_for(task, 60)  # no exception reaches the caller
         stored_counts = await asyncio.wait_for(writer, 60)  # puts: a count, never an exception
@@ -122,14 +112,13 @@ async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only(kvmesh) -> Non
         assert stored >= 10  # keys placed on the dead node fail until its lease expires
 
 
-async def test_a_joining_node_takes_about_its_share(kvmesh) -> None:
-    port, _, _ = start_mesh(kvmesh)
-    async with await CacheClient.connect(f"127.0.0.1:{port}") as client:
-        await wait_for(lambda: len(client.nodes) == 3)
+async def test_a_joining_node_takes_about_its_share() -> None:
+    async with start_mesh() as mesh, await CacheClient.connect(mesh.metadata_address) as client:
+        await eventually(lambda: len(client.nodes) == 3, timeout=15, interval=0.05)
         keys = [os.urandom(16) for _ in range(4000)]
         before = {k: client.placement(k)[0] for k in keys}
-        start_node(kvmesh, port, 3)
-        await wait_for(lambda: len(client.nodes) == 4)
+        await mesh.add("cachenode", **NODE, ttl_seconds=2)  # node3
+        await eventually(lambda: len(client.nodes) == 4, timeout=15, interval=0.05)
         after = {k: client.placement(k)[0] for k in keys}
         moved = [k for k in keys if before[k] != after[k]]
         assert all(after[k] == "node3" for k in moved)
@@ -141,19 +130,20 @@ async def test_a_joining_node_takes_about_its_share(kvmesh) -> None:
         assert Counter(after.values())["node3"] == len(moved)
 
 
-async def test_nodes_register_again_after_the_metadata_service_restarts(kvmesh) -> None:
-    port, metadata, _ = start_mesh(kvmesh)
-    async with await CacheClient.connect(f"127.0.0.1:{port}") as client:
-        await wait_for(lambda: len(client.nodes) == 3)
-        metadata.kill()  # memory:// backend: every lease is gone with it
-        kvmesh("metadata", "--listen", f"127.0.0.1:{port}", name="metadata-restarted")
+async def test_nodes_register_again_after_the_metadata_service_restarts() -> None:
+    async with start_mesh() as mesh, await CacheClient.connect(mesh.metadata_address) as client:
+        await eventually(lambda: len(client.nodes) == 3, timeout=15, interval=0.05)
+        await mesh.kill("metadata")  # memory:// backend: every lease is gone with it
+        await mesh.restart("metadata")  # on the same port
         # The nodes re-register by themselves; the client's watch reconnects and resyncs.
-        end = time.monotonic() + 30
-        while len(await list_cachenodes(port)) != 3:
-            assert time.monotonic() < end, "cache nodes did not register again"
-            await asyncio.sleep(0.1)
+        async def registered_again() -> bool:
+            return len(await list_cachenodes(mesh)) == 3
+
+        # A channel that saw the old process die may need a reconnect first: UNAVAILABLE is "not yet".
+        await eventually(registered_again, timeout=30, interval=0.1, what="cache nodes to register again",
+                         retry_on=(AssertionError, grpc.aio.AioRpcError))
         assert client._watcher is not None
-        await wait_for(lambda: client._watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30)
+        await eventually(lambda: client._watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30, interval=0.05)
         items = [(os.urandom(16), b"after restart") for _ in range(30)]
         assert await client.put_many(items) == 30
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]
@@ -162,7 +152,7 @@ async def test_nodes_register_again_after_the_metadata_service_restarts(kvmesh) 
 def test_a_bad_engine_uri_stops_the_node_with_a_clear_message(kvmesh) -> None:
     node = kvmesh("cachenode", "--standalone", "--engine", "nosuch://x", ready=False, name="bad-engine")
     assert node.wait_exit(20) == 1
-    assert "unknown engine scheme 'nosuch'" in node.output
+    assert "unknown storage scheme 'nosuch'" in node.output
     node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=lots", ready=False, name="bad-size")
     assert node.wait_exit(20) == 1
     assert "capacity" in node.output

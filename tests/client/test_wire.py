@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmesh.client import wire
+from kvmesh import wire
 from kvmesh.v1 import cachenode_pb2 as pb
 
 u64 = st.integers(min_value=0, max_value=2**64 - 1)

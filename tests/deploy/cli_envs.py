@@ -7,12 +7,12 @@ import re
 import subprocess
 import sys
 
-from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.tools.testing.processes import kvmesh_env
 
 
 @functools.cache
 def setting_envs(command: str) -> frozenset[str]:
     done = subprocess.run([sys.executable, "-m", "kvmesh", command, "--help"], capture_output=True, text=True,
-                          cwd=ROOT, env=kvmesh_env({"COLUMNS": "1000"}), timeout=60)
+                          env=kvmesh_env({"COLUMNS": "1000"}), timeout=60)
     assert done.returncode == 0, done.stderr
     return frozenset(re.findall(r"env (KVMESH_[A-Z0-9_]+)", done.stdout))

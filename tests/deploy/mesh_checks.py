@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import grpc
 
+from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.v1 import (
     cachenode_pb2,
     cachenode_pb2_grpc,
@@ -22,18 +22,8 @@ T = TypeVar("T")
 
 
 def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    """Polls `check` until it returns something truthy (gRPC errors count as not yet)."""
-    end = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            result = check()
-            if result:
-                return result
-        except grpc.RpcError as exc:
-            last = exc
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+    """The shared polling helper, with gRPC errors counting as not yet (deploys come up slowly)."""
+    return eventually_sync(check, timeout=timeout, interval=0.3, what=what, retry_on=grpc.RpcError)
 
 
 def members(metadata: str, role: common_pb2.Role.ValueType) -> dict[str, str]:

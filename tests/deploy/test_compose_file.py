@@ -72,5 +72,5 @@ def test_services_are_configured_by_env_and_health_checked() -> None:
         volume = next(v for v in node["volumes"] if v["target"] == "/data")
         assert volume["type"] == "volume" and volume["source"] == f"cachenode-{i}-data"
         assert volume["source"] in config["volumes"]
-        tiers = node["environment"]["KVMESH_ENGINE"].split(",")
+        tiers = node["environment"]["KVMESH_STORAGE"].split(",")
         assert tiers[0].startswith("memory://") and tiers[1].startswith("disk:///data")

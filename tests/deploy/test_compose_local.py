@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.processes import ROOT, KvmeshProcess, kvmesh_env
-from kvmesh.testing.servers import ServerHandle, etcd_server, redis_server
+from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
 from tests.deploy.cli_envs import setting_envs
 from tests.deploy.compose import resolved_config
 from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route
@@ -117,7 +117,7 @@ class LocalCompose:
         end = time.monotonic() + timeout
         while True:
             done = subprocess.run([sys.executable, "-m", "kvmesh", *test[2:]], capture_output=True, text=True,
-                                  cwd=ROOT, env=kvmesh_env(env), timeout=60)
+                                  env=kvmesh_env(env), timeout=60)
             if done.returncode == 0:
                 return
             proc = self.processes[name]

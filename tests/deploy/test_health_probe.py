@@ -8,11 +8,11 @@ import sys
 import grpc
 import pytest
 
-from kvmesh.cli.health import probe_address
-from kvmesh.config import ServiceSettings
 from kvmesh.runtime.server import ServerRuntime, Service
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.settings import ServiceSettings
+from kvmesh.tools.cli.health import probe_address
+from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.processes import kvmesh_env
 
 
 class _Empty(Service):
@@ -27,7 +27,7 @@ class _Empty(Service):
 async def _health(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kvmesh", "health", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=kvmesh_env(env), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=kvmesh_env(env),
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     return int(proc.returncode or 0), out.decode()

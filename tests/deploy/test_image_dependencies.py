@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 # Import name → the extra that provides it, allowed only in modules that exist for that extra.
 OPTIONAL_IMPORTS = {"torch": "gpu", "mooncake": "rdma", "vineyard": "vineyard"}
-NOT_IN_IMAGE = ("kvmesh/testing/", "kvmesh/v1/")  # the test harness, generated stubs
+NOT_IN_IMAGE = ("kvmesh/tools/testing/", "kvmesh/v1/")  # the test harness, generated stubs
 
 
 def _closure(requirements: list[str], extras: set[str] | None = None) -> set[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.testing.servers import ServerHandle, etcd_server
+from kvmesh.tools.testing.servers import ServerHandle, etcd_server
 from tests.deploy.k8s import K8S, documents, render
 from tests.deploy.local_kube import LocalKube
 from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route

@@ -7,7 +7,7 @@ import os
 from collections import Counter
 
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.processes import KvmeshProcess
+from kvmesh.tools.processes import KvmeshProcess
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
 

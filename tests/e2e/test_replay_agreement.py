@@ -13,23 +13,23 @@ import sys
 
 import pytest
 
-from kvmesh.replay.core_router import CoreRouter
-from kvmesh.replay.simulate import ReplayConfig, replay_in_process
-from kvmesh.testing.processes import ROOT, kvmesh_env
-from kvmesh.workload.generator import WorkloadSpec, generate_workload
+from kvmesh.tools.processes import kvmesh_env
+from kvmesh.tools.replay.core_router import CoreRouter
+from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
+from kvmesh.tools.workload.generator import WorkloadSpec, generate_workload
 
 pytestmark = pytest.mark.integration
 
 CONVERSATIONS = 20
-ENGINES = 2
+STORAGE_BACKENDS = 2
 CAPACITY = 40
 
 
 def _live_summary(pool_blocks: int, cachenodes: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "kvmesh", "bench", "trace", "builtin", "--live", "--quiet",
-           "--conversations", str(CONVERSATIONS), "--engines", str(ENGINES), "--cachenodes", str(cachenodes),
+           "--conversations", str(CONVERSATIONS), "--engines", str(STORAGE_BACKENDS), "--cachenodes", str(cachenodes),
            "--capacity-blocks", str(CAPACITY), "--pool-blocks", str(pool_blocks), "--speedup", "20"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=kvmesh_env(), cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=kvmesh_env())
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("KVMESH_BENCH_SUMMARY "))
     [summary] = json.loads(line.split(" ", 1)[1])
@@ -38,7 +38,7 @@ def _live_summary(pool_blocks: int, cachenodes: int) -> dict[str, float]:
 
 def _in_process_summary(pool_blocks: int) -> dict[str, float]:
     requests = generate_workload(WorkloadSpec(conversations=CONVERSATIONS, seed=0))
-    config = ReplayConfig(engines=ENGINES, capacity_blocks=CAPACITY, pool_blocks=pool_blocks)
+    config = ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY, pool_blocks=pool_blocks)
     return replay_in_process(requests, CoreRouter("prefix"), "prefix", config).summary()  # type: ignore[return-value]
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvmesh.testing.servers import ServerHandle
+from kvmesh.tools.testing.servers import ServerHandle
 from tests.conftest import KvmeshFactory
 from tests.e2e.mesh import alive, member_roles, ready_fields
 

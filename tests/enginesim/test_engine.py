@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
-from services.enginesim.timing import TimingModel, attention_pairs
+from kvmesh.services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest
+from kvmesh.services.enginesim.timing import TimingModel, attention_pairs
 
 BT = 512
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.enginesim.prefix_cache import PrefixCache
+from kvmesh.services.enginesim.prefix_cache import PrefixCache
 
 
 def test_blocks_are_visible_only_after_commit() -> None:

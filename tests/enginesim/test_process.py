@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import (
     common_pb2,
     enginesim_pb2,
@@ -120,7 +120,7 @@ async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory
 
     md = f"127.0.0.1:{free_port()}"
     kvmesh("metadata", "--listen", md)
-    kvmesh("cachenode", "--metadata", md, "--listen", "127.0.0.1:0", "--engine", "memory://?capacity=8MiB")
+    kvmesh("cachenode", "--metadata", md, "--listen", "127.0.0.1:0", "--storage", "memory://?capacity=8MiB")
     router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0").wait_ready()
     common = ["--metadata", md, "--listen", "127.0.0.1:0", "--router", router, "--pool", "--speedup", "50",
               "--block-bytes", "8KiB"]

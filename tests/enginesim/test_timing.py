@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.enginesim.timing import TimingModel, attention_pairs
+from kvmesh.services.enginesim.timing import TimingModel, attention_pairs
 
 
 def test_empty_step_costs_nothing() -> None:

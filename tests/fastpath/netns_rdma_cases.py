@@ -13,9 +13,9 @@ import pytest
 from kvmesh.client.local import LocalDataPath
 from kvmesh.client.rdma import RdmaDataPath
 from kvmesh.runtime.channels import open_channel
+from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
-from services.cachenode.engines.base import Engine
-from services.cachenode.engines.registry import build_engine
 from tests.cachenode.test_engine_contract import (  # noqa: F401 - the shared engine contract, on rdma://
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[Engine]:
-    built = await build_engine("rdma://127.0.0.1?capacity=64MiB&protocol=tcp")
+async def engine() -> AsyncIterator[Storage]:
+    built = await build_storage("rdma://127.0.0.1?capacity=64MiB&protocol=tcp")
     try:
         yield built
     finally:
@@ -42,7 +42,7 @@ ENV = {"MC_TCP_BIND_ADDRESS": "127.0.0.1"}
 
 def start_node(kvmesh, capacity: str = "64MiB", timeout_ms: int = 30000):
     return kvmesh(
-        "cachenode", "--standalone", "--engine", f"rdma://127.0.0.1?capacity={capacity}&protocol=tcp",
+        "cachenode", "--standalone", "--storage", f"rdma://127.0.0.1?capacity={capacity}&protocol=tcp",
         "--allocation-timeout-ms", str(timeout_ms), env=ENV, timeout=60,
     )
 
@@ -123,6 +123,7 @@ from kvmesh.runtime.channels import open_channel
 from kvmesh.client.rdma import RdmaDataPath
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
+
 async def main():
     stub = cachenode_pb2_grpc.KVCacheStub(open_channel(sys.argv[1]))
     path = await RdmaDataPath.open(stub, local_hostname="127.0.0.1", protocol="tcp", buffer_bytes=2 << 20)
@@ -143,14 +144,14 @@ async def test_rdma_client_killed_holding_views_releases_them(kvmesh) -> None:
     import signal
     import sys
 
-    from kvmesh.testing.processes import ROOT, kvmesh_env
+    from kvmesh.tools.processes import kvmesh_env
 
     node = start_node(kvmesh, capacity="8MiB", timeout_ms=600_000)
     channel = open_channel(node.address or "")
     stub = cachenode_pb2_grpc.KVCacheStub(channel)
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", RDMA_HOLDER, node.address or "",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=kvmesh_env(ENV), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=kvmesh_env(ENV),
     )
     try:
         assert holder.stdout is not None

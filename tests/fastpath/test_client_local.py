@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 
 from kvmesh.client import CacheClient, NodeInfo
-from tests.fastpath.harness import datapath_node, wait_until
+from kvmesh.tools.testing.polling import eventually
+from tests.fastpath.harness import zerocopy_node
 
 NS = "client"
 
 
 async def test_cache_client_uses_shared_memory_for_a_local_node_and_grpc_otherwise() -> None:
-    async with datapath_node() as shm_node, datapath_node("memory://?capacity=16MiB&arena=heap") as heap_node:
+    async with zerocopy_node() as shm_node, zerocopy_node("memory://?capacity=16MiB&arena=heap") as heap_node:
         for node, expect_sessions in ((shm_node, 1), (heap_node, 0)):
             client = await CacheClient.from_nodes(
                 [NodeInfo("n", node.address, 16 << 20)], namespace=NS, local="auto"
@@ -24,7 +25,7 @@ async def test_cache_client_uses_shared_memory_for_a_local_node_and_grpc_otherwi
                 assert await node.engine.get(NS, b"k3") == items[3][1]
             finally:
                 await client.close()
-            assert await wait_until(lambda: node.sessions() == 0)  # noqa: B023 - awaited here: closing detaches
+            await eventually(lambda: node.sessions() == 0)  # noqa: B023 - awaited here: closing detaches
 
         never = await CacheClient.from_nodes([NodeInfo("n", shm_node.address, 16 << 20)], namespace=NS, local="never")
         try:

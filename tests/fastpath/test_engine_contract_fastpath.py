@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.cachenode.engines.base import Engine
-from services.cachenode.engines.registry import build_engine
+from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.registry import build_storage
 from tests.cachenode.test_engine_contract import (  # noqa: F401 - collected here with this module's engine
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
@@ -25,9 +25,23 @@ URIS = {
 
 
 @pytest.fixture(params=sorted(URIS))
-async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
-    built = await build_engine(URIS[request.param])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+    built = await build_storage(URIS[request.param])
     try:
         yield built
     finally:
         await built.close()
+
+
+async def test_one_write_api_on_the_fast_path_storages(engine: Storage) -> None:
+    """gpu:// declares no zero-copy surface, so its writes are buffered and committed with put."""
+    assert not engine.capabilities.zero_copy and engine.zero_copy() is None
+    with engine.begin_write("ns", b"w", 6) as write:
+        write.write(0, b"abc")
+        assert await engine.get("ns", b"w") is None
+        write.view[3:] = b"def"
+        await write.commit()
+    assert await engine.get("ns", b"w") == b"abcdef"
+    with engine.begin_write("ns", b"dropped", 3) as dropped:
+        dropped.write(0, b"xyz")
+    assert dropped.closed and await engine.get("ns", b"dropped") is None

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.services.cachenode.storage.shm_arena import SHM_DIR
+from kvmesh.tools.processes import kvmesh_env
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
-from services.cachenode.shm.arena import SHM_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ async def _wait_used(stub: cachenode_pb2_grpc.KVCacheStub, expected: int, timeou
 
 async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> None:
     node = kvmesh(
-        "cachenode", "--standalone", "--engine", "memory://?capacity=8MiB&arena=shm", "--allocation-timeout-ms",
+        "cachenode", "--standalone", "--storage", "memory://?capacity=8MiB&arena=shm", "--allocation-timeout-ms",
         "600000",  # only the broken Attach stream may free the unsealed allocation here
     )
     channel = open_channel(node.address or "")
@@ -68,7 +68,7 @@ async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> 
     await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"other", value=os.urandom(MiB)))
     holder = await asyncio.create_subprocess_exec(
         sys.executable, "-c", HOLDER, node.address or "",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=kvmesh_env(), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=kvmesh_env(),
     )
     try:
         assert holder.stdout is not None
@@ -100,12 +100,12 @@ async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> 
 
 
 async def test_node_sigkilled_leaves_no_segment_after_the_next_start(kvmesh) -> None:
-    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm")
+    node = kvmesh("cachenode", "--standalone", "--storage", "memory://?capacity=4MiB&arena=shm")
     segments = [p.name for p in SHM_DIR.glob(f"kvmesh-{node.pid}-*")]
     assert len(segments) == 1
     node.kill()
     assert (SHM_DIR / segments[0]).exists()
-    again = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm")
+    again = kvmesh("cachenode", "--standalone", "--storage", "memory://?capacity=4MiB&arena=shm")
     assert not (SHM_DIR / segments[0]).exists()  # the stale segment of the dead node is gone
     again.terminate()
     assert not list(SHM_DIR.glob(f"kvmesh-{again.pid}-*"))  # a clean stop unlinks its own
@@ -114,7 +114,7 @@ async def test_node_sigkilled_leaves_no_segment_after_the_next_start(kvmesh) -> 
 async def test_node_sigkilled_mid_reads_turns_local_path_reads_into_misses(kvmesh) -> None:
     from kvmesh.client import CacheClient, NodeInfo
 
-    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=64MiB&arena=shm")
+    node = kvmesh("cachenode", "--standalone", "--storage", "memory://?capacity=64MiB&arena=shm")
     client = await CacheClient.from_nodes(
         [NodeInfo("n", node.address or "", 64 * MiB)], namespace=NS, retry_deadline_s=0.3, local="auto"
     )
@@ -149,7 +149,9 @@ async def test_node_stops_promptly_with_attached_clients(kvmesh) -> None:
 
     from kvmesh.client.local import LocalDataPath
 
-    node = kvmesh("cachenode", "--standalone", "--engine", "memory://?capacity=4MiB&arena=shm", "--grace-seconds", "60")
+    node = kvmesh(
+        "cachenode", "--standalone", "--storage", "memory://?capacity=4MiB&arena=shm", "--grace-seconds", "60"
+    )
     channel = open_channel(node.address or "")
     try:
         path = await LocalDataPath.open(cachenode_pb2_grpc.KVCacheStub(channel))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kvmesh.runtime.errors import ResourceExhausted
+from kvmesh.services.cachenode.storage.gpu import GpuStorage
+from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.uri import UriError, parse_uri
-from services.cachenode.engines.gpu import GpuEngine
-from services.cachenode.engines.registry import build_engine
 
 NS = "g"
 MiB = 1 << 20
@@ -21,9 +21,9 @@ MiB = 1 << 20
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="real hardware absent: no CUDA device here")
 
 
-async def make(uri: str) -> GpuEngine:
-    engine = await build_engine(uri)
-    assert isinstance(engine, GpuEngine)
+async def make(uri: str) -> GpuStorage:
+    engine = await build_storage(uri)
+    assert isinstance(engine, GpuStorage)
     return engine
 
 
@@ -113,11 +113,11 @@ async def test_ttl_expires_values() -> None:
 
 
 async def test_gpu_as_l1_of_a_tier_list_demotes_and_promotes() -> None:
-    engine = await build_engine("gpu://cpu?capacity=2MiB&write=back,memory://?capacity=16MiB")
+    engine = await build_storage("gpu://cpu?capacity=2MiB&write=back,memory://?capacity=16MiB")
     try:
         l1, l2 = engine.tiers  # type: ignore[attr-defined]
         assert l2.capacity_bytes == 16 * MiB
-        assert isinstance(l1, GpuEngine)
+        assert isinstance(l1, GpuStorage)
         values = {f"k{i}".encode(): os.urandom(MiB) for i in range(4)}
         for k, v in values.items():
             await engine.put(NS, k, v)
@@ -133,13 +133,13 @@ async def test_gpu_as_l1_of_a_tier_list_demotes_and_promotes() -> None:
 )
 async def test_bad_uris_are_refused(uri: str) -> None:
     with pytest.raises(UriError):
-        await GpuEngine.create(parse_uri(uri))
+        await GpuStorage.create(parse_uri(uri))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 async def test_cuda_uri_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(UriError, match="CUDA is not available"):
-        await GpuEngine.create(parse_uri("gpu://cuda:0"))
+        await GpuStorage.create(parse_uri("gpu://cuda:0"))
 
 
 @pytest.mark.integration
@@ -149,7 +149,7 @@ async def test_node_round_trip_through_a_gpu_tier(kvmesh, device: str) -> None:
     from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
     node = kvmesh(
-        "cachenode", "--standalone", "--engine", f"gpu://{device}?capacity=8MiB&write=back,memory://?capacity=64MiB",
+        "cachenode", "--standalone", "--storage", f"gpu://{device}?capacity=8MiB&write=back,memory://?capacity=64MiB",
         timeout=60,
     )
     async with open_channel(node.address or "") as channel:

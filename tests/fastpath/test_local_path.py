@@ -8,14 +8,15 @@ import grpc
 import pytest
 
 from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable, ViewReleased, is_local_address
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2
-from tests.fastpath.harness import datapath_node, wait_until
+from tests.fastpath.harness import zerocopy_node
 
 NS = "t"
 
 
 async def test_put_then_get_through_shared_memory() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         path = await LocalDataPath.open(node.stub)
         try:
             value = os.urandom(3 * 1024 * 1024 + 17)
@@ -34,11 +35,11 @@ async def test_put_then_get_through_shared_memory() -> None:
             assert bytes(buf) == value
         finally:
             await path.close()
-        assert await wait_until(lambda: node.sessions() == 0)
+        await eventually(lambda: node.sessions() == 0)
 
 
 async def test_read_after_release_is_a_clear_error_and_double_release_is_refused() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         path = await LocalDataPath.open(node.stub)
         try:
             await path.put(NS, b"k", b"v" * 100)
@@ -65,7 +66,7 @@ async def test_read_after_release_is_a_clear_error_and_double_release_is_refused
 
 
 async def test_seal_twice_and_unknown_ids_are_refused() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         path = await LocalDataPath.open(node.stub)
         try:
             stub, sid = node.stub, path.session_id
@@ -100,7 +101,7 @@ async def test_seal_twice_and_unknown_ids_are_refused() -> None:
 
 
 async def test_allocation_never_sealed_is_dropped_after_the_timeout() -> None:
-    async with datapath_node(allocation_timeout_ms=300) as node:
+    async with zerocopy_node(allocation_timeout_ms=300) as node:
         path = await LocalDataPath.open(node.stub)
         try:
             assert path.allocation_timeout_ms == 300
@@ -109,7 +110,7 @@ async def test_allocation_never_sealed_is_dropped_after_the_timeout() -> None:
                 cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"k", size=1 << 20)
             )
             assert node.engine.used_bytes == 1 << 20
-            assert await wait_until(lambda: node.engine.used_bytes == 0)  # no leak
+            await eventually(lambda: node.engine.used_bytes == 0)  # no leak
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -120,7 +121,7 @@ async def test_allocation_never_sealed_is_dropped_after_the_timeout() -> None:
 
 
 async def test_held_view_survives_eviction_pressure_and_overwrite() -> None:
-    async with datapath_node("memory://?capacity=4MiB&arena=shm") as node:
+    async with zerocopy_node("memory://?capacity=4MiB&arena=shm") as node:
         path = await LocalDataPath.open(node.stub)
         try:
             first = b"A" * (1 << 20)
@@ -138,7 +139,7 @@ async def test_held_view_survives_eviction_pressure_and_overwrite() -> None:
 
 
 async def test_capacity_pinned_full_answers_resource_exhausted() -> None:
-    async with datapath_node("memory://?capacity=2MiB&arena=shm") as node:
+    async with zerocopy_node("memory://?capacity=2MiB&arena=shm") as node:
         path = await LocalDataPath.open(node.stub)
         try:
             await path.put(NS, b"a", b"a" * (1 << 20))
@@ -154,7 +155,7 @@ async def test_capacity_pinned_full_answers_resource_exhausted() -> None:
 
 
 async def test_closing_the_session_releases_views_and_drops_allocations() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         path = await LocalDataPath.open(node.stub)
         await path.put(NS, b"k", b"v" * 1000)
         await node.engine.delete(NS, b"k")  # hidden, but held below
@@ -167,14 +168,14 @@ async def test_closing_the_session_releases_views_and_drops_allocations() -> Non
         await node.engine.delete(NS, b"k")
         assert node.engine.used_bytes == 6000  # the held view and the open allocation
         await path.close()
-        assert await wait_until(lambda: node.engine.used_bytes == 0)
-        assert await wait_until(lambda: node.sessions() == 0)
+        await eventually(lambda: node.engine.used_bytes == 0)
+        await eventually(lambda: node.sessions() == 0)
         with pytest.raises(LocalPathUnavailable):
             await path.put(NS, b"k", b"x")
 
 
 async def test_engine_without_shared_memory_is_refused_and_locality_detected() -> None:
-    async with datapath_node("memory://?capacity=1MiB&arena=heap") as node:
+    async with zerocopy_node("memory://?capacity=1MiB&arena=heap") as node:
         with pytest.raises(LocalPathUnavailable, match="shared-memory"):
             await LocalDataPath.open(node.stub)
     assert await is_local_address("127.0.0.1:5000")
@@ -184,7 +185,7 @@ async def test_engine_without_shared_memory_is_refused_and_locality_detected() -
 
 
 async def test_batches_are_all_or_nothing() -> None:
-    async with datapath_node("memory://?capacity=8MiB&arena=shm") as node:
+    async with zerocopy_node("memory://?capacity=8MiB&arena=shm") as node:
         path = await LocalDataPath.open(node.stub)
         try:
             items = [(f"b{i}".encode(), os.urandom(100_000 + i)) for i in range(8)]
@@ -220,7 +221,7 @@ async def test_batches_are_all_or_nothing() -> None:
 
 
 async def test_tier_list_writes_through_and_promotes_for_the_data_path() -> None:
-    async with datapath_node("memory://?capacity=4MiB&arena=shm,memory://?capacity=32MiB") as node:
+    async with zerocopy_node("memory://?capacity=4MiB&arena=shm,memory://?capacity=32MiB") as node:
         path = await LocalDataPath.open(node.stub)
         try:
             l1, l2 = node.tiered.tiers  # type: ignore[union-attr]
@@ -237,7 +238,7 @@ async def test_tier_list_writes_through_and_promotes_for_the_data_path() -> None
 async def test_local_paths_pick_the_local_path_or_fall_back() -> None:
     paths = LocalPaths("auto")
     try:
-        async with datapath_node() as shm_node, datapath_node("memory://?capacity=1MiB&arena=heap") as heap_node:
+        async with zerocopy_node() as shm_node, zerocopy_node("memory://?capacity=1MiB&arena=heap") as heap_node:
             path = await paths.for_node("a", shm_node.address, shm_node.stub)
             assert path is not None and path.attached
             assert await paths.for_node("a", shm_node.address, shm_node.stub) is path  # reused
@@ -252,7 +253,7 @@ async def test_local_paths_pick_the_local_path_or_fall_back() -> None:
 
 
 async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namespaces() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         for transport, code in ((7, grpc.StatusCode.INVALID_ARGUMENT),
                                 (cachenode_pb2.TRANSPORT_RDMA, grpc.StatusCode.FAILED_PRECONDITION)):
             call = node.stub.Attach(cachenode_pb2.AttachRequest(client_id="c", transport=transport))  # type: ignore[arg-type]
@@ -267,7 +268,7 @@ async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namesp
             assert node.engine.used_bytes == 0
         finally:
             await path.close()
-    async with datapath_node("memory://?capacity=1MiB&arena=shm", namespaces="only") as node:
+    async with zerocopy_node("memory://?capacity=1MiB&arena=shm", namespaces="only") as node:
         path = await LocalDataPath.open(node.stub)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -280,7 +281,7 @@ async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namesp
 
 
 async def test_reads_release_their_views_with_the_next_acquire_or_after_a_delay() -> None:
-    async with datapath_node() as node:
+    async with zerocopy_node() as node:
         lazy = await LocalDataPath.open(node.stub, release_delay_s=3600)  # only piggy-backing can release
         quick = await LocalDataPath.open(node.stub, release_delay_s=0.05)
         try:
@@ -294,8 +295,8 @@ async def test_reads_release_their_views_with_the_next_acquire_or_after_a_delay(
             await lazy.close()  # ending the session releases the pin "b" still has
             assert await quick.get(NS, b"b") == b"b" * 1000
             await node.engine.delete(NS, b"b")
-            assert await wait_until(lambda: node.engine.used_bytes == 0)  # released after the delay
+            await eventually(lambda: node.engine.used_bytes == 0)  # released after the delay
         finally:
             await lazy.close()
             await quick.close()
-        assert await wait_until(lambda: node.sessions() == 0)
+        await eventually(lambda: node.sessions() == 0)

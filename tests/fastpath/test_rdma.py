@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from kvmesh.testing.processes import ROOT, kvmesh_env
+from kvmesh.services.cachenode.storage.rdma import RdmaStorage
+from kvmesh.tools.processes import kvmesh_env
 from kvmesh.uri import UriError, parse_uri
-from services.cachenode.engines.rdma import RdmaEngine
 
 
 def _unshare_works() -> bool:
@@ -34,7 +34,7 @@ async def test_rdma_cases_pass_inside_a_private_network_namespace() -> None:
     env = kvmesh_env({"MC_TCP_BIND_ADDRESS": "127.0.0.1"})
     proc = await asyncio.create_subprocess_exec(
         "unshare", "-n", "sh", "-c", f"ip link set lo up && exec {inner}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 110)
     text = out.decode(errors="replace")
@@ -48,4 +48,4 @@ async def test_rdma_cases_pass_inside_a_private_network_namespace() -> None:
 )
 async def test_bad_rdma_uris_are_refused(uri: str) -> None:
     with pytest.raises(UriError):
-        await RdmaEngine.create(parse_uri(uri))
+        await RdmaStorage.create(parse_uri(uri))

@@ -11,7 +11,7 @@ import pytest
 
 from kvmesh.client.local import LocalPathUnavailable, SegmentMapping
 from kvmesh.runtime.errors import ResourceExhausted
-from services.cachenode.shm.arena import SHM_DIR, ShmArena, remove_stale_segments
+from kvmesh.services.cachenode.storage.shm_arena import SHM_DIR, ShmArena, remove_stale_segments
 
 
 def test_segment_is_shared_with_another_mapping_and_unlinked_on_close() -> None:
@@ -59,7 +59,7 @@ def test_segment_of_a_sigkilled_node_is_removed_by_the_next() -> None:
     code = textwrap.dedent(
         """
         import os, signal
-        from services.cachenode.shm.arena import ShmArena
+        from kvmesh.services.cachenode.storage.shm_arena import ShmArena
         arena = ShmArena(1 << 20)
         print(arena.name, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -80,12 +80,12 @@ def test_segment_of_a_sigkilled_node_is_removed_by_the_next() -> None:
 
 
 async def test_memory_engine_defaults_to_shared_memory_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmesh.services.cachenode.storage import shm_arena
+    from kvmesh.services.cachenode.storage.arena import HeapArena
+    from kvmesh.services.cachenode.storage.memory import MemoryStorage
     from kvmesh.uri import parse_uri
-    from services.cachenode.engines.arena import HeapArena
-    from services.cachenode.engines.memory import MemoryEngine
-    from services.cachenode.shm import arena as shm_arena
 
-    engine = await MemoryEngine.create(parse_uri("memory://?capacity=1MiB"))
+    engine = await MemoryStorage.create(parse_uri("memory://?capacity=1MiB"))
     try:
         assert isinstance(engine.arena, ShmArena)
     finally:

@@ -12,9 +12,10 @@ import pytest
 
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime
+from kvmesh.services.metadata.service import MetadataService
+from kvmesh.services.metadata.settings import MetadataSettings
+from kvmesh.tools.testing.mesh import local_mesh
 from kvmesh.v1 import common_pb2, metadata_pb2_grpc
-from services.metadata.service import MetadataService
-from services.metadata.settings import MetadataSettings
 
 BACKENDS = ["memory", "etcd", "redis"]
 
@@ -61,12 +62,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def md(backend: str) -> AsyncIterator[MetadataClient]:
-    runtime, client = await start_metadata(backend)
-    try:
-        yield client
-    finally:
-        await client.channel.close()
-        await stop_metadata(runtime)
+    """The shared mesh with only a metadata service (its exit waits for RPC handlers to unwind)."""
+    async with local_mesh(metadata_backend=backend, timeout=None) as mesh:
+        channel = mesh.channel(mesh.metadata_address)
+        yield MetadataClient(mesh.metadata_address, backend.split(":", 1)[0], channel, mesh.membership(), mesh.kv())
 
 
 async def stop_metadata(runtime: ServerRuntime, timeout: float = 3.0) -> None:

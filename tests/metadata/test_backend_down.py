@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.servers import ServerHandle, start_etcd, start_redis
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.servers import ServerHandle, start_etcd, start_redis
 from kvmesh.v1 import common_pb2, metadata_pb2
 from tests.metadata.conftest import member, start_metadata, stop_metadata
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 
 Starter = Callable[[Path, int], ServerHandle]
 SERVERS: dict[str, tuple[Starter, str]] = {
@@ -25,16 +27,20 @@ SERVERS: dict[str, tuple[Starter, str]] = {
 }
 
 
-async def eventually_ok(call: Callable[[], object], timeout: float = 20.0) -> object:
-    end = time.monotonic() + timeout
-    while True:
+class _NotYet(Exception):
+    """UNAVAILABLE while the backend is down."""
+
+
+async def eventually_ok(call: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:
+    """The call's reply once the backend is back: UNAVAILABLE means not yet, other codes fail."""
+    async def attempt() -> T:
         try:
-            return await call()  # type: ignore[misc]
+            return await call()
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.2)
+            raise _NotYet(exc) from exc
+
+    return await eventually(attempt, timeout=timeout, interval=0.2, what="the backend to answer", retry_on=_NotYet)
 
 
 @pytest.mark.parametrize("name", sorted(SERVERS))
@@ -66,17 +72,15 @@ async def test_backend_down_is_unavailable_and_recovers(tmp_path: Path, name: st
         listed = await eventually_ok(lambda: md.membership.List(metadata_pb2.ListRequest()))
         assert isinstance(listed, metadata_pb2.ListResponse)
         put = await eventually_ok(lambda: md.kv.Put(metadata_pb2.PutKeyRequest(key="k", value=b"v")))
-        assert put.revision > 0  # type: ignore[attr-defined]
+        assert put.revision > 0
         # Clients recover by themselves: Redis lost its data (no persistence), so the session
         # registers again and the watcher resyncs; etcd kept it, so the same lease goes on.
-        end = time.monotonic() + 20
-        while not any(m.id == "steady" for m in (await md.membership.List(metadata_pb2.ListRequest())).members):
-            assert time.monotonic() < end, "member did not come back"
-            await asyncio.sleep(0.2)
-        deadline = time.monotonic() + 20
-        while "steady" not in watcher.members or watcher.reconnects == 0:
-            assert time.monotonic() < deadline, "watcher did not recover"
-            await asyncio.sleep(0.1)
+        async def member_back() -> bool:
+            return any(m.id == "steady" for m in (await md.membership.List(metadata_pb2.ListRequest())).members)
+
+        await eventually(member_back, timeout=20, interval=0.2, what="the member to come back")
+        await eventually(lambda: "steady" in watcher.members and watcher.reconnects > 0, timeout=20,
+                         what="the watcher to recover")
     finally:
         await session.close()
         await watcher.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.ports import free_port
 from tests.conftest import KvmeshFactory
 from tests.metadata.test_members_cli import finished
 

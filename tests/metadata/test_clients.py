@@ -7,12 +7,12 @@ import time
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime
-from kvmesh.testing.ports import free_port
+from kvmesh.services.metadata.service import MetadataService
+from kvmesh.services.metadata.settings import MetadataSettings
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
-from services.metadata.service import MetadataService
-from services.metadata.settings import MetadataSettings
 from tests.metadata.conftest import member, stop_metadata
-from tests.metadata.test_process import eventually
 
 
 async def serve(address: str) -> ServerRuntime:
@@ -39,7 +39,7 @@ async def test_watcher_reports_what_changed_while_it_was_disconnected() -> None:
         await goes.close(deregister=False)  # dies with the metadata service: it never comes back
         await stop_metadata(first)
         second = await serve(address)  # an empty memory:// store: only "stays" registers again
-        await eventually(lambda: set(watcher.members) == {"stays"}, 15)
+        await eventually(lambda: set(watcher.members) == {"stays"}, timeout=15)
         # The diffs delivered add up to the current set: a consumer that only applies them
         # (like the router's update_pod_set) ends with exactly the live members.
         reconstructed: set[str] = set()
@@ -68,7 +68,7 @@ async def test_session_registers_again_when_its_lease_is_revoked_elsewhere() -> 
         lease = await session.wait_registered(10)
         async with open_channel(address) as channel:
             await metadata_pb2_grpc.MembershipStub(channel).Deregister(metadata_pb2.DeregisterRequest(lease_id=lease))
-        await eventually(lambda: session.lease_id not in (0, lease), 10)
+        await eventually(lambda: session.lease_id not in (0, lease), timeout=10)
         assert session.registrations == 2
     finally:
         await session.close()
@@ -88,7 +88,7 @@ async def test_draining_replica_ends_watch_streams_at_once() -> None:
         started = time.monotonic()
         await stop_metadata(runtime)
         assert time.monotonic() - started < 5  # not the 30 s grace
-        await eventually(lambda: watcher.reconnects >= 1, 5)
+        await eventually(lambda: watcher.reconnects >= 1, timeout=5)
     finally:
         await watcher.close()
         await stop_metadata(runtime)

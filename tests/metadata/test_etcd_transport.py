@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from services.metadata.stores.etcd_transport import LeanSession
+from kvmesh.services.metadata.stores.etcd_transport import LeanSession
 
 REPLIES = {
     b"/length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": \"1\"}\n",

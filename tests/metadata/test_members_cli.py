@@ -7,12 +7,12 @@ import asyncio
 import pytest
 
 from kvmesh.membership import MemberSession
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.processes import KvmeshProcess
+from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2
 from tests.conftest import KvmeshFactory
 from tests.metadata.conftest import member
-from tests.metadata.test_process import eventually
 
 pytestmark = pytest.mark.integration
 WIDE = {"COLUMNS": "200"}
@@ -47,14 +47,14 @@ async def test_members_lists_filters_and_watches(kvmesh: KvmeshFactory) -> None:
         assert "eng-1" in engines.output and "node-1" not in engines.output
 
         follower = kvmesh("members", "--metadata", address, "--role", "engine", "--watch", ready=False, env=WIDE)
-        await eventually(lambda: "1 members" in follower.output, 20)
+        await eventually(lambda: "1 members" in follower.output, timeout=20)
         late = MemberSession([address], member("eng-2", common_pb2.ROLE_ENGINE, 9003))
         sessions.append(late)
         await late.start()
         await late.wait_registered(10)
-        await eventually(lambda: "JOIN engine eng-2 127.0.0.1:9003" in follower.output, 10)
+        await eventually(lambda: "JOIN engine eng-2 127.0.0.1:9003" in follower.output, timeout=10)
         await late.close()
-        await eventually(lambda: "LEAVE engine eng-2" in follower.output, 10)
+        await eventually(lambda: "LEAVE engine eng-2" in follower.output, timeout=10)
         assert "node-1" not in follower.output
         assert follower.running()
     finally:

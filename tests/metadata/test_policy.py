@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
+from kvmesh.services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
 from kvmesh.v1 import common_pb2
-from services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
 
 
 def test_heartbeat_interval_is_a_third_of_the_ttl_then_stretches_up_to_half() -> None:

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2
 from tests.conftest import KvmeshFactory
 from tests.metadata.conftest import member
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_session_and_watcher_through_a_metadata_process(kvmesh: KvmeshFactory) -> None:
@@ -64,11 +55,11 @@ async def test_members_come_back_after_a_metadata_restart(kvmesh: KvmeshFactory)
         old_lease = session.lease_id
         first.kill()
         kvmesh("metadata", "--listen", address)
-        await eventually(lambda: session.registrations >= 2 and session.lease_id not in (0, old_lease), 15)
+        await eventually(lambda: session.registrations >= 2 and session.lease_id not in (0, old_lease), timeout=15)
         # The watcher resumed from an old revision the new process never had: it got a SNAPSHOT
         # (first without the member, or with it once it registered again), then the member.
-        await eventually(lambda: any(c.snapshot for c in changes[1:]), 15)
-        await eventually(lambda: "engine-b" in watcher.members, 15)
+        await eventually(lambda: any(c.snapshot for c in changes[1:]), timeout=15)
+        await eventually(lambda: "engine-b" in watcher.members, timeout=15)
         assert watcher.reconnects >= 1
         assert watcher.members["engine-b"].address == "127.0.0.1:9000"
     finally:

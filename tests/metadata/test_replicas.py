@@ -9,11 +9,11 @@ import signal
 import pytest
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
-from kvmesh.testing.ports import free_port
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2
 from tests.conftest import KvmeshFactory
 from tests.metadata.conftest import backend_uri, member
-from tests.metadata.test_process import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,8 @@ async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
     seen_on_both: list[MembershipChange] = []
     watcher_b = MembershipWatcher([b], common_pb2.ROLE_CACHENODE, on_change=seen_on_b.append)
     watcher_ab = MembershipWatcher([a, b], common_pb2.ROLE_CACHENODE, on_change=seen_on_both.append)
-    session = MemberSession([a, b], member("cache-1", common_pb2.ROLE_CACHENODE), ttl_seconds=4)
+    ttl = 2  # short: the test outlives it twice over (SIGKILL fails over at once, on connection refused)
+    session = MemberSession([a, b], member("cache-1", common_pb2.ROLE_CACHENODE), ttl_seconds=ttl)
     for client in (watcher_b, watcher_ab):
         await client.start()
     try:
@@ -43,10 +44,9 @@ async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
         await eventually(lambda: "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members)
 
         replica_a.kill()  # SIGKILL: no goodbye; the session and watcher_ab fail over to B
-        await eventually(lambda: watcher_ab.reconnects >= 1, 10)
+        await eventually(lambda: watcher_ab.reconnects >= 1, timeout=10)
         # Outlive the TTL more than twice over: only heartbeats through B can keep the lease.
-
-        await asyncio.sleep(2 * 4 + 1)
+        await asyncio.sleep(2 * ttl + 1)
         assert session.lease_id == lease and session.registrations == 1  # same lease, never re-registered
         assert "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members
         assert not [m for c in seen_on_b + seen_on_both for m in c.left]  # no LEAVE, not even briefly
@@ -71,7 +71,10 @@ async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(
     kvmesh("metadata", "--listen", b, "--backend", uri, name="metadata-b")
     changes: list[MembershipChange] = []
     watcher = MembershipWatcher([b], common_pb2.ROLE_ENGINE, on_change=changes.append)
-    session = MemberSession([a, b], member("engine-1"), ttl_seconds=4)
+    # A hung replica is noticed by the session's response deadline (heartbeat interval + 1 s = 2 s
+    # at this TTL), which must stay below the TTL: 3 s is the shortest with a second of margin.
+    ttl = 3
+    session = MemberSession([a, b], member("engine-1"), ttl_seconds=ttl)
     await watcher.start()
     try:
         await session.start()
@@ -79,7 +82,7 @@ async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(
         await eventually(lambda: "engine-1" in watcher.members)
         os.kill(replica_a.pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(2 * 4 + 1)
+            await asyncio.sleep(2 * ttl + 1)
             assert session.lease_id == lease and session.registrations == 1
             assert "engine-1" in watcher.members
             assert not [m for c in changes for m in c.left]

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from services.operator.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
+from kvmesh.services.operator.spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
 from tests.deploy.k8s import KUBE_VERSIONS, validate_cli
 from tests.operator.schema_tools import admit, apply_defaults, structural_problems
 
@@ -121,7 +121,7 @@ def test_pool_names_are_bounded(crd) -> None:
 
 def test_operator_rejects_what_only_it_can_check() -> None:
     """Engine schemes and URI syntax are beyond a regex: the operator refuses them (status Failed)."""
-    with pytest.raises(SpecError, match="unknown engine scheme"):
+    with pytest.raises(SpecError, match="unknown storage scheme"):
         parse_spec({"cache": {"engine": "memory://?capacity=1GiB,tape:///dev/st0"}})
     with pytest.raises(SpecError, match="capacity"):
         parse_spec({"cache": {"engine": "memory://?capacity=lots"}})

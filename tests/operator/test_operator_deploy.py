@@ -12,10 +12,10 @@ import kopf
 import pytest
 import yaml
 
-from kvmesh.testing.processes import ROOT, kvmesh_env
-from services.operator import handlers
-from services.operator.reconcile import OWNED_KINDS, compute_status, plan
-from services.operator.spec import GROUP, PLURAL
+from kvmesh.services.operator import controller
+from kvmesh.services.operator.reconcile import OWNED_KINDS, compute_status, plan
+from kvmesh.services.operator.spec import GROUP, PLURAL
+from kvmesh.tools.testing.processes import kvmesh_env
 from tests.deploy.k8s import K8S, KUBE_VERSIONS, by_kind, documents, render, validate_cli
 from tests.operator.schema_tools import admit
 from tests.operator.test_reconcile import NOW, as_server_returns, make_pool, observed
@@ -98,9 +98,9 @@ def test_handlers_are_registered_with_kopf() -> None:
     assert all(h.selector is not None and (h.selector.group, h.selector.any_name) == (GROUP, PLURAL)
                for h in changing)
     timers = [h for h in registry._spawning.get_all_handlers() if h.id == "refresh_status"]
-    assert len(timers) == 1 and getattr(timers[0], "interval", None) == handlers.STATUS_REFRESH_SECONDS
+    assert len(timers) == 1 and getattr(timers[0], "interval", None) == controller.STATUS_REFRESH_SECONDS
     settings = kopf.OperatorSettings()
-    handlers.configure(settings=settings)
+    controller.configure(settings=settings)
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
 
 
@@ -127,31 +127,31 @@ class _InMemoryCluster:
 def test_reconcile_handler_applies_the_plan_and_patches_status(monkeypatch: pytest.MonkeyPatch) -> None:
     """The glue only moves data: what it applies is the plan, what it patches is compute_status."""
     fake = _InMemoryCluster()
-    monkeypatch.setattr(handlers, "cluster", lambda: fake)
+    monkeypatch.setattr(controller, "cluster", lambda: fake)
     logger = logging.getLogger("test.operator")
     pool = make_pool()
     patch = kopf.Patch()
-    handlers.reconcile_pool(body=pool, patch=patch, logger=logger)
+    controller.reconcile_pool(body=pool, patch=patch, logger=logger)
     assert fake.applied == len(plan(pool, []).create) == 10
     assert patch["status"]["phase"] == "Progressing" and patch["status"]["observedGeneration"] == 1
     scaled = make_pool({"replicas": 1, "metadata": {"redis": {"address": "r:6379"}}}, generation=2)
     patch = kopf.Patch()
-    handlers.reconcile_pool(body=scaled, patch=patch, logger=logger)
+    controller.reconcile_pool(body=scaled, patch=patch, logger=logger)
     names = sorted(k[2] for k in fake.objects)
     assert "pool-a-etcd" not in names and "pool-a-cache" in names
     assert fake.objects[("apps/v1", "StatefulSet", "pool-a-cache")]["spec"]["replicas"] == 1
     bad = make_pool({"replicas": -4}, generation=3)
     before = dict(fake.objects)
     patch = kopf.Patch()
-    handlers.reconcile_pool(body=bad, patch=patch, logger=logger)
+    controller.reconcile_pool(body=bad, patch=patch, logger=logger)
     assert fake.objects == before and patch["status"]["phase"] == "Failed"
 
 
 def test_kvmesh_operator_command_reads_kvmesh_env() -> None:
     done = subprocess.run([sys.executable, "-m", "kvmesh", "operator", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, env=kvmesh_env(), timeout=60)
+                          env=kvmesh_env(), timeout=60)
     assert done.returncode == 0 and "KVMESH_NAMESPACES" in done.stdout and "KVMESH_LIVENESS_ENDPOINT" in done.stdout
-    from services.operator.cli import OperatorSettings
+    from kvmesh.services.operator.cli import OperatorSettings
 
     settings = OperatorSettings.model_validate({"namespaces": "a, b,,"})
     assert settings.namespace_list == ["a", "b"]

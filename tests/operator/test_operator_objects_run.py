@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from kvmesh.testing.servers import ServerHandle, etcd_server, start_redis
-from services.operator.resources import desired_objects
-from services.operator.spec import parse_spec
+from kvmesh.services.operator.resources import desired_objects
+from kvmesh.services.operator.spec import parse_spec
+from kvmesh.tools.testing.servers import ServerHandle, etcd_server, start_redis
 from tests.deploy.local_kube import LocalKube
 from tests.deploy.mesh_checks import expect_members, expect_round_trip
 from tests.operator.test_reconcile import make_pool

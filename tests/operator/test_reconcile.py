@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from services.operator.reconcile import OWNED_KINDS, compute_status, is_subset, key, plan
-from services.operator.resources import POOL_LABEL, desired_objects, names
-from services.operator.spec import API_VERSION, KIND, parse_spec
+from kvmesh.services.operator.reconcile import OWNED_KINDS, compute_status, is_subset, key, plan
+from kvmesh.services.operator.resources import POOL_LABEL, desired_objects, names
+from kvmesh.services.operator.spec import API_VERSION, KIND, parse_spec
 from tests.deploy.k8s import validate_objects
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "operator" / "examples"
@@ -88,7 +88,7 @@ def test_default_pool_objects() -> None:
     env = container_env(cache)
     assert env["KVMESH_METADATA"] == "pool-a-metadata.inference.svc:7400"
     assert env["KVMESH_ADVERTISE"] == "$(POD_NAME).pool-a-cache-headless.$(POD_NAMESPACE).svc:7500"
-    assert env["KVMESH_ENGINE"] == "memory://?capacity=2GiB"
+    assert env["KVMESH_STORAGE"] == "memory://?capacity=2GiB"
     # Requests sized from the memory tier: 2 GiB + headroom.
     resources = cache["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources == {"requests": {"cpu": "500m", "memory": "2560Mi"}, "limits": {"memory": "3072Mi"}}
@@ -181,7 +181,7 @@ def test_spec_changes_roll_the_right_objects() -> None:
     existing = as_server_returns(plan(pool, []).create)
     new_engine = plan(make_pool({"cache": {"engine": "memory://?capacity=4GiB"}}), existing)
     assert [key(o)[2] for o in new_engine.update] == ["pool-a-cache"]
-    assert container_env(new_engine.update[0])["KVMESH_ENGINE"] == "memory://?capacity=4GiB"
+    assert container_env(new_engine.update[0])["KVMESH_STORAGE"] == "memory://?capacity=4GiB"
     new_image = plan(make_pool({"cache": {"image": "kvmesh/kvmesh:0.2.0"}}), existing)
     assert sorted(key(o)[2] for o in new_image.update) == ["pool-a-cache", "pool-a-metadata"]
     new_port = plan(make_pool({"service": {"type": "NodePort", "port": 7501}}), existing)
@@ -210,11 +210,21 @@ def test_foreign_objects_are_never_touched() -> None:
     assert clash.error and "not owned by this pool" in clash.error and not clash.apply and not clash.delete
 
 
+def test_tier_list_with_a_redis_cluster_host_list_is_accepted() -> None:
+    """The operator splits tiers like the cache node: the comma between cluster hosts is not a tier."""
+    tiers = "memory://?capacity=1GiB,redis+cluster://h1:7000,h2:7001"
+    result = plan(make_pool({"cache": {"engine": tiers}}), [])
+    assert result.error is None and result.spec is not None
+    assert result.spec.cache.tiers == ["memory://?capacity=1GiB", "redis+cluster://h1:7000,h2:7001"]
+    cache = find(result.create, "StatefulSet", names("pool-a")["cache"])
+    assert container_env(cache)["KVMESH_STORAGE"] == tiers
+
+
 def test_invalid_spec_changes_nothing() -> None:
     pool = make_pool()
     existing = as_server_returns(plan(pool, []).create)
     bad = plan(make_pool({"cache": {"engine": "tape:///dev/st0"}}), existing)
-    assert bad.spec is None and bad.error and "unknown engine scheme" in bad.error
+    assert bad.spec is None and bad.error and "unknown storage scheme" in bad.error
     assert not bad.apply and not bad.delete
     status = compute_status(make_pool({"cache": {"engine": "tape://"}}), existing, NOW, bad.error, bad.error_reason)
     assert status["phase"] == "Failed"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.cli.main import main
-from kvmesh.workload.trace import TraceRequest, write_trace
+from kvmesh.tools.cli.main import main
+from kvmesh.tools.workload.trace import TraceRequest, write_trace
 
 
 def test_policies_and_pool_sizes_each_run_on_fresh_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.replay.metrics import ReplayResult, RequestRecord
-from kvmesh.replay.pool import PoolModel
+from kvmesh.tools.replay.metrics import ReplayResult, RequestRecord
+from kvmesh.tools.replay.pool import PoolModel
 
 
 def test_pool_prefix_hits_stop_at_the_first_miss() -> None:

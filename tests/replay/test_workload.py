@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.workload.generator import WorkloadSpec, generate_workload
-from kvmesh.workload.trace import TraceError, TraceRequest, infinite_cache_bound, load_trace, write_trace
+from kvmesh.tools.workload.generator import WorkloadSpec, generate_workload
+from kvmesh.tools.workload.trace import TraceError, TraceRequest, infinite_cache_bound, load_trace, write_trace
 
 SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from kvmesh.membership import MembershipChange
+from kvmesh.services.router.core import RouterCore
+from kvmesh.services.router.settings import RouterSettings
 from kvmesh.v1 import common_pb2
-from services.router.core import RouterCore
-from services.router.settings import RouterSettings
 
 
 def member(member_id: str, model: str = "", running: int = 0, waiting: int = 0, port: int = 9000) -> common_pb2.Member:

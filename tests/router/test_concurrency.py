@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 
+from kvmesh.services.router.core import Decision
 from kvmesh.v1 import router_pb2
-from services.router.core import Decision
 from tests.router.conftest import Mesh
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,7 +6,7 @@ import pytest
 
 from kvmesh.membership import MembershipChange
 from kvmesh.runtime.errors import InvalidArgument, Unavailable
-from services.router.core import Cleared, Removed, Stored
+from kvmesh.services.router.core import Cleared, Removed, Stored
 from tests.router.helpers import FakeClock, core, joined, left, member
 
 

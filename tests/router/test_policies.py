@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kvmesh.membership import MembershipChange
-from services.router.core import RouterCore, Stored
+from kvmesh.services.router.core import RouterCore, Stored
 from tests.router.helpers import core, joined, member
 
 PROMPT = list(range(1, 11))  # 10 blocks

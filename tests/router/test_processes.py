@@ -16,8 +16,9 @@ import pytest
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.channels import open_channel
-from kvmesh.testing.ports import free_port
-from kvmesh.testing.processes import KvmeshProcess
+from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 from tests.router.helpers import member
 
@@ -25,15 +26,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 async def wait_members(stub: router_pb2_grpc.RouterStub, count: int, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+    """Polls the router's Stats until it counts `count` engine members."""
+    async def check() -> bool:
         stats = await stub.Stats(router_pb2.RouterStatsRequest())
-        if stats.members == count:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"router sees {stats.members} members, expected {count}")
-        await asyncio.sleep(0.05)
+        assert stats.members == count, f"router sees {stats.members} members, expected {count}"
+        return True
+
+    await eventually(check, timeout=timeout, interval=0.05, what=f"{count} router members")
 
 
 async def start(proc: KvmeshProcess) -> str:
@@ -43,7 +42,6 @@ async def start(proc: KvmeshProcess) -> str:
 async def run_cli(kvmesh: Callable[..., KvmeshProcess], *args: str) -> tuple[int, str]:
     proc = kvmesh(*args, ready=False)
     code = await asyncio.to_thread(proc.wait_exit, 30.0)
-    await asyncio.to_thread(proc._reader.join, 5)
     return code, proc.output
 
 
@@ -127,11 +125,11 @@ async def test_router_registers_itself_as_a_router_member(kvmesh: Callable[..., 
     channel = open_channel(md)
     try:
         stub = metadata_pb2_grpc.MembershipStub(channel)
-        for _ in range(100):
+        async def routers() -> metadata_pb2.ListResponse | None:
             listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_ROUTER))
-            if listed.members:
-                break
-            await asyncio.sleep(0.05)
+            return listed if listed.members else None
+
+        listed = await eventually(routers, timeout=5, interval=0.05, what="the router to register")
         assert [(m.id, m.address) for m in listed.members] == [("r-1", router_addr)]
     finally:
         await channel.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from services.router.core import Stored
-from services.router.tree import PrefixTree
+from kvmesh.services.router.core import Stored
+from kvmesh.services.router.tree import PrefixTree
 from tests.router.helpers import core, joined, member
 
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.router.core import Cleared, Removed, Stored
+from kvmesh.services.router.core import Cleared, Removed, Stored
 from tests.router.helpers import FakeClock, core, member
 
 NAMES = ["p0", "p1", "p2", "p3", "p4"]

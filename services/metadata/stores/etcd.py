@@ -29,9 +29,9 @@ from etcd3gw import exceptions as etcd_exc
 from requests.adapters import HTTPAdapter
 
 from kvmesh.runtime.errors import Unavailable
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, prefix_end
+from kvmesh.services.metadata.stores.etcd_transport import LeanSession
 from kvmesh.uri import Uri, UriError
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, prefix_end
-from services.metadata.stores.etcd_transport import LeanSession
 
 log = logging.getLogger("kvmesh.metadata.etcd")
 

@@ -21,8 +21,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from kvmesh.runtime.errors import Unavailable
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper
 from kvmesh.uri import Uri, UriError
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper
 
 
 @dataclass

@@ -25,9 +25,9 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_exc
 
 from kvmesh.runtime.errors import Unavailable
+from kvmesh.services.metadata.stores import redis_scripts as lua
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
 from kvmesh.uri import Uri, UriError
-from services.metadata.stores import redis_scripts as lua
-from services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
 
 log = logging.getLogger("kvmesh.metadata.redis")
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from kvmesh.registry import LazyRegistry
+from kvmesh.services.metadata.stores.base import Store
 from kvmesh.uri import Uri, parse_uri
-from services.metadata.stores.base import Store
 
 STORES: LazyRegistry[Store] = LazyRegistry("metadata backend")
-STORES.register("memory", "services.metadata.stores.memory", "MemoryStore")
-STORES.register("etcd", "services.metadata.stores.etcd", "EtcdStore")
-STORES.register("redis", "services.metadata.stores.redis_store", "RedisStore")
-STORES.register("rediss", "services.metadata.stores.redis_store", "RedisStore")
+STORES.register("memory", "kvmesh.services.metadata.stores.memory", "MemoryStore")
+STORES.register("etcd", "kvmesh.services.metadata.stores.etcd", "EtcdStore")
+STORES.register("redis", "kvmesh.services.metadata.stores.redis_store", "RedisStore")
+STORES.register("rediss", "kvmesh.services.metadata.stores.redis_store", "RedisStore")
 
 
 def resolve_backend(spec: str) -> tuple[Uri, type[Store]]:

@@ -13,9 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from services.router.pods import PodTable
-from services.router.settings import RouterSettings
-from services.router.tree import Match, PrefixTree
+from kvmesh.services.router.pods import PodTable
+from kvmesh.services.router.settings import RouterSettings
+from kvmesh.services.router.tree import Match, PrefixTree
 
 
 class RouteContext:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from services.router.policies.base import Policy, RouteContext
+from kvmesh.services.router.policies.base import Policy, RouteContext
 
 
 class CacheAwarePolicy(Policy):

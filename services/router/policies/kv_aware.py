@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from services.router.policies.base import Policy, RouteContext
+from kvmesh.services.router.policies.base import Policy, RouteContext
 
 
 class KvAwarePolicy(Policy):

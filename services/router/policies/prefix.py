@@ -7,7 +7,7 @@ the longest match wins; ties go to the lower load, then at random.
 
 from __future__ import annotations
 
-from services.router.policies.base import Policy, RouteContext
+from kvmesh.services.router.policies.base import Policy, RouteContext
 
 
 class PrefixPolicy(Policy):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.router.policies.base import Policy, RouteContext
+from kvmesh.services.router.policies.base import Policy, RouteContext
 
 
 class RandomPolicy(Policy):

@@ -1,0 +1,173 @@
+"""Whole values from a stream of chunks: BatchPut's write path, independent of gRPC.
+
+Values larger than one message arrive as chunks (namespace, key, total_size, offset, data,
+ttl_seconds), each value's chunks in order and one value after another. The assembler
+writes each chunk straight into the value's `Write` (see storage/write.py: the final place
+in a zero-copy storage's arena, or one buffer of the final size) and commits the value only
+when its last byte arrived, so a value is stored whole or not at all. A bad chunk fails
+only its own key (the rest of the stream goes on): the failure is reported as a KeyError,
+the value's space is freed, and its remaining chunks are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import grpc
+
+from kvmesh.runtime.errors import InvalidArgument, KvmeshError, status_for
+from kvmesh.services.cachenode.limits import Limits
+from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.write import BATCH_BYTES, BATCH_ITEMS, Write, WriteBatch
+from kvmesh.v1 import cachenode_pb2
+
+log = logging.getLogger("kvmesh.cachenode")
+
+
+class PutChunkLike(Protocol):
+    """A PutChunk: the generated message, wire.PutChunkView, or a future data plane's own."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def total_size(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+    @property
+    def ttl_seconds(self) -> int: ...
+
+
+class _Rejected(Exception):
+    """One value of the stream failed; the stream goes on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _invalid(message: str) -> _Rejected:
+    return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class ChunkAssembler:
+    """Assembles one stream's chunks into committed values: `add` each chunk, then `finish`.
+
+    `stored` and `errors` are the BatchPut answer. Call `abort` (safe twice, and after
+    `finish`) when the stream breaks off, so an unfinished value leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        limits: Limits | None = None,
+        batch_items: int = BATCH_ITEMS,
+        batch_bytes: int = BATCH_BYTES,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.errors: list[cachenode_pb2.KeyError] = []
+        self._batch = WriteBatch(storage, batch_items, batch_bytes)
+        self._storage = storage
+        self._current: Write | None = None
+        self._received = 0
+        self._skipping: tuple[str, bytes] | None = None  # a failed value whose remaining chunks are ignored
+
+    @property
+    def stored(self) -> int:
+        """Values stored so far (a batched value counts once its batch is written)."""
+        return self._batch.stored
+
+    async def add(self, chunk: PutChunkLike) -> None:
+        """Takes the next chunk of the stream."""
+        current = self._current
+        if current is not None and (chunk.key != current.key or chunk.namespace != current.namespace):
+            self._fail(current.namespace, current.key, _invalid(
+                f"value incomplete: {self._received} of {current.size} bytes before the next key"
+            ))
+            current = None
+        if current is None:
+            if self._skipping == (chunk.namespace, chunk.key) and chunk.offset != 0:
+                return
+            self._skipping = None
+            try:
+                current = self._begin(chunk)
+            except _Rejected as exc:
+                self._fail(chunk.namespace, chunk.key, exc)
+                return
+        try:
+            self._append(current, chunk)
+        except _Rejected as exc:
+            self._fail(current.namespace, current.key, exc)
+            return
+        if self._received < current.size:
+            return
+        self._current = None
+        await self._batch.commit(current)
+        self._collect()
+
+    async def finish(self) -> None:
+        """The stream ended: fails an unfinished value and stores what is still batched."""
+        current = self._current
+        if current is not None:
+            self._fail(current.namespace, current.key, _invalid(
+                f"stream ended with the value incomplete: {self._received} of {current.size} bytes"
+            ))
+        await self._batch.flush()
+        self._collect()
+
+    def abort(self) -> None:
+        """Drops the value being assembled (its reserved space is freed at once)."""
+        current, self._current = self._current, None
+        if current is not None:
+            current.abort()
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _begin(self, chunk: PutChunkLike) -> Write:
+        """Validates the first chunk of a value and makes room for the whole of it."""
+        try:
+            self.limits.check_namespace(chunk.namespace)
+            self.limits.check_key(chunk.key)
+            if chunk.offset != 0:
+                raise InvalidArgument(f"chunk out of order: first chunk of a value at offset {chunk.offset}, not 0")
+            total = chunk.total_size or len(chunk.data)
+            self.limits.check_size(total)
+            write = self._storage.begin_write(chunk.namespace, chunk.key, total, chunk.ttl_seconds)
+        except KvmeshError as exc:
+            raise _Rejected(exc.code, str(exc)) from None
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        self._current = write
+        self._received = 0
+        return write
+
+    def _append(self, write: Write, chunk: PutChunkLike) -> None:
+        """Writes one chunk into place after checking it continues the value consistently."""
+        if chunk.offset != self._received:
+            raise _invalid(f"chunk out of order: offset {chunk.offset}, expected {self._received}")
+        if chunk.total_size and chunk.total_size != write.size:
+            raise _invalid(f"inconsistent total_size: {chunk.total_size} after {write.size}")
+        end = self._received + len(chunk.data)
+        if end > write.size:
+            raise _invalid(f"chunks overrun the value: {end} bytes of {write.size}")
+        write.write(self._received, chunk.data)
+        self._received = end
+
+    def _fail(self, namespace: str, key: bytes, exc: _Rejected) -> None:
+        """Reports `key` failed, drops its value, and ignores the rest of its chunks."""
+        self.errors.append(cachenode_pb2.KeyError(key=key, code=exc.code.name, message=str(exc)))
+        self._skipping = (namespace, key)
+        self.abort()
+
+    def _collect(self) -> None:
+        """Moves the batch's storage failures into `errors`, in the order they happened."""
+        for key, exc in self._batch.failed:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("put_many failed", exc_info=exc)
+            self.errors.append(cachenode_pb2.KeyError(key=key, code=code.name, message=message))
+        self._batch.failed.clear()

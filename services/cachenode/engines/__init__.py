@@ -1,1 +1,0 @@
-"""Cache engines: one lazy registry by URI scheme (see registry.py), one interface (base.py)."""

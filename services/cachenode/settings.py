@@ -1,0 +1,49 @@
+"""Settings of `kvmesh cachenode` (flags and `KVMESH_*` environment variables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from kvmesh.settings import MemberSettings
+from kvmesh.units import parse_size
+
+
+class CacheNodeSettings(MemberSettings):
+    """Flags of the cache node on top of the common member flags."""
+
+    storage: str = Field(
+        "memory://?capacity=1GiB&policy=lru",
+        description="storage URI, or a comma-separated tier list L1,L2[,L3] (memory://, disk://, redis://, ...)",
+    )
+    engine: str | None = Field(None, description="older name of --storage, still accepted")
+    max_value_bytes: int = Field(256 * 1024**2, gt=0, description="largest value accepted (accepts 256MiB)")
+    max_key_bytes: int = Field(1024, gt=0, le=65536, description="largest key accepted")
+    chunk_bytes: int = Field(
+        4 * 1024**2, ge=4096, description="largest data chunk in one BatchGet message (accepts 4MiB)"
+    )
+    namespaces: str = Field("", description="comma-separated namespaces this node serves (empty: any)")
+    standalone: bool = Field(False, description="serve without registering with the metadata service")
+    allocation_timeout_ms: int = Field(
+        30_000, ge=10, le=3_600_000, description="data path: unsealed allocations are dropped after this"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_is_storage(cls, data: Any) -> Any:
+        """`--engine`/`KVMESH_ENGINE` (the flag's first name) fill `--storage` when it is not given."""
+        if isinstance(data, dict) and data.get("engine") and not data.get("storage"):
+            return {**data, "storage": data["engine"]}
+        return data
+
+    @field_validator("max_value_bytes", "chunk_bytes", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @property
+    def allowed_namespaces(self) -> frozenset[str] | None:
+        """None when every namespace is served."""
+        names = frozenset(n.strip() for n in self.namespaces.split(",") if n.strip())
+        return names or None

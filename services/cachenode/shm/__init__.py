@@ -1,1 +1,0 @@
-"""Shared-memory segments that co-located clients map to read and write values in place."""
