@@ -5,21 +5,30 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+REPEAT_CANCEL_AFTER_S = 0.5
 
-async def cancel_and_wait(*tasks: asyncio.Future[Any] | None) -> None:
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, repeat_after: float = REPEAT_CANCEL_AFTER_S) -> None:
     """Cancels the given tasks (None entries are skipped) and waits until each has finished.
 
     The tasks' own CancelledError is expected and absorbed; when the caller itself is being
-    cancelled while it waits, that CancelledError is re-raised, so a shutdown path never
-    swallows an outer cancel. Any other exception a task ended with propagates.
+    cancelled while it waits, that CancelledError is raised, so a shutdown path never
+    swallows an outer cancel. The first other exception a task ended with propagates.
+
+    A cancel can get lost inside a task: CPython 3.11's `asyncio.wait_for` returns the inner
+    result instead of raising when the cancel lands just as the inner future completes, and
+    redis-py sends every command through it. Such a task runs on as if never cancelled (a
+    loop like a store's sweeper would run forever), so a task still running `repeat_after`
+    seconds after its cancel is cancelled again, until it ends.
     """
-    pending = [t for t in tasks if t is not None]
+    pending = list(dict.fromkeys(t for t in tasks if t is not None))
     for task in pending:
         task.cancel()
+    running = set(pending)
+    while running:
+        _, running = await asyncio.wait(running, timeout=repeat_after)
+        for task in running:
+            task.cancel()
     for task in pending:
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        if not task.cancelled():
+            task.result()  # re-raises what the task failed with

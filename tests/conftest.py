@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.mesh import reap
 from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
 
 
@@ -30,7 +31,9 @@ KvmeshFactory = Callable[..., KvmeshProcess]
 
 @pytest.fixture
 def kvmesh() -> Iterator[KvmeshFactory]:
-    """Starts `kvmesh ...` processes; stops them all afterwards and fails if one leaked."""
+    """Starts single `kvmesh ...` commands (a CLI call, a bad flag) whose output a test inspects;
+    stops them all afterwards with the mesh's leak check. A test that needs a mesh uses
+    `process_mesh` instead."""
     started: list[KvmeshProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True, timeout: float = 20.0,
@@ -43,8 +46,10 @@ def kvmesh() -> Iterator[KvmeshFactory]:
 
     yield start
     for proc in reversed(started):
-        proc.terminate()
-    leaked = [p.name for p in started if p.running()]
+        proc.send_term()
+    for proc in reversed(started):
+        proc.wait(15)
+    leaked = reap(started)
     assert not leaked, f"processes still running after teardown: {leaked}"
 
 

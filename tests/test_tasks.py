@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -59,3 +60,36 @@ async def test_the_callers_own_cancellation_is_not_swallowed() -> None:
     assert after_wait == []
     await asyncio.sleep(0.3)
     assert child.done()
+
+
+async def test_a_cancel_the_task_lost_is_repeated() -> None:
+    # CPython 3.11's asyncio.wait_for returns the inner result when a cancel lands just as
+    # the inner future completes (redis-py sends every command through it); the task then
+    # runs on as if never cancelled. `deaf` loses its first cancel the same way.
+    async def deaf() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(2):
+        await cancel_and_wait(task, repeat_after=0.05)
+    assert task.cancelled()
+
+
+async def test_a_loop_around_wait_for_is_stopped_wherever_the_cancel_lands() -> None:
+    async def write() -> None:
+        await asyncio.sleep(0)
+
+    async def sender() -> None:
+        while True:
+            await asyncio.wait_for(write(), 5)
+
+    for turns in range(12):
+        task = asyncio.create_task(sender())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        async with asyncio.timeout(2):
+            await cancel_and_wait(task, repeat_after=0.05)
+        assert task.done()

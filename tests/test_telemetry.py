@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -12,9 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from kvmesh.runtime.channels import open_channel
-from kvmesh.tools.testing.ports import free_port
-from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
+from kvmesh.tools.testing.mesh import process_mesh
 
 pytestmark = pytest.mark.integration
 
@@ -50,30 +47,17 @@ def collector() -> Iterator[tuple[Collector, str]]:
     server.stop(None)
 
 
-def test_server_and_client_spans_reach_an_otlp_collector(kvmesh, collector) -> None:
+async def test_server_and_client_spans_reach_an_otlp_collector(collector: tuple[Collector, str]) -> None:
     sink, endpoint = collector
-    md_port = free_port()
-    metadata = kvmesh("metadata", "--listen", f"127.0.0.1:{md_port}", "--otlp-endpoint", endpoint)
-    node = kvmesh(
-        "cachenode", "--listen", "127.0.0.1:0", "--metadata", f"127.0.0.1:{md_port}",
-        "--engine", "memory://?capacity=16MiB&arena=heap", "--otlp-endpoint", endpoint,
-    )
-
-    async def listed() -> int:
-        channel = open_channel(f"127.0.0.1:{md_port}")
-        try:
-            stub = metadata_pb2_grpc.MembershipStub(channel)
-            for _ in range(100):
-                resp = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_CACHENODE))
-                if resp.members:
-                    return len(resp.members)
-                await asyncio.sleep(0.1)
-            return 0
-        finally:
-            await channel.close()
-
-    assert asyncio.run(listed()) == 1
-    assert node.terminate() == 0 and metadata.terminate() == 0  # shutdown flushes the exporters
+    otlp = {"otlp_endpoint": endpoint}
+    node_settings = {"engine": "memory://?capacity=16MiB&arena=heap", **otlp}
+    async with process_mesh(cachenodes=1, metadata_settings=otlp, cachenode_settings=node_settings) as mesh:
+        assert len(await mesh.listed("cachenode")) == 1
+        node, metadata = mesh.member("cachenode-0"), mesh.member("metadata")
+        await mesh.stop(node.name)  # shutdown flushes the exporters
+        await mesh.stop(metadata.name)
+        assert node.process is not None and node.process.returncode == 0
+        assert metadata.process is not None and metadata.process.returncode == 0
 
     server_spans = {(svc, name) for svc, name, kind in sink.spans if kind == trace_pb2.Span.SPAN_KIND_SERVER}
     client_spans = {(svc, name) for svc, name, kind in sink.spans if kind == trace_pb2.Span.SPAN_KIND_CLIENT}

@@ -17,9 +17,10 @@ import grpc
 
 from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MemberSession, MembershipWatcher
-from kvmesh.runtime.errors import InvalidArgument, KvmeshError, guard
+from kvmesh.runtime.errors import InvalidArgument, KvmeshError
 from kvmesh.runtime.server import Service
 from kvmesh.services.enginesim.engine import BatchingEngine, EngineEvent, EventKind, SimRequest, offloaded_blocks
+from kvmesh.services.enginesim.enginesim_api import EngineSimApi
 from kvmesh.services.enginesim.events import EventReporter
 from kvmesh.services.enginesim.pool import BlockPool, BlockStore
 from kvmesh.services.enginesim.runner import EngineRunner
@@ -47,17 +48,6 @@ async def open_cache_client(settings: EngineSimSettings) -> tuple[BlockStore, Ca
     from kvmesh.services.enginesim.pool_client import connect_pool
 
     return await connect_pool(settings)
-
-
-class EngineSimServicer(enginesim_pb2_grpc.EngineSimServicer):
-    def __init__(self, sim: EngineSimService) -> None:
-        self.sim = sim
-
-    @guard
-    async def Generate(
-        self, request: enginesim_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> enginesim_pb2.GenerateResponse:
-        return await self.sim.generate(request)
 
 
 class EngineSimService(Service):
@@ -89,7 +79,7 @@ class EngineSimService(Service):
 
     # ---- lifecycle
     def register(self, server: grpc.aio.Server) -> None:
-        enginesim_pb2_grpc.add_EngineSimServicer_to_server(EngineSimServicer(self), server)
+        enginesim_pb2_grpc.add_EngineSimServicer_to_server(EngineSimApi(self), server)
 
     async def start(self, address: str) -> None:
         if self.session is not None:

@@ -6,11 +6,11 @@ import contextlib
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.ports import free_port, wait_port
 from kvmesh.tools.testing.servers import start_redis
 
@@ -109,17 +109,15 @@ def redis_cluster(workdir: Path, nodes: int = 3) -> Iterator[list[int]]:
             capture_output=True,
             timeout=60,
         )
-        end = time.monotonic() + 30
-        while True:
+        def cluster_ok() -> bool:
             states = [
                 subprocess.run(["redis-cli", "-p", str(p), "cluster", "info"], capture_output=True, text=True).stdout
                 for p in ports
             ]
-            if all("cluster_state:ok" in s for s in states):
-                break
-            if time.monotonic() > end:
-                raise TimeoutError(f"redis cluster did not become ok: {states}")
-            time.sleep(0.2)
+            assert all("cluster_state:ok" in s for s in states), states
+            return True
+
+        eventually_sync(cluster_ok, timeout=30, interval=0.2, what="the redis cluster to become ok")
         yield ports
     finally:
         group.stop()
@@ -144,17 +142,14 @@ def vineyardd(workdir: Path, size: str = "256Mi") -> Iterator[Path]:
         env={**os.environ, "GLOG_minloglevel": "2"},
     )
     try:
-        end = time.monotonic() + 30
-        while True:
+        def accepts() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"vineyardd exited: {(workdir / 'vineyardd.log').read_text()[-2000:]}")
-            if sock.exists():
-                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(sock))
-                    break
-            if time.monotonic() > end:
-                raise TimeoutError("vineyardd did not start")
-            time.sleep(0.1)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))  # OSError (no socket yet, refused): not yet
+            return True
+
+        eventually_sync(accepts, timeout=30, interval=0.1, what="vineyardd to accept connections", retry_on=OSError)
         yield sock
     finally:
         Processes([proc]).stop()

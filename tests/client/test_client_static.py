@@ -11,31 +11,20 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kvmesh.client import CacheClient, NodeInfo
-from kvmesh.runtime.server import ServerRuntime
-from kvmesh.services.cachenode.service import CacheNodeService
-from kvmesh.services.cachenode.settings import CacheNodeSettings
+from kvmesh.tools.testing.mesh import MeshHandle, local_mesh
 
 
 @contextlib.asynccontextmanager
-async def nodes(count: int) -> AsyncIterator[list[tuple[ServerRuntime, NodeInfo]]]:
-    runtimes = []
-    try:
-        for i in range(count):
-            settings = CacheNodeSettings.model_validate(
-                {"listen": "127.0.0.1:0", "standalone": True, "engine": "memory://?capacity=64MiB"}
-            )
-            runtime = ServerRuntime(CacheNodeService(settings), settings)
-            address = await runtime.start()
-            runtimes.append((runtime, NodeInfo(f"node{i}", address, 64 * 1024**2)))
-        yield runtimes
-    finally:
-        for runtime, _ in runtimes:
-            await runtime.stop()
+async def nodes(count: int) -> AsyncIterator[tuple[MeshHandle, list[NodeInfo]]]:
+    """`count` standalone in-process cache nodes (node0, node1, ...) and their NodeInfos."""
+    async with local_mesh(metadata=0, cachenodes=count, names={"cachenode": "node{i}"},
+                          cachenode_settings={"engine": "memory://?capacity=64MiB"}) as mesh:
+        yield mesh, [NodeInfo(m.name, m.address, 64 * 1024**2) for m in mesh.of_role("cachenode")]
 
 
 async def test_batches_spread_over_nodes_and_round_trip() -> None:
-    async with nodes(3) as running:
-        client = await CacheClient.from_nodes([info for _, info in running], namespace="m", chunk_bytes=256 * 1024)
+    async with nodes(3) as (_, infos):
+        client = await CacheClient.from_nodes(infos, namespace="m", chunk_bytes=256 * 1024)
         async with client:
             items = [(os.urandom(16), os.urandom(size)) for size in [100] * 60 + [1_000_000] * 3]
             assert await client.put_many(items) == len(items)
@@ -54,21 +43,21 @@ async def test_batches_spread_over_nodes_and_round_trip() -> None:
 
 
 async def test_replica_reads_when_a_node_is_gone() -> None:
-    async with nodes(3) as running:
-        client = await CacheClient.from_nodes([info for _, info in running], replicas=2, retry_deadline_s=0.3)
+    async with nodes(3) as (mesh, infos):
+        client = await CacheClient.from_nodes(infos, replicas=2, retry_deadline_s=0.3)
         async with client:
             items = [(os.urandom(16), os.urandom(2000)) for _ in range(90)]
             assert await client.put_many(items) == len(items)
-            await running[0][0].stop()  # node0 is gone, the client is not told
+            await mesh.stop("node0")  # node0 is gone, the client is not told
             got = await client.get_many([k for k, _ in items])
             assert got == [v for _, v in items]  # every key had a replica elsewhere
             assert await client.exists_prefix([k for k, _ in items]) == len(items)
 
 
 async def test_dead_node_means_misses_not_exceptions() -> None:
-    async with nodes(2) as running:
+    async with nodes(2) as (_, infos):
         client = await CacheClient.from_nodes(
-            [info for _, info in running] + [NodeInfo("ghost", "127.0.0.1:1", 64 * 1024**2)], retry_deadline_s=0.2
+            [*infos, NodeInfo("ghost", "127.0.0.1:1", 64 * 1024**2)], retry_deadline_s=0.2
         )
         async with client:
             items = [(os.urandom(16), b"v") for _ in range(60)]
@@ -83,8 +72,8 @@ async def test_dead_node_means_misses_not_exceptions() -> None:
 
 
 async def test_token_block_helpers_return_the_cached_prefix() -> None:
-    async with nodes(2) as running:
-        client = await CacheClient.from_nodes([info for _, info in running], namespace="llm")
+    async with nodes(2) as (_, infos):
+        client = await CacheClient.from_nodes(infos, namespace="llm")
         async with client:
             tokens = list(range(16 * 5 + 3))  # 5 full blocks
             blocks = [os.urandom(1000) for _ in range(5)]

@@ -94,7 +94,7 @@ async def test_sigkill_in_the_middle_of_a_batch_gives_misses_only() -> None:
 
         task = asyncio.create_task(reads())
         writer = asyncio.create_task(writes())
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # not a wait for a condition: the kill must land while batches run
         mesh.member("node1").process.kill()  # type: ignore[union-attr]  # SIGKILL, no deregistration, while batches are in flight
         killed.set()
         rounds = await asyncio.wait_for(task, 60)  # no exception reaches the caller
@@ -117,7 +117,7 @@ async def test_a_joining_node_takes_about_its_share() -> None:
         await eventually(lambda: len(client.nodes) == 3, timeout=15, interval=0.05)
         keys = [os.urandom(16) for _ in range(4000)]
         before = {k: client.placement(k)[0] for k in keys}
-        await mesh.add("cachenode", **NODE, ttl_seconds=2)  # node3
+        await mesh.add("cachenode", engine=NODE["engine"], ttl_seconds=2)  # node3
         await eventually(lambda: len(client.nodes) == 4, timeout=15, interval=0.05)
         after = {k: client.placement(k)[0] for k in keys}
         moved = [k for k in keys if before[k] != after[k]]
@@ -142,8 +142,9 @@ async def test_nodes_register_again_after_the_metadata_service_restarts() -> Non
         # A channel that saw the old process die may need a reconnect first: UNAVAILABLE is "not yet".
         await eventually(registered_again, timeout=30, interval=0.1, what="cache nodes to register again",
                          retry_on=(AssertionError, grpc.aio.AioRpcError))
-        assert client._watcher is not None
-        await eventually(lambda: client._watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30, interval=0.05)
+        watcher = client._watcher
+        assert watcher is not None
+        await eventually(lambda: watcher.reconnects >= 1 and len(client.nodes) == 3, timeout=30, interval=0.05)
         items = [(os.urandom(16), b"after restart") for _ in range(30)]
         assert await client.put_many(items) == 30
         assert await client.get_many([k for k, _ in items]) == [v for _, v in items]

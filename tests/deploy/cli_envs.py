@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from kvmesh.tools.testing.processes import kvmesh_env
+from kvmesh.tools.processes import kvmesh_env
 
 
 @functools.cache

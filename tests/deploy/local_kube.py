@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.tools.cli.health import check
+from kvmesh.tools.processes import KvmeshProcess
 from kvmesh.tools.testing.ports import free_port
-from kvmesh.tools.testing.processes import KvmeshProcess
 from tests.deploy.mesh_checks import wait_for
 
 ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w.-]*):(\d{1,5})(?!\d)")

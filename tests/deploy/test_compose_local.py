@@ -16,15 +16,15 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.ports import free_port
-from kvmesh.tools.testing.processes import KvmeshProcess, kvmesh_env
 from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
 from tests.deploy.cli_envs import setting_envs
 from tests.deploy.compose import resolved_config
@@ -114,16 +114,18 @@ class LocalCompose:
         test = self.services[name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "kvmesh", "health"]
         env = {k: self._rewrite(name, v) for k, v in self.services[name]["environment"].items()}
-        end = time.monotonic() + timeout
-        while True:
+        proc = self.processes[name]
+
+        def passes() -> bool:
             done = subprocess.run([sys.executable, "-m", "kvmesh", *test[2:]], capture_output=True, text=True,
                                   env=kvmesh_env(env), timeout=60)
             if done.returncode == 0:
-                return
-            proc = self.processes[name]
-            assert proc.running(), f"{name} exited:\n{proc.output[-3000:]}"
-            assert time.monotonic() < end, f"{name} never became healthy:\n{proc.output[-3000:]}"
-            time.sleep(0.5)
+                return True
+            if not proc.running():  # not retried: an exited service never becomes healthy
+                raise RuntimeError(f"{name} exited:\n{proc.output[-3000:]}")
+            raise AssertionError(f"{name} not healthy yet:\n{proc.output[-3000:]}")
+
+        eventually_sync(passes, timeout=timeout, interval=0.5, what=f"{name} to become healthy")
 
     def stop(self) -> list[str]:
         for proc in reversed(list(self.processes.values())):

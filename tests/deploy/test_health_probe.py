@@ -11,8 +11,8 @@ import pytest
 from kvmesh.runtime.server import ServerRuntime, Service
 from kvmesh.settings import ServiceSettings
 from kvmesh.tools.cli.health import probe_address
+from kvmesh.tools.processes import kvmesh_env
 from kvmesh.tools.testing.ports import free_port
-from kvmesh.tools.testing.processes import kvmesh_env
 
 
 class _Empty(Service):

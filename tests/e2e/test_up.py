@@ -1,22 +1,68 @@
-"""`kvmesh up` as a real subprocess: starts every member, registers them, stops leaving nothing."""
+"""`kvmesh up` as a real subprocess: starts every member, registers them, stops leaving nothing.
+
+These run the one `kvmesh up` command and inspect it (the `kvmesh` fixture); `kvmesh up` itself
+is the mesh under test, so they do not use the test mesh (`process_mesh`)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 
+from kvmesh.runtime.channels import open_channel
+from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.servers import ServerHandle
+from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 from tests.conftest import KvmeshFactory
-from tests.e2e.mesh import alive, member_roles, ready_fields
 
 pytestmark = pytest.mark.integration
 
 SMALL = ("--base-port", "0", "--cachenodes", "1", "--engines", "2", "--pool-blocks", "256", "--log-level", "warning")
 
 
-def _check_up_and_stop(proc, sig: int = signal.SIGTERM) -> None:
+def ready_fields(proc: KvmeshProcess) -> dict[str, str]:
+    """The fields of `kvmesh up`'s own ready line (its members print theirs too)."""
+    for line in proc.lines:
+        if line.startswith("KVMESH_READY service=mesh"):
+            return dict(part.split("=", 1) for part in line.split()[1:])
+    raise AssertionError(f"no ready line:\n{proc.output[-3000:]}")
+
+
+def member_roles(metadata: str) -> Counter[str]:
+    """How many members of each role the mesh's metadata service lists."""
+    async def go() -> Counter[str]:
+        async with open_channel(metadata) as channel:
+            resp = await metadata_pb2_grpc.MembershipStub(channel).List(metadata_pb2.ListRequest(), timeout=5)
+        return Counter(common_pb2.Role.Name(m.role) for m in resp.members)
+
+    return asyncio.run(go())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for our purposes once reaped, so look closer.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Waits until none of `pids` runs; fails naming those that still do."""
+    eventually_sync(lambda: not [p for p in pids if alive(p)], timeout=timeout, interval=0.1,
+                    what=f"children {pids} to exit")
+
+
+def _check_up_and_stop(proc: KvmeshProcess, sig: int = signal.SIGTERM) -> None:
     fields = ready_fields(proc)
     pids = [int(p) for p in fields["pids"].split(",")]
     assert len(pids) == 5  # metadata, 1 cache node, router, 2 engines
@@ -27,10 +73,7 @@ def _check_up_and_stop(proc, sig: int = signal.SIGTERM) -> None:
     proc.proc.send_signal(sig)
     assert proc.wait_exit(40) == 0, proc.output[-3000:]
     assert "all members stopped" in proc.output
-    deadline = time.monotonic() + 5
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if alive(p)], "children left behind"
+    wait_gone(pids, timeout=5)  # children left behind otherwise
 
 
 def test_up_starts_and_stops_cleanly(kvmesh: KvmeshFactory) -> None:
@@ -57,10 +100,7 @@ def test_killing_up_takes_its_children_with_it(kvmesh: KvmeshFactory) -> None:
     pids = [int(p) for p in ready_fields(proc)["pids"].split(",")]
     proc.proc.kill()  # SIGKILL: no chance to stop them in order
     proc.proc.wait(10)
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if alive(p)], "children outlived a SIGKILLed kvmesh up"
+    wait_gone(pids, timeout=30)  # children outlived a SIGKILLed kvmesh up otherwise
 
 
 def test_up_fails_cleanly_on_a_bad_backend(kvmesh: KvmeshFactory) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import (
     common_pb2,
@@ -20,20 +23,18 @@ from kvmesh.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from tests.conftest import KvmeshFactory
 
 pytestmark = pytest.mark.integration
 
 
-def _mesh(kvmesh: KvmeshFactory, discover_router: bool = False) -> tuple[str, str, str]:
-    md = f"127.0.0.1:{free_port()}"
-    kvmesh("metadata", "--listen", md)
-    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0", "--block-size", "512").wait_ready()
-    # Without --router the engine finds routers in the membership (they register as ROLE_ROUTER).
-    to_router = [] if discover_router else ["--router", router]
-    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", *to_router,
-                    "--no-pool", "--speedup", "50", "--member-id", "sim-0", "--capacity-blocks", "64").wait_ready()
-    return md, router, engine
+@contextlib.asynccontextmanager
+async def _mesh(discover_router: bool = False) -> AsyncIterator[tuple[str, str, str]]:
+    """Metadata, a router and one simulated engine (sim-0) as processes: their addresses."""
+    async with process_mesh(metadata_backend="memory://", routers=1, router_settings={"block_size": 512}) as mesh:
+        # Without --router the engine finds routers in the membership (they register as ROLE_ROUTER).
+        to_router: dict[str, Any] = {} if discover_router else {"router": mesh.router_address}
+        engine = await mesh.add("engine", "sim-0", **to_router, pool=False, speedup=50, capacity_blocks=64)
+        yield mesh.metadata_address, mesh.router_address, engine.address
 
 
 def _gen(rid: str, blocks: list[int], out: int = 20, tokens: int = 0) -> enginesim_pb2.GenerateRequest:
@@ -41,9 +42,9 @@ def _gen(rid: str, blocks: list[int], out: int = 20, tokens: int = 0) -> engines
                                          output_tokens=out, input_tokens=tokens)
 
 
-async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata(kvmesh: KvmeshFactory) -> None:
-    md, router, engine = _mesh(kvmesh)
-    async with open_channel(engine) as ch, open_channel(router) as rch, open_channel(md) as mch:
+async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata() -> None:
+    async with _mesh() as (md, router, engine), open_channel(engine) as ch, open_channel(router) as rch, \
+            open_channel(md) as mch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         started = time.monotonic()
         first = await sim.Generate(_gen("a", [11, 12, 13, 14], out=100), timeout=30)
@@ -59,33 +60,33 @@ async def test_generate_hits_its_own_cache_and_reports_to_router_and_metadata(kv
 
         # The router learnt the engine's blocks precisely from its KV events.
         rstub = router_pb2_grpc.RouterStub(rch)
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def learnt() -> bool:
             stats = await rstub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-            if stats.tree_nodes >= 6 and stats.events_applied >= 2:
-                break
-            assert time.monotonic() < deadline, stats
-            await asyncio.sleep(0.1)
+            assert stats.tree_nodes >= 6 and stats.events_applied >= 2, stats
+            return True
+
+        await eventually(learnt, timeout=10, interval=0.1, what="the router to apply the engine's events")
         decision = await rstub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[11, 12, 13, 99])))
         assert decision.member_id == "sim-0" and decision.matched_blocks == 3
 
         # It registered as an engine and reports its KV usage through KeepAlive.
         mstub = metadata_pb2_grpc.MembershipStub(mch)
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def reported() -> dict[str, common_pb2.Member]:
             listed = await mstub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_ENGINE), timeout=5)
             engines = {m.id: m for m in listed.members}
-            if "sim-0" in engines and engines["sim-0"].load.kv_usage > 0:
-                break
-            assert time.monotonic() < deadline, engines
-            await asyncio.sleep(0.1)
+            assert "sim-0" in engines and engines["sim-0"].load.kv_usage > 0, engines
+            return engines
+
+        engines = await eventually(reported, timeout=10, interval=0.1, what="the engine's KV usage")
         assert engines["sim-0"].address == engine
         assert engines["sim-0"].load.kv_usage == pytest.approx(6 / 64)
 
 
-async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kvmesh: KvmeshFactory) -> None:
-    _, router, engine = _mesh(kvmesh, discover_router=True)
-    async with open_channel(engine) as ch, open_channel(router) as rch:
+async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving() -> None:
+    async with _mesh(discover_router=True) as (_, router, engine), open_channel(engine) as ch, \
+            open_channel(router) as rch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         bad = [
             enginesim_pb2.GenerateRequest(request_id="x"),  # no prompt
@@ -105,27 +106,28 @@ async def test_bad_requests_get_invalid_argument_and_the_engine_keeps_serving(kv
         # The engine cut the tokens into the same block ids as the router: its events match.
         rstub = router_pb2_grpc.RouterStub(rch)
         tokens = router_pb2.TokenIds(ids=list(range(1100)))
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def matched() -> bool:
             decision = await rstub.Route(router_pb2.RouteRequest(model="llama-3-8b", tokens=tokens), timeout=5)
-            if decision.matched_blocks == 2:
-                break
-            assert time.monotonic() < deadline, decision
-            await asyncio.sleep(0.1)
+            assert decision.matched_blocks == 2, decision
+            return True
+
+        await eventually(matched, timeout=10, interval=0.1, what="the router to match the engine's blocks")
 
 
-async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory) -> None:
+async def test_engines_share_blocks_through_the_cache_pool() -> None:
+    async with process_mesh(metadata_backend="memory://", cachenodes=1, routers=1,
+                            cachenode_settings={"storage": "memory://?capacity=8MiB"}) as mesh:
+        common: dict[str, Any] = {"router": mesh.router_address, "pool": True, "speedup": 50, "block_bytes": "8KiB"}
+        a = (await mesh.add("engine", "sim-a", **common)).address
+        b = (await mesh.add("engine", "sim-b", **common)).address
+        await _share_blocks(mesh.metadata_address, a, b)
+
+
+async def _share_blocks(md: str, a: str, b: str) -> None:
     from kvmesh.blocks import BlockHasher
     from kvmesh.client import CacheClient
 
-    md = f"127.0.0.1:{free_port()}"
-    kvmesh("metadata", "--listen", md)
-    kvmesh("cachenode", "--metadata", md, "--listen", "127.0.0.1:0", "--storage", "memory://?capacity=8MiB")
-    router = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0").wait_ready()
-    common = ["--metadata", md, "--listen", "127.0.0.1:0", "--router", router, "--pool", "--speedup", "50",
-              "--block-bytes", "8KiB"]
-    a = kvmesh("enginesim", *common, "--member-id", "sim-a").wait_ready()
-    b = kvmesh("enginesim", *common, "--member-id", "sim-b").wait_ready()
     client = await CacheClient.connect([md], namespace="kvmesh")
     try:
         # A value that is not what the engine wrote for this block must never count as a hit.
@@ -136,11 +138,12 @@ async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory
             sim_b = enginesim_pb2_grpc.EngineSimStub(chb)
             first = await sim_a.Generate(_gen("a1", [1, 2, 3, 4, 5]), timeout=30)
             assert first.pool_hit_blocks == 0 and first.computed_blocks == 5
-            deadline = time.monotonic() + 10
             keys = BlockHasher(namespace="kvmesh", model="llama-3-8b", block_size=512).id_keys([1, 2, 3, 4, 5])
-            while await client.exists_prefix(keys) < 5:  # offloaded after the prefill
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+
+            async def offloaded() -> bool:  # after the prefill
+                return await client.exists_prefix(keys) == 5
+
+            await eventually(offloaded, timeout=10, interval=0.05, what="the blocks to reach the pool")
             values = await client.get_many(keys)
             assert all(v is not None and len(v) == 8192 for v in values)  # --block-bytes of real data
             second = await sim_b.Generate(_gen("b1", [1, 2, 3, 4, 5, 6]), timeout=30)
@@ -152,39 +155,39 @@ async def test_engines_share_blocks_through_the_cache_pool(kvmesh: KvmeshFactory
         await client.close()
 
 
-async def test_a_restarted_router_relearns_the_engine_cache(kvmesh: KvmeshFactory) -> None:
-    md = f"127.0.0.1:{free_port()}"
-    kvmesh("metadata", "--listen", md)
-    router_addr = f"127.0.0.1:{free_port()}"
-    router_args = ("router", "--metadata", md, "--listen", router_addr, "--block-size", "512")
-    first_router = kvmesh(*router_args)
-    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--router", router_addr,
-                    "--no-pool", "--speedup", "50", "--member-id", "sim-r").wait_ready()
+async def test_a_restarted_router_relearns_the_engine_cache() -> None:
+    # A pinned router port: the restarted router comes back where the engine sends its events.
+    router_settings = {"listen": f"127.0.0.1:{free_port()}", "block_size": 512}
+    async with process_mesh(metadata_backend="memory://", routers=1, router_settings=router_settings) as mesh:
+        router_addr = mesh.router_address
+        engine = await mesh.add("engine", "sim-r", router=router_addr, pool=False, speedup=50)
+        await _relearn(mesh, router_addr, engine.address)
+
+
+async def _relearn(mesh: MeshHandle, router_addr: str, engine: str) -> None:
     async with open_channel(engine) as ch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         await sim.Generate(_gen("a", [21, 22, 23]), timeout=30)
-    first_router.kill()  # its tree is gone with it
-    kvmesh(*router_args)
+    await mesh.kill("router-0")  # its tree is gone with it
+    await mesh.restart("router-0")
     async with open_channel(router_addr) as rch:
         rstub = router_pb2_grpc.RouterStub(rch)
-        deadline = time.monotonic() + 20
-        while True:  # no Route before the events: a route would teach the router approximately
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                stats = await rstub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
-                if stats.members == 1 and stats.events_applied >= 2 and stats.tree_nodes >= 3:
-                    break
-            assert time.monotonic() < deadline, "the new router never learnt the engine's blocks"
-            await asyncio.sleep(0.2)
+
+        async def relearnt() -> bool:  # no Route before the events: a route would teach the router approximately
+            stats = await rstub.Stats(router_pb2.RouterStatsRequest(), timeout=5)
+            assert stats.members == 1 and stats.events_applied >= 2 and stats.tree_nodes >= 3, stats
+            return True
+
+        await eventually(relearnt, timeout=20, interval=0.2, what="the new router to learn the engine's blocks",
+                         retry_on=(AssertionError, grpc.aio.AioRpcError))
         decision = await rstub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[21, 22, 23, 24])))
         assert decision.member_id == "sim-r" and decision.matched_blocks == 3
 
 
-async def test_a_request_over_its_deadline_gets_deadline_exceeded(kvmesh: KvmeshFactory) -> None:
-    md = f"127.0.0.1:{free_port()}"
-    kvmesh("metadata", "--listen", md)
-    engine = kvmesh("enginesim", "--metadata", md, "--listen", "127.0.0.1:0", "--no-pool",
-                    "--request-timeout-seconds", "0.5").wait_ready()
-    async with open_channel(engine) as ch:
+async def test_a_request_over_its_deadline_gets_deadline_exceeded() -> None:
+    async with process_mesh(metadata_backend="memory://", engines=1,
+                            engine_settings={"pool": False, "request_timeout_seconds": 0.5}) as mesh, \
+            open_channel(mesh.addresses("engine")[0]) as ch:
         sim = enginesim_pb2_grpc.EngineSimStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:  # ~10 s of simulated decode at speedup 1
             await sim.Generate(_gen("slow", [1], out=1000), timeout=10)

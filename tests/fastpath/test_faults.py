@@ -15,6 +15,7 @@ import pytest
 from kvmesh.runtime.channels import open_channel
 from kvmesh.services.cachenode.storage.shm_arena import SHM_DIR
 from kvmesh.tools.processes import kvmesh_env
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -50,12 +51,14 @@ async def _used(stub: cachenode_pb2_grpc.KVCacheStub) -> int:
 
 
 async def _wait_used(stub: cachenode_pb2_grpc.KVCacheStub, expected: int, timeout: float = 20.0) -> int:
-    deadline = asyncio.get_running_loop().time() + timeout
-    used = await _used(stub)
-    while used != expected and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+    """The node's used bytes once they reach `expected` (fails after `timeout`)."""
+    async def reached() -> bool:
         used = await _used(stub)
-    return used
+        assert used == expected, f"used {used}"
+        return True
+
+    await eventually(reached, timeout=timeout, interval=0.05, what=f"{expected} used bytes")
+    return expected
 
 
 async def test_client_killed_while_holding_views_releases_everything(kvmesh) -> None:
@@ -135,7 +138,7 @@ async def test_node_sigkilled_mid_reads_turns_local_path_reads_into_misses(kvmes
                     rounds_after_kill.append(got)
 
         task = asyncio.create_task(reads())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # not a wait for a condition: the kill must land while reads run
         node.kill()
         killed.set()
         await asyncio.wait_for(task, 30)

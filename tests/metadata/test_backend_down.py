@@ -11,11 +11,12 @@ import grpc
 import pytest
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
+from kvmesh.tools.testing.mesh import MeshHandle, local_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.tools.testing.servers import ServerHandle, start_etcd, start_redis
 from kvmesh.v1 import common_pb2, metadata_pb2
-from tests.metadata.conftest import member, start_metadata, stop_metadata
+from tests.metadata.conftest import member
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -47,36 +48,49 @@ async def eventually_ok(call: Callable[[], Awaitable[T]], timeout: float = 20.0)
 async def test_backend_down_is_unavailable_and_recovers(tmp_path: Path, name: str) -> None:
     start, template = SERVERS[name]
     port = free_port()
-    server = await asyncio.to_thread(start, tmp_path, port)
-    runtime, md = await start_metadata(template.format(port=port))
+    servers = [await asyncio.to_thread(start, tmp_path, port)]
+    try:
+        async with local_mesh(metadata_backend=template.format(port=port)) as mesh:
+            await _down_and_back(mesh, lambda: start(tmp_path, port), servers)
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+
+
+async def _down_and_back(mesh: MeshHandle, start: Callable[[], ServerHandle], servers: list[ServerHandle]) -> None:
+    """The backend (`servers[0]`) stops under a running service and comes back on the same port;
+    the restarted server joins `servers` for the caller to stop."""
+    membership, kv = mesh.membership(), mesh.kv()
     changes: list[MembershipChange] = []
-    watcher = MembershipWatcher([md.address], common_pb2.ROLE_ENGINE, on_change=changes.append)
-    session = MemberSession([md.address], member("steady"), ttl_seconds=3)
+    watcher = MembershipWatcher([mesh.metadata_address], common_pb2.ROLE_ENGINE, on_change=changes.append)
+    session = MemberSession([mesh.metadata_address], member("steady"), ttl_seconds=3)
     try:
         await watcher.start()
         await session.start()
         await session.wait_registered(10)
         await watcher.wait_synced(10)
 
-        await asyncio.to_thread(server.stop)
-        reg = md.membership.Register(metadata_pb2.RegisterRequest(member=member("new"), ttl_seconds=5))
+        await asyncio.to_thread(servers[0].stop)
+        reg = membership.Register(metadata_pb2.RegisterRequest(member=member("new"), ttl_seconds=5))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await reg
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await md.kv.Get(metadata_pb2.GetKeyRequest(key="k"))
+            await kv.Get(metadata_pb2.GetKeyRequest(key="k"))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        await asyncio.sleep(1.0)  # the session's heartbeats and the watch fail meanwhile
+        # Not a wait for a condition: the backend stays down this long so that the session's
+        # heartbeats and the watch really fail meanwhile.
+        await asyncio.sleep(1.0)
 
-        server = await asyncio.to_thread(start, tmp_path, port)  # same port (and etcd: same data)
-        listed = await eventually_ok(lambda: md.membership.List(metadata_pb2.ListRequest()))
+        servers.append(await asyncio.to_thread(start))  # same port (and etcd: same data)
+        listed = await eventually_ok(lambda: membership.List(metadata_pb2.ListRequest()))
         assert isinstance(listed, metadata_pb2.ListResponse)
-        put = await eventually_ok(lambda: md.kv.Put(metadata_pb2.PutKeyRequest(key="k", value=b"v")))
+        put = await eventually_ok(lambda: kv.Put(metadata_pb2.PutKeyRequest(key="k", value=b"v")))
         assert put.revision > 0
         # Clients recover by themselves: Redis lost its data (no persistence), so the session
         # registers again and the watcher resyncs; etcd kept it, so the same lease goes on.
         async def member_back() -> bool:
-            return any(m.id == "steady" for m in (await md.membership.List(metadata_pb2.ListRequest())).members)
+            return any(m.id == "steady" for m in (await membership.List(metadata_pb2.ListRequest())).members)
 
         await eventually(member_back, timeout=20, interval=0.2, what="the member to come back")
         await eventually(lambda: "steady" in watcher.members and watcher.reconnects > 0, timeout=20,
@@ -84,6 +98,3 @@ async def test_backend_down_is_unavailable_and_recovers(tmp_path: Path, name: st
     finally:
         await session.close()
         await watcher.close()
-        await md.channel.close()
-        await stop_metadata(runtime)
-        await asyncio.to_thread(server.stop)

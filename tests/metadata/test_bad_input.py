@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from kvmesh.tools.testing.mesh import local_mesh
 from kvmesh.v1 import common_pb2, metadata_pb2
-from tests.metadata.conftest import MetadataClient, member, start_metadata, stop_metadata
+from tests.metadata.conftest import MetadataClient, member, metadata_client
 from tests.metadata.streams import StreamReader
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -16,12 +17,10 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture
 async def mem() -> AsyncIterator[MetadataClient]:
-    runtime, client = await start_metadata("memory://?retain=64", max_value_bytes=1024, max_key_bytes=64)
-    try:
-        yield client
-    finally:
-        await client.channel.close()
-        await stop_metadata(runtime)
+    backend = "memory://?retain=64"
+    async with local_mesh(metadata_backend=backend, metadata_settings={"max_value_bytes": 1024, "max_key_bytes": 64},
+                          timeout=None) as mesh:
+        yield metadata_client(mesh, backend)
 
 
 async def status_of(call: object) -> grpc.StatusCode:

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from kvmesh.tools.testing.mesh import local_mesh
 from kvmesh.v1 import metadata_pb2
-from tests.metadata.conftest import MetadataClient, member, start_metadata, stop_metadata
+from tests.metadata.conftest import MetadataClient, member, metadata_client
 from tests.metadata.streams import StreamReader
 
 
@@ -29,12 +30,8 @@ async def small(request: pytest.FixtureRequest) -> AsyncIterator[tuple[MetadataC
     else:
         server_address = request.getfixturevalue("etcd").address
         uri = f"etcd://{server_address}?prefix=/c-{tag}"
-    runtime, client = await start_metadata(uri)
-    try:
-        yield client, request.param, server_address
-    finally:
-        await client.channel.close()
-        await stop_metadata(runtime)
+    async with local_mesh(metadata_backend=uri, timeout=None) as mesh:
+        yield metadata_client(mesh, uri), request.param, server_address
 
 
 def compact_etcd(address: str, revision: int) -> None:

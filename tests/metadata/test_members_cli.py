@@ -8,6 +8,7 @@ import pytest
 
 from kvmesh.membership import MemberSession
 from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.mesh import process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2
@@ -25,8 +26,12 @@ def finished(proc: KvmeshProcess, timeout: float = 20.0) -> int:
 
 
 async def test_members_lists_filters_and_watches(kvmesh: KvmeshFactory) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    kvmesh("metadata", "--listen", address)
+    async with process_mesh(metadata_backend="memory://") as mesh:
+        await _lists_filters_and_watches(kvmesh, mesh.metadata_address)
+
+
+async def _lists_filters_and_watches(kvmesh: KvmeshFactory, address: str) -> None:
+    """`kvmesh members` (one command each, the `kvmesh` fixture) against the mesh's metadata."""
     sessions = [
         MemberSession([address], member("eng-1", common_pb2.ROLE_ENGINE, 9001, model="llama-8b")),
         MemberSession([address], member("node-1", common_pb2.ROLE_CACHENODE, 9002, capacity_bytes=2 << 30)),

@@ -23,12 +23,12 @@ def test_load_updates_only_when_changed_and_at_most_once_per_interval() -> None:
                             written=common_pb2.Load(running_requests=1))
     same, other = common_pb2.Load(running_requests=1), common_pb2.Load(running_requests=2)
     assert not throttle.due(other, members=1)  # too soon after registration
-    time.sleep(0.25)
+    time.sleep(0.25)  # not a wait for a condition: the throttle's interval must really pass
     assert not throttle.due(same, members=1)  # unchanged: never written
     assert throttle.due(other, members=1)
     throttle.wrote(other)
     assert not throttle.due(common_pb2.Load(running_requests=3), members=1)  # coalesced until the interval
-    time.sleep(0.25)
+    time.sleep(0.25)  # the interval passes for real, as above
     assert throttle.due(common_pb2.Load(running_requests=3), members=1)
 
 

@@ -9,10 +9,9 @@ import signal
 import pytest
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
+from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
-from kvmesh.tools.testing.ports import free_port
 from kvmesh.v1 import common_pb2
-from tests.conftest import KvmeshFactory
 from tests.metadata.conftest import backend_uri, member
 
 pytestmark = pytest.mark.integration
@@ -20,12 +19,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("backend_name", ["etcd", "redis"])
 async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
-    kvmesh: KvmeshFactory, request: pytest.FixtureRequest, backend_name: str
+    request: pytest.FixtureRequest, backend_name: str
 ) -> None:
-    uri = backend_uri(request, backend_name)
-    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    replica_a = kvmesh("metadata", "--listen", a, "--backend", uri, name="metadata-a")
-    kvmesh("metadata", "--listen", b, "--backend", uri, name="metadata-b")
+    async with process_mesh(metadata=2, metadata_backend=backend_uri(request, backend_name)) as mesh:
+        await _lease_survives_its_replica(mesh)
+
+
+async def _lease_survives_its_replica(mesh: MeshHandle) -> None:
+    a, b = mesh.metadata_addresses
 
     seen_on_b: list[MembershipChange] = []
     seen_on_both: list[MembershipChange] = []
@@ -43,9 +44,10 @@ async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
         # Registered through A, seen by a watcher on B.
         await eventually(lambda: "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members)
 
-        replica_a.kill()  # SIGKILL: no goodbye; the session and watcher_ab fail over to B
+        await mesh.kill("metadata-0")  # SIGKILL: no goodbye; the session and watcher_ab fail over to B
         await eventually(lambda: watcher_ab.reconnects >= 1, timeout=10)
-        # Outlive the TTL more than twice over: only heartbeats through B can keep the lease.
+        # Not a wait for a condition: outlive the TTL more than twice over, so that only
+        # heartbeats through B can have kept the lease.
         await asyncio.sleep(2 * ttl + 1)
         assert session.lease_id == lease and session.registrations == 1  # same lease, never re-registered
         assert "cache-1" in watcher_b.members and "cache-1" in watcher_ab.members
@@ -61,14 +63,16 @@ async def test_two_replicas_share_members_and_a_lease_survives_its_replica(
         await watcher_ab.close()
 
 
-async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(
-    kvmesh: KvmeshFactory, request: pytest.FixtureRequest
-) -> None:
+async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(request: pytest.FixtureRequest) -> None:
     """SIGSTOP keeps the replica's connections open: only the session's own deadline notices."""
-    uri = backend_uri(request, "etcd")
-    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    replica_a = kvmesh("metadata", "--listen", a, "--backend", uri, name="metadata-a")
-    kvmesh("metadata", "--listen", b, "--backend", uri, name="metadata-b")
+    async with process_mesh(metadata=2, metadata_backend=backend_uri(request, "etcd")) as mesh:
+        await _session_leaves_a_hung_replica(mesh)
+
+
+async def _session_leaves_a_hung_replica(mesh: MeshHandle) -> None:
+    a, b = mesh.metadata_addresses
+    replica_a = mesh.member("metadata-0").process
+    assert replica_a is not None
     changes: list[MembershipChange] = []
     watcher = MembershipWatcher([b], common_pb2.ROLE_ENGINE, on_change=changes.append)
     # A hung replica is noticed by the session's response deadline (heartbeat interval + 1 s = 2 s
@@ -82,7 +86,7 @@ async def test_a_session_leaves_a_hung_replica_before_its_lease_lapses(
         await eventually(lambda: "engine-1" in watcher.members)
         os.kill(replica_a.pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(2 * ttl + 1)
+            await asyncio.sleep(2 * ttl + 1)  # not a wait for a condition: the lease must outlive this
             assert session.lease_id == lease and session.registrations == 1
             assert "engine-1" in watcher.members
             assert not [m for c in changes for m in c.left]

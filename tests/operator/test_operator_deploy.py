@@ -15,7 +15,7 @@ import yaml
 from kvmesh.services.operator import controller
 from kvmesh.services.operator.reconcile import OWNED_KINDS, compute_status, plan
 from kvmesh.services.operator.spec import GROUP, PLURAL
-from kvmesh.tools.testing.processes import kvmesh_env
+from kvmesh.tools.processes import kvmesh_env
 from tests.deploy.k8s import K8S, KUBE_VERSIONS, by_kind, documents, render, validate_cli
 from tests.operator.schema_tools import admit
 from tests.operator.test_reconcile import NOW, as_server_returns, make_pool, observed
@@ -151,7 +151,7 @@ def test_kvmesh_operator_command_reads_kvmesh_env() -> None:
     done = subprocess.run([sys.executable, "-m", "kvmesh", "operator", "--help"], capture_output=True, text=True,
                           env=kvmesh_env(), timeout=60)
     assert done.returncode == 0 and "KVMESH_NAMESPACES" in done.stdout and "KVMESH_LIVENESS_ENDPOINT" in done.stdout
-    from kvmesh.services.operator.cli import OperatorSettings
+    from kvmesh.services.operator.settings import OperatorSettings
 
     settings = OperatorSettings.model_validate({"namespaces": "a, b,,"})
     assert settings.namespace_list == ["a", "b"]

@@ -33,7 +33,8 @@ class Mesh:
 
     @property
     def service(self) -> RouterService:
-        return self.handle.of_role("router")[0].service  # type: ignore[no-any-return]
+        service: RouterService = self.handle.of_role("router")[0].service
+        return service
 
     @property
     def stub(self) -> router_pb2_grpc.RouterStub:

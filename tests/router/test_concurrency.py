@@ -65,7 +65,7 @@ async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..
                 live.append(f"e{n}")
                 n += 1
             churned += 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing the churn, not waiting for anything
 
     rng = random.Random(2)
     prefixes = [[rng.getrandbits(63) for _ in range(8)] for _ in range(20)]

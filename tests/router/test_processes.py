@@ -15,11 +15,11 @@ import grpc
 import pytest
 
 from kvmesh.membership import MemberSession
-from kvmesh.runtime.channels import open_channel
 from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
-from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvmesh.v1 import router_pb2, router_pb2_grpc
 from tests.router.helpers import member
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -35,10 +35,6 @@ async def wait_members(stub: router_pb2_grpc.RouterStub, count: int, timeout: fl
     await eventually(check, timeout=timeout, interval=0.05, what=f"{count} router members")
 
 
-async def start(proc: KvmeshProcess) -> str:
-    return await asyncio.to_thread(proc.wait_ready, 30.0)
-
-
 async def run_cli(kvmesh: Callable[..., KvmeshProcess], *args: str) -> tuple[int, str]:
     proc = kvmesh(*args, ready=False)
     code = await asyncio.to_thread(proc.wait_exit, 30.0)
@@ -46,14 +42,18 @@ async def run_cli(kvmesh: Callable[..., KvmeshProcess], *args: str) -> tuple[int
 
 
 async def test_mesh_routes_learns_and_survives_a_metadata_restart(kvmesh: Callable[..., Any]) -> None:
-    md_port = free_port()
-    md_args = ("metadata", "--listen", f"127.0.0.1:{md_port}", "--backend", "memory://?sweep_ms=50")
-    metadata = kvmesh(*md_args, ready=False)
-    md = await start(metadata)
-    router_proc = kvmesh("router", "--metadata", md, "--listen", "127.0.0.1:0", "--policy", "prefix", ready=False)
-    router_addr = await start(router_proc)
-    channel = open_channel(router_addr)
-    stub = router_pb2_grpc.RouterStub(channel)
+    # A pinned metadata port: the restarted process comes back where the router and engines dial.
+    async with process_mesh(metadata_listen=f"127.0.0.1:{free_port()}", routers=1,
+                            router_settings={"policy": "prefix"}) as mesh:
+        await _routes_learns_and_survives(mesh, kvmesh)
+        router = mesh.member("router-0")
+        await mesh.stop("router-0")
+        assert router.process is not None and router.process.returncode == 0
+
+
+async def _routes_learns_and_survives(mesh: MeshHandle, kvmesh: Callable[..., Any]) -> None:
+    md, router_addr = mesh.metadata_address, mesh.router_address
+    stub = mesh.router_stub()
     sessions = [MemberSession([md], member(f"eng-{i}", model="m", port=9100 + i), ttl_seconds=2) for i in range(3)]
     try:
         # No engine yet: UNAVAILABLE.
@@ -97,11 +97,10 @@ async def test_mesh_routes_learns_and_survives_a_metadata_restart(kvmesh: Callab
 
         # Metadata dies and comes back (empty memory backend): engines re-register, the
         # router's watch reconnects and resumes; an engine that died meanwhile is gone.
-        metadata.kill()
+        await mesh.kill("metadata")
         dead = sessions.pop()
         await dead.close(deregister=False)
-        metadata = kvmesh(*md_args, ready=False)
-        await start(metadata)
+        await mesh.restart("metadata")
         await wait_members(stub, 1, timeout=30)
         resp = await stub.Route(router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=[7, 8])))
         assert resp.member_id == sessions[0].member.id
@@ -111,28 +110,13 @@ async def test_mesh_routes_learns_and_survives_a_metadata_restart(kvmesh: Callab
     finally:
         for s in sessions:
             await s.close()
-        await channel.close()
-    assert router_proc.terminate() == 0
 
 
-async def test_router_registers_itself_as_a_router_member(kvmesh: Callable[..., Any]) -> None:
-    metadata = kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", "memory://", ready=False)
-    md = await start(metadata)
-    router_proc = kvmesh("router", "--metadata", md, "--member-id", "r-1", "--listen", "127.0.0.1:0", ready=False)
-    router_addr = await start(router_proc)
-    from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
-
-    channel = open_channel(md)
-    try:
-        stub = metadata_pb2_grpc.MembershipStub(channel)
-        async def routers() -> metadata_pb2.ListResponse | None:
-            listed = await stub.List(metadata_pb2.ListRequest(role=common_pb2.ROLE_ROUTER))
-            return listed if listed.members else None
-
-        listed = await eventually(routers, timeout=5, interval=0.05, what="the router to register")
-        assert [(m.id, m.address) for m in listed.members] == [("r-1", router_addr)]
-    finally:
-        await channel.close()
+async def test_router_registers_itself_as_a_router_member() -> None:
+    async with process_mesh(metadata_backend="memory://") as mesh:
+        router = await mesh.add("router", "r-1")
+        listed = await mesh.wait_members("router", 1, timeout=5)
+        assert [(m.id, m.address) for m in listed] == [("r-1", router.address)]
 
 
 @pytest.mark.parametrize(
@@ -153,24 +137,25 @@ async def test_bad_flags_exit_2_with_a_message(
     assert message in out
 
 
-async def test_watch_fails_over_between_metadata_replicas_on_etcd(kvmesh: Callable[..., Any], etcd: Any) -> None:
+async def test_watch_fails_over_between_metadata_replicas_on_etcd(etcd: Any) -> None:
     """Two metadata replicas over one etcd: the replica the router watches is SIGKILLed; the
     router's watch moves to the other one and keeps following joins and leaves."""
     backend = f"etcd://{etcd.address}?prefix=/router-failover-{free_port()}"
-    replicas = [kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", backend, ready=False) for _ in range(2)]
-    addresses = [await start(r) for r in replicas]
-    router_proc = kvmesh(
-        "router", "--metadata", ",".join(addresses), "--no-register-self", "--listen", "127.0.0.1:0", ready=False
-    )
-    channel = open_channel(await start(router_proc))
-    stub = router_pb2_grpc.RouterStub(channel)
+    async with process_mesh(metadata=2, metadata_backend=backend, routers=1,
+                            router_settings={"register_self": False}) as mesh:
+        await _watch_fails_over(mesh)
+
+
+async def _watch_fails_over(mesh: MeshHandle) -> None:
+    addresses = mesh.metadata_addresses
+    stub = mesh.router_stub()
     sessions = [MemberSession(addresses[::-1], member(f"e{i}", port=9200 + i), ttl_seconds=3) for i in range(2)]
     try:
         for s in sessions:
             await s.start()
             await s.wait_registered(10)
         await wait_members(stub, 2)
-        replicas[0].kill()  # the router watches the first address first
+        await mesh.kill("metadata-0")  # the router watches the first address first
         late = MemberSession(addresses[1:], member("e-late", port=9300), ttl_seconds=3)
         sessions.append(late)
         await late.start()
@@ -185,21 +170,19 @@ async def test_watch_fails_over_between_metadata_replicas_on_etcd(kvmesh: Callab
     finally:
         for s in sessions:
             await s.close()
-        await channel.close()
 
 
-async def test_prometheus_metrics_follow_the_router(kvmesh: Callable[..., Any]) -> None:
+async def test_prometheus_metrics_follow_the_router() -> None:
+    port = free_port()
+    async with process_mesh(metadata_backend="memory://", routers=1, router_settings={"metrics_port": port}) as mesh:
+        await _metrics_follow(mesh, port)
+
+
+async def _metrics_follow(mesh: MeshHandle, port: int) -> None:
     import urllib.request
 
-    metadata = kvmesh("metadata", "--listen", "127.0.0.1:0", "--backend", "memory://", ready=False)
-    md = await start(metadata)
-    port = free_port()
-    router_proc = kvmesh(
-        "router", "--metadata", md, "--listen", "127.0.0.1:0", "--metrics-port", str(port), ready=False
-    )
-    channel = open_channel(await start(router_proc))
-    stub = router_pb2_grpc.RouterStub(channel)
-    session = MemberSession([md], member("m-1"), ttl_seconds=3)
+    stub = mesh.router_stub()
+    session = MemberSession([mesh.metadata_address], member("m-1"), ttl_seconds=3)
     try:
         await session.start()
         await session.wait_registered(10)
@@ -219,4 +202,3 @@ async def test_prometheus_metrics_follow_the_router(kvmesh: Callable[..., Any]) 
         assert lines["kvmesh_router_inflight"].endswith(" 3.0")
     finally:
         await session.close()
-        await channel.close()

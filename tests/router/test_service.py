@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import router_pb2
 from tests.router.conftest import Mesh
 
@@ -158,10 +158,11 @@ async def test_sweeper_expires_approximate_blocks_and_stale_requests(mesh_factor
     await mesh.stub.Route(blocks(1, 2, 3, request_id="never-released"))
     stats = await mesh.stub.Stats(router_pb2.RouterStatsRequest())
     assert stats.tree_nodes == 3 and stats.inflight == 1
-    for _ in range(100):
+
+    async def swept() -> bool:
         stats = await mesh.stub.Stats(router_pb2.RouterStatsRequest())
-        if stats.tree_nodes == 0 and stats.inflight == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert stats.tree_nodes == 0 and stats.inflight == 0
+        assert stats.tree_nodes == 0 and stats.inflight == 0, stats
+        return True
+
+    await eventually(swept, timeout=5, interval=0.05, what="the sweeper to drop the request and its blocks")
     assert mesh.service.core.inflight("e1") == 0

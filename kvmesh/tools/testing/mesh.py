@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ import grpc
 
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime, Service
+from kvmesh.settings import ServiceSettings
 from kvmesh.tools.processes import KvmeshProcess
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import (
@@ -79,6 +80,7 @@ def _flags(settings: Mapping[str, Any]) -> list[str]:
 def _in_process(role: str, values: dict[str, Any], extra: dict[str, Any]) -> ServerRuntime:
     """A runtime for a role's service (imported lazily: a test pulls in only what it runs)."""
     service: Service
+    settings: ServiceSettings
     if role == "metadata":
         from kvmesh.services.metadata.service import MetadataService
         from kvmesh.services.metadata.settings import MetadataSettings
@@ -123,7 +125,7 @@ def _track_tasks(loop: asyncio.AbstractEventLoop) -> None:
             task = asyncio.Task(coro, loop=loop, context=context)
         owner = context.get(_OWNER) if context is not None else _OWNER.get()
         if owner is not None:
-            owner.tasks.add(task)
+            owner.tasks.add(task)  # type: ignore[arg-type]
         return task
 
     factory.kvmesh_mesh = True  # type: ignore[attr-defined]
@@ -144,6 +146,7 @@ class MeshHandle:
         self.members: list[Member] = []
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stopped: list[Member] = []
+        self._leaked: list[str] = []
 
     # -- where things are -------------------------------------------------------------------
 
@@ -298,13 +301,22 @@ class MeshHandle:
             for m in tier:
                 self.members.remove(m)
                 self._stopped.append(m)
-        for m in self._stopped:
-            if m.process is not None:
-                m.process.kill()
-                m.process.close()
+        self._leaked = reap([m.process for m in self._stopped if m.process is not None])
 
     def leaked_processes(self) -> list[str]:
-        return [m.name for m in self._stopped if m.process is not None and m.process.running()]
+        """Members whose process still ran after it was told to stop (found by `close`)."""
+        return self._leaked
+
+
+def reap(processes: Iterable[KvmeshProcess]) -> list[str]:
+    """The leak check for processes already told to stop: names those still running, then kills
+    and closes them all (the mesh and the `kvmesh` test fixture both end with it)."""
+    processes = list(processes)
+    leaked = [p.name for p in processes if p.running()]
+    for p in processes:
+        p.kill()
+        p.close()
+    return leaked
 
 
 @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -25,14 +25,27 @@ def _describe(what: str, timeout: float, last: object, error: BaseException | No
     return f"timed out after {timeout:g}s waiting for {what} ({seen})"
 
 
+@overload
 async def eventually(
-    check: Callable[[], T | Awaitable[T]],
+    check: Callable[[], Awaitable[T]], *, timeout: float = ..., interval: float = ..., what: str = ...,
+    retry_on: Retry = ...,
+) -> T: ...
+
+
+@overload
+async def eventually(
+    check: Callable[[], T], *, timeout: float = ..., interval: float = ..., what: str = ..., retry_on: Retry = ...,
+) -> T: ...
+
+
+async def eventually(
+    check: Callable[[], Any],
     *,
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "the condition",
     retry_on: Retry = AssertionError,
-) -> T:
+) -> Any:
     """Polls `check` until it returns a truthy value (returned) or `timeout` seconds pass."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -44,7 +57,7 @@ async def eventually(
             if inspect.isawaitable(result):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return result
             last, error = result, None
         except retry_on as exc:
             error = exc

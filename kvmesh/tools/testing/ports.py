@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-import time
+
+from kvmesh.tools.testing.polling import eventually_sync
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -15,12 +16,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     """Waits until something accepts TCP connections on host:port."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > end:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.05)
+    def accepts() -> bool:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+
+    eventually_sync(accepts, timeout=timeout, interval=0.05, what=f"something to listen on {host}:{port}",
+                    retry_on=OSError)

@@ -13,11 +13,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.ports import free_port, wait_port
 
 
@@ -120,20 +120,14 @@ def _wait_etcd_ready(port: int, timeout: float = 20.0) -> None:
     import json
     import urllib.request
 
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v3/kv/range", data=json.dumps({"key": "AA=="}).encode(), method="POST"
-            )
-            with urllib.request.urlopen(req, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > end:
-            raise TimeoutError("etcd did not become ready")
-        time.sleep(0.1)
+    def answers() -> bool:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v3/kv/range", data=json.dumps({"key": "AA=="}).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=1) as resp:
+            return bool(resp.status == 200)
+
+    eventually_sync(answers, timeout=timeout, interval=0.1, what="etcd to answer", retry_on=OSError)
 
 
 @contextlib.contextmanager

@@ -148,19 +148,34 @@ class Store(ABC):
 
 
 class Sweeper:
-    """A store's expiry loop: started once by `start()`, cancelled and awaited by `stop()`."""
+    """A store's expiry loop: one `sweep` every `interval_s`, started by `start()`, ended by `stop()`.
 
-    def __init__(self, loop: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        self._loop = loop
+    `stop()` both flags the loop and cancels it: a cancel that a Redis call loses (CPython
+    3.11's wait_for, see kvmesh.tasks) still ends the loop as soon as that call returns.
+    """
+
+    def __init__(self, sweep: Callable[[], Coroutine[Any, Any, None]], interval_s: float, name: str) -> None:
+        self._sweep = sweep
+        self._interval_s = interval_s
         self._name = name
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._loop(), name=self._name)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._interval_s)
+            if self._stopping:
+                return
+            await self._sweep()
 
     async def stop(self) -> None:
         if self._task is not None:
+            self._stopping = True
             await cancel_and_wait(self._task)
             self._task = None
 

@@ -66,7 +66,7 @@ class MemoryStore(Store):
         self._log: deque[Change] = deque()
         self._subscribers: set[_Subscriber] = set()
         self._lease_ids = itertools.count(self._revision)
-        self._sweeper = Sweeper(self._sweep_forever, "metadata-memory-sweeper")
+        self._sweeper = Sweeper(self._sweep, self._sweep_s, "metadata-memory-sweeper")
 
     @classmethod
     async def create(cls, uri: Uri) -> MemoryStore:
@@ -129,12 +129,10 @@ class MemoryStore(Store):
             self._remove(key)
         return self._revision
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_s)
-            now = self._now()
-            for lease_id in [i for i, lease in self._leases.items() if lease.deadline <= now]:
-                self._expire(lease_id)
+    async def _sweep(self) -> None:
+        now = self._now()
+        for lease_id in [i for i, lease in self._leases.items() if lease.deadline <= now]:
+            self._expire(lease_id)
 
     # -- keys ----------------------------------------------------------------------------
     def _emit(self, change: Change) -> None:

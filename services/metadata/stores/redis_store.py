@@ -27,6 +27,7 @@ from redis import exceptions as redis_exc
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.services.metadata.stores import redis_scripts as lua
 from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
+from kvmesh.tasks import cancel_and_wait
 from kvmesh.uri import Uri, UriError
 
 log = logging.getLogger("kvmesh.metadata.redis")
@@ -42,13 +43,12 @@ class RedisStore(Store):
         self._watch_client = watch_client
         self._prefix = prefix
         self._retain = retain
-        self._sweep_s = sweep_s
         self._block_ms = block_ms
         self._scripts = {
             name: client.register_script(getattr(lua, name))
             for name in ("PUT", "CAS", "DELETE", "RANGE", "STATE", "GRANT", "REFRESH", "REVOKE", "SWEEP")
         }
-        self._sweeper = Sweeper(self._sweep_forever, "metadata-redis-sweeper")
+        self._sweeper = Sweeper(self._sweep, sweep_s, "metadata-redis-sweeper")
         self._readers: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -85,11 +85,17 @@ class RedisStore(Store):
         self._sweeper.start()
 
     async def close(self) -> None:
+        """Stops the sweeper and the watch readers first, then the pools they draw from.
+
+        Both stops go through `cancel_and_wait`, which repeats a cancel that redis-py lost
+        (see kvmesh.tasks): a single cancel here once left the sweeper looping and close()
+        waiting forever.
+        """
         await self._sweeper.stop()
-        for reader in list(self._readers):
-            reader.cancel()
-        if self._readers:
-            await asyncio.wait(self._readers, timeout=self._block_ms / 1000 + 1)
+        try:
+            await cancel_and_wait(*self._readers)
+        except Exception:
+            log.warning("a watch reader failed", exc_info=True)
         await self._client.aclose()
         await self._watch_client.aclose()
 
@@ -105,14 +111,12 @@ class RedisStore(Store):
         script = self._scripts[name]
         return await self._guarded(lambda: script(keys=[], args=[self._prefix, self._retain, *args]))
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_s)
-            try:
-                while await self._run("SWEEP", 256) >= 256:
-                    pass
-            except Unavailable as exc:
-                log.debug("lease sweep skipped: %s", exc)
+    async def _sweep(self) -> None:
+        try:
+            while await self._run("SWEEP", 256) >= 256:
+                pass
+        except Unavailable as exc:
+            log.debug("lease sweep skipped: %s", exc)
 
     async def ping(self) -> None:
         await self._guarded(self._client.ping)
