@@ -4,7 +4,7 @@
 
 For 64 KiB, 1 MiB and 8 MiB values with 16 operations in flight, measures put and get
 GB/s and p50/p99 latency of:
-  kvmesh   a real `kvmesh cachenode` process (memory engine), BatchPut/BatchGet streams
+  kvmesh   a real `kvmesh cachenode` process (memory storage), BatchPut/BatchGet streams
   redis    a real redis-server through redis-py (asyncio, hiredis parser)
   noop     a grpc.aio server of the same shape (same RPCs, messages and chunking) that
            stores nothing: the transport ceiling

@@ -154,7 +154,7 @@ async def bench_gpu(seconds: float) -> None:
     from kvmesh.services.cachenode.storage.gpu import GpuStorage
     from kvmesh.uri import parse_uri
 
-    engine = await GpuStorage.create(parse_uri("gpu://cuda:0?capacity=1GiB"))
+    storage = await GpuStorage.create(parse_uri("gpu://cuda:0?capacity=1GiB"))
     node = KvmeshProcess(["cachenode", "--standalone", "--storage", "gpu://cuda:0?capacity=1GiB"])
     try:
         address = node.wait_ready(60)
@@ -165,10 +165,10 @@ async def bench_gpu(seconds: float) -> None:
             value = os.urandom(size)
 
             async def h2d(i: int, value: bytes = value) -> None:
-                await engine.put("bench", b"gpu", value)
+                await storage.put("bench", b"gpu", value)
 
             async def d2h(i: int) -> None:
-                await engine.get("bench", b"gpu")
+                await storage.get("bench", b"gpu")
 
             gput, gget = await grpc_ops(stub, value, "bench")
             rows.append(
@@ -183,19 +183,19 @@ async def bench_gpu(seconds: float) -> None:
         await channel.close()
         table(
             f"GPU tier on {torch.cuda.get_device_name(0)}, GB/s",
-            ["size", "engine host→device", "engine device→host", "node put (gRPC)", "node get (gRPC)"],
+            ["size", "storage host→device", "storage device→host", "node put (gRPC)", "node get (gRPC)"],
             rows,
         )
     finally:
         node.terminate()
-        await engine.close()
+        await storage.close()
 
 
 async def bench_rdma(seconds: float, protocol: str) -> None:
     from kvmesh.client.rdma import RdmaDataPath
 
-    engine = f"rdma://127.0.0.1?capacity=256MiB&protocol={protocol}"
-    node = KvmeshProcess(["cachenode", "--standalone", "--storage", engine], env={"MC_TCP_BIND_ADDRESS": "127.0.0.1"})
+    storage = f"rdma://127.0.0.1?capacity=256MiB&protocol={protocol}"
+    node = KvmeshProcess(["cachenode", "--standalone", "--storage", storage], env={"MC_TCP_BIND_ADDRESS": "127.0.0.1"})
     try:
         address = node.wait_ready(60)
         channel = open_channel(address)

@@ -28,11 +28,11 @@ NodeFactory = Callable[..., Any]
 
 @pytest.fixture
 def node() -> NodeFactory:
-    """`async with node(engine=..., max_value_bytes=...) as (service, stub):`."""
+    """`async with node(storage=..., max_value_bytes=...) as (service, stub):`."""
     return running_node
 
 
-# -- real servers for the engine contract suite (one of each per test session) ----------
+# -- real servers for the storage contract suite (one of each per test session) ----------
 
 REDIS_PASSWORD = "kvmesh-test-secret"
 

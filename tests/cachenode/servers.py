@@ -1,4 +1,4 @@
-"""Real servers for engine tests: Redis with TLS and a password, a 3-node Redis Cluster, vineyardd."""
+"""Real servers for storage tests: Redis with TLS and a password, a 3-node Redis Cluster, vineyardd."""
 
 from __future__ import annotations
 

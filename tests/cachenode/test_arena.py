@@ -1,4 +1,4 @@
-"""The extent allocator and heap arena under the memory engine."""
+"""The extent allocator and heap arena under the memory storage."""
 
 from __future__ import annotations
 

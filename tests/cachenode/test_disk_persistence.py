@@ -1,4 +1,4 @@
-"""A cache node with a disk engine, as a real process: restart and SIGKILL lose no acknowledged value."""
+"""A cache node with a disk storage, as a real process: restart and SIGKILL lose no acknowledged value."""
 
 from __future__ import annotations
 

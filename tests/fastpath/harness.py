@@ -16,9 +16,9 @@ from kvmesh.v1 import cachenode_pb2_grpc
 
 @dataclass
 class Node:
-    engine: MemoryStorage  # the engine clients map (L1 of a tier list)
+    storage: MemoryStorage  # the storage clients map (L1 of a tier list)
     tiered: TieredStorage | None
-    zerocopy: ZeroCopyApi | None  # None when the engine offers no data path (heap arena)
+    zerocopy: ZeroCopyApi | None  # None when the storage offers no data path (heap arena)
     address: str
     stub: cachenode_pb2_grpc.KVCacheStub
 
@@ -29,17 +29,17 @@ class Node:
 
 @asynccontextmanager
 async def zerocopy_node(
-    engine_uri: str = "memory://?capacity=16MiB&arena=shm", allocation_timeout_ms: int = 30_000, namespaces: str = ""
+    storage_uri: str = "memory://?capacity=16MiB&arena=shm", allocation_timeout_ms: int = 30_000, namespaces: str = ""
 ) -> AsyncIterator[Node]:
     """One standalone cache node from the shared mesh fixture (no metadata service)."""
-    settings = {"engine": engine_uri, "allocation_timeout_ms": allocation_timeout_ms, "namespaces": namespaces}
+    settings = {"storage": storage_uri, "allocation_timeout_ms": allocation_timeout_ms, "namespaces": namespaces}
     async with local_mesh(metadata=0, cachenodes=1, cachenode_settings=settings, grace_seconds=1) as mesh:
         service: CacheNodeService = mesh.of_role("cachenode")[0].service
-        engine, zerocopy = service.storage, service.servicer.zerocopy
-        tiered = engine if isinstance(engine, TieredStorage) else None
+        storage, zerocopy = service.storage, service.servicer.zerocopy
+        tiered = storage if isinstance(storage, TieredStorage) else None
         if tiered is not None:
-            engine = tiered.tiers[0]
-        assert isinstance(engine, MemoryStorage)
+            storage = tiered.tiers[0]
+        assert isinstance(storage, MemoryStorage)
         assert zerocopy is None or isinstance(zerocopy, ZeroCopyApi)
         address = mesh.addresses("cachenode")[0]
-        yield Node(engine, tiered, zerocopy, address, mesh.kvcache())
+        yield Node(storage, tiered, zerocopy, address, mesh.kvcache())

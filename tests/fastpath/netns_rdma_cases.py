@@ -4,6 +4,7 @@ binds real ports); `test_rdma.py` runs this file with `unshare -n`. Not collecte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -12,11 +13,12 @@ import pytest
 
 from kvmesh.client.local import LocalDataPath
 from kvmesh.client.rdma import RdmaDataPath
-from kvmesh.runtime.channels import open_channel
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
-from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
-from tests.cachenode.test_engine_contract import (  # noqa: F401 - the shared engine contract, on rdma://
+from kvmesh.tools.testing.mesh import process_mesh
+from kvmesh.tools.testing.polling import eventually
+from kvmesh.v1 import cachenode_pb2
+from tests.cachenode.test_storage_contract import (  # noqa: F401 - the shared storage contract, on rdma://
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
     test_overwrite_delete_and_namespaces,
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def engine() -> AsyncIterator[Storage]:
+async def storage() -> AsyncIterator[Storage]:
     built = await build_storage("rdma://127.0.0.1?capacity=64MiB&protocol=tcp")
     try:
         yield built
@@ -40,21 +42,38 @@ MiB = 1 << 20
 ENV = {"MC_TCP_BIND_ADDRESS": "127.0.0.1"}
 
 
-def start_node(kvmesh, capacity: str = "64MiB", timeout_ms: int = 30000):
-    return kvmesh(
-        "cachenode", "--standalone", "--storage", f"rdma://127.0.0.1?capacity={capacity}&protocol=tcp",
-        "--allocation-timeout-ms", str(timeout_ms), env=ENV, timeout=60,
-    )
+@contextlib.asynccontextmanager
+async def rdma_node(capacity: str = "64MiB", timeout_ms: int = 30000) -> AsyncIterator[tuple[str, object]]:
+    """A standalone cache node process on rdma:// (Mooncake's TCP transport); yields (address, stub)."""
+    async with process_mesh(metadata=0, ready_timeout=60) as mesh:
+        node = await mesh.add(
+            "cachenode", env=ENV, storage=f"rdma://127.0.0.1?capacity={capacity}&protocol=tcp",
+            allocation_timeout_ms=timeout_ms,
+        )
+        yield node.address, mesh.kvcache()
+
+
+async def used_bytes(stub) -> int:
+    return (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes
+
+
+async def wait_all_freed(stub, timeout: float = 20.0) -> None:
+    async def freed() -> bool:
+        return await used_bytes(stub) == 0
+
+    await eventually(freed, timeout=timeout, interval=0.05, what="every byte to be freed")
 
 
 async def open_path(stub) -> RdmaDataPath:
     return await RdmaDataPath.open(stub, local_hostname="127.0.0.1", protocol="tcp", buffer_bytes=4 * MiB)
 
 
-async def test_one_sided_put_and_get_round_trip(kvmesh) -> None:
-    node = start_node(kvmesh)
-    channel = open_channel(node.address or "")
-    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+async def test_one_sided_put_and_get_round_trip() -> None:
+    async with rdma_node() as (_, stub):
+        await one_sided_put_and_get_round_trip(stub)
+
+
+async def one_sided_put_and_get_round_trip(stub) -> None:
     path = await open_path(stub)
     try:
         assert path.base_address > 0 and path.node_segment.startswith("127.0.0.1:")
@@ -78,24 +97,20 @@ async def test_one_sided_put_and_get_round_trip(kvmesh) -> None:
         assert stats.name.startswith("rdma(tcp,") and stats.items == 5
     finally:
         await path.close()
-        await channel.close()
 
 
-async def test_bad_input_and_session_end_over_rdma(kvmesh) -> None:
-    node = start_node(kvmesh, capacity="8MiB", timeout_ms=300)
-    channel = open_channel(node.address or "")
-    stub = cachenode_pb2_grpc.KVCacheStub(channel)
+async def test_bad_input_and_session_end_over_rdma() -> None:
+    async with rdma_node(capacity="8MiB", timeout_ms=300) as (_, stub):
+        await bad_input_and_session_end_over_rdma(stub)
+
+
+async def bad_input_and_session_end_over_rdma(stub) -> None:
     path = await open_path(stub)
     try:
         sid = path.session_id
         # Never sealed: dropped after the timeout, space back, later Seal refused clearly.
         alloc = await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"u", size=MiB))
-        for _ in range(200):
-            stats = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0]
-            if stats.used_bytes == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert stats.used_bytes == 0
+        await wait_all_freed(stub)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -106,21 +121,17 @@ async def test_bad_input_and_session_end_over_rdma(kvmesh) -> None:
         await stub.Delete(cachenode_pb2.DeleteRequest(namespace=NS, key=b"h"))
         assert (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes == MiB
         await path.close()
-        for _ in range(200):
-            stats = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0]
-            if stats.used_bytes == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert stats.used_bytes == 0
+        await wait_all_freed(stub)
     finally:
         await path.close()
-        await channel.close()
 
 
 RDMA_HOLDER = """
 import asyncio, sys
 from kvmesh.runtime.channels import open_channel
 from kvmesh.client.rdma import RdmaDataPath
+from kvmesh.tools.testing.mesh import process_mesh
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 
@@ -140,17 +151,19 @@ asyncio.run(main())
 """
 
 
-async def test_rdma_client_killed_holding_views_releases_them(kvmesh) -> None:
+async def test_rdma_client_killed_holding_views_releases_them() -> None:
+    async with rdma_node(capacity="8MiB", timeout_ms=600_000) as (address, stub):
+        await client_killed_holding_views_releases_them(address, stub)
+
+
+async def client_killed_holding_views_releases_them(address: str, stub) -> None:
     import signal
     import sys
 
     from kvmesh.tools.processes import kvmesh_env
 
-    node = start_node(kvmesh, capacity="8MiB", timeout_ms=600_000)
-    channel = open_channel(node.address or "")
-    stub = cachenode_pb2_grpc.KVCacheStub(channel)
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RDMA_HOLDER, node.address or "",
+        sys.executable, "-c", RDMA_HOLDER, address,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=kvmesh_env(ENV),
     )
     try:
@@ -160,12 +173,7 @@ async def test_rdma_client_killed_holding_views_releases_them(kvmesh) -> None:
         assert (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes == 3 * MiB
         holder.send_signal(signal.SIGKILL)
         await asyncio.wait_for(holder.wait(), 10)
-        for _ in range(400):
-            used = (await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes
-            if used == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert used == 0
+        await wait_all_freed(stub)
         value = os.urandom(7 * MiB)  # the space is reclaimable, nothing corrupted
         await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"big", value=value))
         assert (await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=b"big"))).value == value
@@ -173,4 +181,3 @@ async def test_rdma_client_killed_holding_views_releases_them(kvmesh) -> None:
         if holder.returncode is None:
             holder.kill()
             await holder.wait()
-        await channel.close()

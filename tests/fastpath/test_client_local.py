@@ -22,7 +22,7 @@ async def test_cache_client_uses_shared_memory_for_a_local_node_and_grpc_otherwi
                 assert await client.put_many(items) == 5
                 assert await client.get_many([k for k, _ in items] + [b"nope"]) == [v for _, v in items] + [None]
                 assert node.sessions() == expect_sessions
-                assert await node.engine.get(NS, b"k3") == items[3][1]
+                assert await node.storage.get(NS, b"k3") == items[3][1]
             finally:
                 await client.close()
             await eventually(lambda: node.sessions() == 0)  # noqa: B023 - awaited here: closing detaches

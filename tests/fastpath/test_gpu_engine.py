@@ -1,4 +1,4 @@
-"""The gpu:// engine. `gpu://cpu` runs the very same code (pool, allocator, staging buffers,
+"""The gpu:// storage. `gpu://cpu` runs the very same code (pool, allocator, staging buffers,
 copier) with a CPU tensor; the `cuda:0` tests run only where a CUDA device exists."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="real hard
 
 
 async def make(uri: str) -> GpuStorage:
-    engine = await build_storage(uri)
-    assert isinstance(engine, GpuStorage)
-    return engine
+    storage = await build_storage(uri)
+    assert isinstance(storage, GpuStorage)
+    return storage
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda:0", marks=needs_cuda)])
@@ -33,99 +33,99 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 async def test_round_trip_values_larger_than_a_staging_buffer(device: str) -> None:
-    engine = await make(f"gpu://{device}?capacity=32MiB&staging=64KiB&staging_buffers=2")
+    storage = await make(f"gpu://{device}?capacity=32MiB&staging=64KiB&staging_buffers=2")
     try:
-        assert engine.capabilities.device_memory
-        assert engine.pool.device.type == device.split(":")[0]
+        assert storage.capabilities.device_memory
+        assert storage.pool.device.type == device.split(":")[0]
         values = {f"k{i}".encode(): os.urandom(n) for i, n in enumerate([0, 1, 4095, 64 * 1024, 3 * MiB + 7])}
-        await asyncio.gather(*(engine.put(NS, k, v) for k, v in values.items()))
+        await asyncio.gather(*(storage.put(NS, k, v) for k, v in values.items()))
         for k, v in values.items():
-            assert await engine.get(NS, k) == v
-        assert await engine.get(NS, b"missing") is None
-        assert await engine.exists(NS, [b"k1", b"missing"]) == [True, False]
-        assert await engine.get("other-namespace", b"k1") is None
-        assert engine.used_bytes == sum(len(v) for v in values.values())
-        await engine.put(NS, b"k1", b"new")
-        assert await engine.get(NS, b"k1") == b"new"
-        assert await engine.delete(NS, b"k1") and not await engine.delete(NS, b"k1")
-        stats = engine.stats()
+            assert await storage.get(NS, k) == v
+        assert await storage.get(NS, b"missing") is None
+        assert await storage.exists(NS, [b"k1", b"missing"]) == [True, False]
+        assert await storage.get("other-namespace", b"k1") is None
+        assert storage.used_bytes == sum(len(v) for v in values.values())
+        await storage.put(NS, b"k1", b"new")
+        assert await storage.get(NS, b"k1") == b"new"
+        assert await storage.delete(NS, b"k1") and not await storage.delete(NS, b"k1")
+        stats = storage.stats()
         assert stats.items == 4 and stats.hits >= 5 and stats.misses >= 2
-        view = engine.device_view(NS, b"k2")
+        view = storage.device_view(NS, b"k2")
         assert view is not None and view.device.type == device.split(":")[0]
         assert bytes(view.cpu().numpy()) == values[b"k2"]
     finally:
-        await engine.close()
-    assert engine.used_bytes == 0
+        await storage.close()
+    assert storage.used_bytes == 0
 
 
 async def test_lru_eviction_and_capacity_errors() -> None:
-    engine = await make("gpu://cpu?capacity=4MiB&policy=lru")
+    storage = await make("gpu://cpu?capacity=4MiB&policy=lru")
     try:
         for i in range(4):
-            await engine.put(NS, f"k{i}".encode(), bytes([i]) * MiB)
-        await engine.get(NS, b"k0")  # k0 is now most recently used
-        await engine.put(NS, b"k4", b"4" * MiB)
-        assert await engine.exists(NS, [b"k0", b"k1", b"k2", b"k3", b"k4"]) == [True, False, True, True, True]
-        assert engine.stats().evictions == 1
-        assert engine.used_bytes <= engine.capacity_bytes
+            await storage.put(NS, f"k{i}".encode(), bytes([i]) * MiB)
+        await storage.get(NS, b"k0")  # k0 is now most recently used
+        await storage.put(NS, b"k4", b"4" * MiB)
+        assert await storage.exists(NS, [b"k0", b"k1", b"k2", b"k3", b"k4"]) == [True, False, True, True, True]
+        assert storage.stats().evictions == 1
+        assert storage.used_bytes <= storage.capacity_bytes
         with pytest.raises(ResourceExhausted, match="larger than the device pool"):
-            await engine.put(NS, b"huge", b"x" * (5 * MiB))
-        assert await engine.get(NS, b"k0") == b"\0" * MiB  # nothing changed by the refused put
+            await storage.put(NS, b"huge", b"x" * (5 * MiB))
+        assert await storage.get(NS, b"k0") == b"\0" * MiB  # nothing changed by the refused put
     finally:
-        await engine.close()
+        await storage.close()
 
 
 async def test_value_being_read_is_never_freed_under_the_reader() -> None:
-    engine = await make("gpu://cpu?capacity=2MiB&staging_buffers=1")
+    storage = await make("gpu://cpu?capacity=2MiB&staging_buffers=1")
     try:
         old = os.urandom(MiB)
-        await engine.put(NS, b"a", old)
-        await engine.put(NS, b"b", b"b" * MiB)
-        staging = engine.copier._free.get_nowait()  # hold the only staging buffer: copies must wait
-        reader = asyncio.create_task(engine.get(NS, b"a"))
+        await storage.put(NS, b"a", old)
+        await storage.put(NS, b"b", b"b" * MiB)
+        staging = storage.copier._free.get_nowait()  # hold the only staging buffer: copies must wait
+        reader = asyncio.create_task(storage.get(NS, b"a"))
         await asyncio.sleep(0.05)  # the reader now holds "a" and waits for the staging buffer
-        assert await engine.delete(NS, b"a")
-        assert engine.used_bytes == 2 * MiB  # hidden, not freed: it is being read
-        writer = asyncio.create_task(engine.put(NS, b"c", b"c" * MiB))  # evicts "b", never "a"
+        assert await storage.delete(NS, b"a")
+        assert storage.used_bytes == 2 * MiB  # hidden, not freed: it is being read
+        writer = asyncio.create_task(storage.put(NS, b"c", b"c" * MiB))  # evicts "b", never "a"
         await asyncio.sleep(0.05)
         with pytest.raises(ResourceExhausted, match="nothing evictable"):
-            await engine.put(NS, b"d", b"d" * MiB)
-        engine.copier._free.put_nowait(staging)
+            await storage.put(NS, b"d", b"d" * MiB)
+        storage.copier._free.put_nowait(staging)
         assert await reader == old  # not corrupted by the writer that came after it
         await writer
-        assert await engine.exists(NS, [b"a", b"b", b"c"]) == [False, False, True]
-        assert engine.used_bytes == MiB  # the read finished: "a" is freed
-        assert await engine.get(NS, b"c") == b"c" * MiB
+        assert await storage.exists(NS, [b"a", b"b", b"c"]) == [False, False, True]
+        assert storage.used_bytes == MiB  # the read finished: "a" is freed
+        assert await storage.get(NS, b"c") == b"c" * MiB
     finally:
-        await engine.close()
+        await storage.close()
 
 
 async def test_ttl_expires_values() -> None:
-    engine = await make("gpu://cpu?capacity=1MiB")
+    storage = await make("gpu://cpu?capacity=1MiB")
     try:
-        await engine.put(NS, b"t", b"v", ttl_seconds=1)
-        assert await engine.get(NS, b"t") == b"v"
+        await storage.put(NS, b"t", b"v", ttl_seconds=1)
+        assert await storage.get(NS, b"t") == b"v"
         await asyncio.sleep(1.2)
-        assert await engine.get(NS, b"t") is None
-        assert engine.used_bytes == 0
+        assert await storage.get(NS, b"t") is None
+        assert storage.used_bytes == 0
     finally:
-        await engine.close()
+        await storage.close()
 
 
 async def test_gpu_as_l1_of_a_tier_list_demotes_and_promotes() -> None:
-    engine = await build_storage("gpu://cpu?capacity=2MiB&write=back,memory://?capacity=16MiB")
+    storage = await build_storage("gpu://cpu?capacity=2MiB&write=back,memory://?capacity=16MiB")
     try:
-        l1, l2 = engine.tiers  # type: ignore[attr-defined]
+        l1, l2 = storage.tiers  # type: ignore[attr-defined]
         assert l2.capacity_bytes == 16 * MiB
         assert isinstance(l1, GpuStorage)
         values = {f"k{i}".encode(): os.urandom(MiB) for i in range(4)}
         for k, v in values.items():
-            await engine.put(NS, k, v)
+            await storage.put(NS, k, v)
         for k, v in values.items():
-            assert await engine.get(NS, k) == v  # evicted ones come back from L2 (and are promoted)
+            assert await storage.get(NS, k) == v  # evicted ones come back from L2 (and are promoted)
         assert l1.stats().evictions >= 2
     finally:
-        await engine.close()
+        await storage.close()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The zero-copy local path through real gRPC and a real shm-backed memory engine, in process."""
+"""The zero-copy local path through real gRPC and a real shm-backed memory storage, in process."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ async def test_put_then_get_through_shared_memory() -> None:
         try:
             value = os.urandom(3 * 1024 * 1024 + 17)
             await path.put(NS, b"k1", value)
-            assert await node.engine.get(NS, b"k1") == value  # the engine holds what we wrote in place
+            assert await node.storage.get(NS, b"k1") == value  # the storage holds what we wrote in place
             assert await path.get(NS, b"k1") == value
             assert await path.get(NS, b"absent") is None
-            await node.engine.put(NS, b"k2", b"from grpc")  # values written by any path are readable
+            await node.storage.put(NS, b"k2", b"from grpc")  # values written by any path are readable
             (view,) = await path.acquire(NS, [b"k2"])
             assert view is not None and bytes(view.view) == b"from grpc"
             with pytest.raises(TypeError):
@@ -93,9 +93,9 @@ async def test_seal_twice_and_unknown_ids_are_refused() -> None:
             # An aborted allocation publishes nothing; the sealed one is intact.
             alloc2 = await stub.Allocate(cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"x", size=4))
             await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc2.allocation_id, abort=True))
-            assert await node.engine.get(NS, b"x") is None
-            assert await node.engine.get(NS, b"k") == b"\0\0\0\0"
-            assert node.engine.used_bytes == 4
+            assert await node.storage.get(NS, b"x") is None
+            assert await node.storage.get(NS, b"k") == b"\0\0\0\0"
+            assert node.storage.used_bytes == 4
         finally:
             await path.close()
 
@@ -109,13 +109,13 @@ async def test_allocation_never_sealed_is_dropped_after_the_timeout() -> None:
             alloc = await stub.Allocate(
                 cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS, key=b"k", size=1 << 20)
             )
-            assert node.engine.used_bytes == 1 << 20
-            await eventually(lambda: node.engine.used_bytes == 0)  # no leak
+            assert node.storage.used_bytes == 1 << 20
+            await eventually(lambda: node.storage.used_bytes == 0)  # no leak
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_id=alloc.allocation_id))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "not sealed within 300 ms" in (err.value.details() or "")
-            assert await node.engine.get(NS, b"k") is None
+            assert await node.storage.get(NS, b"k") is None
         finally:
             await path.close()
 
@@ -158,23 +158,23 @@ async def test_closing_the_session_releases_views_and_drops_allocations() -> Non
     async with zerocopy_node() as node:
         path = await LocalDataPath.open(node.stub)
         await path.put(NS, b"k", b"v" * 1000)
-        await node.engine.delete(NS, b"k")  # hidden, but held below
+        await node.storage.delete(NS, b"k")  # hidden, but held below
         await path.put(NS, b"k", b"v" * 1000)
         views = await path.acquire(NS, [b"k"])
         assert views[0] is not None
         await node.stub.Allocate(
             cachenode_pb2.AllocateRequest(session_id=path.session_id, namespace=NS, key=b"u", size=5000)
         )
-        await node.engine.delete(NS, b"k")
-        assert node.engine.used_bytes == 6000  # the held view and the open allocation
+        await node.storage.delete(NS, b"k")
+        assert node.storage.used_bytes == 6000  # the held view and the open allocation
         await path.close()
-        await eventually(lambda: node.engine.used_bytes == 0)
+        await eventually(lambda: node.storage.used_bytes == 0)
         await eventually(lambda: node.sessions() == 0)
         with pytest.raises(LocalPathUnavailable):
             await path.put(NS, b"k", b"x")
 
 
-async def test_engine_without_shared_memory_is_refused_and_locality_detected() -> None:
+async def test_storage_without_shared_memory_is_refused_and_locality_detected() -> None:
     async with zerocopy_node("memory://?capacity=1MiB&arena=heap") as node:
         with pytest.raises(LocalPathUnavailable, match="shared-memory"):
             await LocalDataPath.open(node.stub)
@@ -191,7 +191,7 @@ async def test_batches_are_all_or_nothing() -> None:
             items = [(f"b{i}".encode(), os.urandom(100_000 + i)) for i in range(8)]
             await path.put_many(NS, items)
             assert await path.get_many(NS, [k for k, _ in items] + [b"nope"]) == [v for _, v in items] + [None]
-            used = node.engine.used_bytes
+            used = node.storage.used_bytes
             stub, sid = node.stub, path.session_id
             # One item cannot fit: nothing of the batch stays reserved.
             request = cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS)
@@ -201,7 +201,7 @@ async def test_batches_are_all_or_nothing() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Allocate(request)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert node.engine.used_bytes == used
+            assert node.storage.used_bytes == used
             # A seal naming one bad id seals nothing; the good ones stay open and can be sealed after.
             request = cachenode_pb2.AllocateRequest(session_id=sid, namespace=NS)
             request.items.extend(cachenode_pb2.AllocateItem(key=k, size=3) for k in (b"x", b"y"))
@@ -210,12 +210,12 @@ async def test_batches_are_all_or_nothing() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=[*ids, 999_999]))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            assert await node.engine.exists(NS, [b"x", b"y"]) == [False, False]
+            assert await node.storage.exists(NS, [b"x", b"y"]) == [False, False]
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=[ids[0], ids[0]]))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             await stub.Seal(cachenode_pb2.SealRequest(session_id=sid, allocation_ids=ids))
-            assert await node.engine.exists(NS, [b"x", b"y"]) == [True, True]
+            assert await node.storage.exists(NS, [b"x", b"y"]) == [True, True]
         finally:
             await path.close()
 
@@ -265,7 +265,7 @@ async def test_attach_refuses_unknown_or_unoffered_transports_and_foreign_namesp
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await path.put(NS, b"k" * 2000, b"v")  # longer than --max-key-bytes
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert node.engine.used_bytes == 0
+            assert node.storage.used_bytes == 0
         finally:
             await path.close()
     async with zerocopy_node("memory://?capacity=1MiB&arena=shm", namespaces="only") as node:
@@ -288,14 +288,14 @@ async def test_reads_release_their_views_with_the_next_acquire_or_after_a_delay(
             await lazy.put(NS, b"a", b"a" * 1000)
             await lazy.put(NS, b"b", b"b" * 1000)
             assert await lazy.get(NS, b"a") == b"a" * 1000
-            await node.engine.delete(NS, b"a")
-            assert node.engine.used_bytes == 2000  # "a" is still pinned by the finished read
+            await node.storage.delete(NS, b"a")
+            assert node.storage.used_bytes == 2000  # "a" is still pinned by the finished read
             assert await lazy.get(NS, b"b") == b"b" * 1000  # its Acquire carried the release of "a"
-            assert node.engine.used_bytes == 1000
+            assert node.storage.used_bytes == 1000
             await lazy.close()  # ending the session releases the pin "b" still has
             assert await quick.get(NS, b"b") == b"b" * 1000
-            await node.engine.delete(NS, b"b")
-            await eventually(lambda: node.engine.used_bytes == 0)  # released after the delay
+            await node.storage.delete(NS, b"b")
+            await eventually(lambda: node.storage.used_bytes == 0)  # released after the delay
         finally:
             await lazy.close()
             await quick.close()

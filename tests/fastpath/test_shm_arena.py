@@ -79,17 +79,17 @@ def test_segment_of_a_sigkilled_node_is_removed_by_the_next() -> None:
         arena.close()
 
 
-async def test_memory_engine_defaults_to_shared_memory_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_memory_storage_defaults_to_shared_memory_when_it_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     from kvmesh.services.cachenode.storage import shm_arena
     from kvmesh.services.cachenode.storage.arena import HeapArena
     from kvmesh.services.cachenode.storage.memory import MemoryStorage
     from kvmesh.uri import parse_uri
 
-    engine = await MemoryStorage.create(parse_uri("memory://?capacity=1MiB"))
+    storage = await MemoryStorage.create(parse_uri("memory://?capacity=1MiB"))
     try:
-        assert isinstance(engine.arena, ShmArena)
+        assert isinstance(storage.arena, ShmArena)
     finally:
-        await engine.close()
+        await storage.close()
     monkeypatch.setattr(shm_arena, "_free_bytes", lambda directory: 64 * 1024)  # a container's small /dev/shm
     too_big = shm_arena.AutoArena.create(1 << 20)
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import importlib
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -77,35 +78,23 @@ def _flags(settings: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# role → (service module, Service class, Settings class); imported lazily, so a test pulls in
+# only the services it runs.
+_SERVICES: dict[str, tuple[str, str, str]] = {
+    "metadata": ("kvmesh.services.metadata", "MetadataService", "MetadataSettings"),
+    "cachenode": ("kvmesh.services.cachenode", "CacheNodeService", "CacheNodeSettings"),
+    "router": ("kvmesh.services.router", "RouterService", "RouterSettings"),
+    "engine": ("kvmesh.services.enginesim", "EngineSimService", "EngineSimSettings"),
+}
+
+
 def _in_process(role: str, values: dict[str, Any], extra: dict[str, Any]) -> ServerRuntime:
-    """A runtime for a role's service (imported lazily: a test pulls in only what it runs)."""
-    service: Service
-    settings: ServiceSettings
-    if role == "metadata":
-        from kvmesh.services.metadata.service import MetadataService
-        from kvmesh.services.metadata.settings import MetadataSettings
-
-        md = MetadataSettings.model_validate(values)
-        service, settings = MetadataService(md, **extra), md
-    elif role == "cachenode":
-        from kvmesh.services.cachenode.service import CacheNodeService
-        from kvmesh.services.cachenode.settings import CacheNodeSettings
-
-        cn = CacheNodeSettings.model_validate(values)
-        service, settings = CacheNodeService(cn, **extra), cn
-    elif role == "router":
-        from kvmesh.services.router.service import RouterService
-        from kvmesh.services.router.settings import RouterSettings
-
-        rs = RouterSettings.model_validate(values)
-        service, settings = RouterService(rs, **extra), rs
-    else:
-        from kvmesh.services.enginesim.service import EngineSimService
-        from kvmesh.services.enginesim.settings import EngineSimSettings
-
-        es = EngineSimSettings.model_validate(values)
-        service, settings = EngineSimService(es, **extra), es
-    return ServerRuntime(service, settings)
+    """A runtime for a role's service, built from the same settings its command line would give."""
+    package, service_name, settings_name = _SERVICES[role]
+    service_cls: type[Service] = getattr(importlib.import_module(f"{package}.service"), service_name)
+    settings_cls: type[ServiceSettings] = getattr(importlib.import_module(f"{package}.settings"), settings_name)
+    settings = settings_cls.model_validate(values)
+    return ServerRuntime(service_cls(settings, **extra), settings)  # type: ignore[call-arg]
 
 
 _OWNER: contextvars.ContextVar[MeshHandle | None] = contextvars.ContextVar("kvmesh_mesh_owner", default=None)
@@ -218,7 +207,7 @@ class MeshHandle:
             else:
                 out["standalone"] = True
         if role == "cachenode" and not {"engine", "storage"} & set(settings):
-            out["engine"] = DEFAULT_STORAGE
+            out["storage"] = DEFAULT_STORAGE
         out.update(settings)
         return out
 

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -87,6 +89,9 @@ class RedisStorage(Storage):
         if not db_text.isdigit():
             raise UriError(f"{uri.redacted()}: the path must be a database number")
         kwargs = cls._common_kwargs(uri)
+        # No retries inside redis-py (by default 3, with up to seconds of backoff): `_retry` owns
+        # retrying, so `deadline=` bounds an operation, including the first connect.
+        kwargs["retry"] = Retry(NoBackoff(), 0)
         client = aioredis.Redis(host=uri.host, port=uri.port or 6379, db=int(db_text), **kwargs)
         storage = cls(client, uri, uri.size_param("capacity", 0))
         await storage._connect()

@@ -1,5 +1,5 @@
-"""The cache engines' shared contract suite (tests/cachenode/test_engine_contract.py), run on
-the fast-path engines: gpu://cpu alone and as L1 of a tier list. (rdma:// runs the same
+"""The cache storages' shared contract suite (tests/cachenode/test_storage_contract.py), run on
+the fast-path storages: gpu://cpu alone and as L1 of a tier list. (rdma:// runs the same
 suite inside its network namespace: netns_rdma_cases.py.)"""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
-from tests.cachenode.test_engine_contract import (  # noqa: F401 - collected here with this module's engine
+from tests.cachenode.test_storage_contract import (  # noqa: F401 - collected here with this module's storage
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
     test_overwrite_delete_and_namespaces,
@@ -25,7 +25,7 @@ URIS = {
 
 
 @pytest.fixture(params=sorted(URIS))
-async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
+async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     built = await build_storage(URIS[request.param])
     try:
         yield built
@@ -33,15 +33,15 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
         await built.close()
 
 
-async def test_one_write_api_on_the_fast_path_storages(engine: Storage) -> None:
+async def test_one_write_api_on_the_fast_path_storages(storage: Storage) -> None:
     """gpu:// declares no zero-copy surface, so its writes are buffered and committed with put."""
-    assert not engine.capabilities.zero_copy and engine.zero_copy() is None
-    with engine.begin_write("ns", b"w", 6) as write:
+    assert not storage.capabilities.zero_copy and storage.zero_copy() is None
+    with storage.begin_write("ns", b"w", 6) as write:
         write.write(0, b"abc")
-        assert await engine.get("ns", b"w") is None
+        assert await storage.get("ns", b"w") is None
         write.view[3:] = b"def"
         await write.commit()
-    assert await engine.get("ns", b"w") == b"abcdef"
-    with engine.begin_write("ns", b"dropped", 3) as dropped:
+    assert await storage.get("ns", b"w") == b"abcdef"
+    with storage.begin_write("ns", b"dropped", 3) as dropped:
         dropped.write(0, b"xyz")
-    assert dropped.closed and await engine.get("ns", b"dropped") is None
+    assert dropped.closed and await storage.get("ns", b"dropped") is None

@@ -1,4 +1,4 @@
-"""One contract every engine passes, run against real servers (Redis, Redis TLS, a 3-node
+"""One contract every storage passes, run against real servers (Redis, Redis TLS, a 3-node
 Redis Cluster, vineyardd) and real files (LMDB), plus tier lists of them."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ KINDS = [
 BOUNDED = ["memory-lru", "memory-s3fifo", "disk", "vineyard", "tiered-back"]
 
 
-def engine_uri(kind: str, request: pytest.FixtureRequest, tmp_path: Path, capacity: str = "64MiB") -> str:
+def storage_uri(kind: str, request: pytest.FixtureRequest, tmp_path: Path, capacity: str = "64MiB") -> str:
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     if kind == "memory-lru":
         return f"memory://?capacity={capacity}&policy=lru"
@@ -54,8 +54,8 @@ def engine_uri(kind: str, request: pytest.FixtureRequest, tmp_path: Path, capaci
 
 
 @pytest.fixture(params=KINDS)
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    built = await build_storage(engine_uri(request.param, request, tmp_path))
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    built = await build_storage(storage_uri(request.param, request, tmp_path))
     try:
         yield built
     finally:
@@ -68,87 +68,87 @@ def digest(value: bytes | None) -> str:
     return hashlib.sha256(value).hexdigest()
 
 
-async def test_round_trip_of_every_size(engine: Storage) -> None:
+async def test_round_trip_of_every_size(storage: Storage) -> None:
     values = {f"k{n}".encode(): os.urandom(n) for n in (0, 1, 100, 65536, 1024**2 + 7)}
     for key, value in values.items():
-        await engine.put("ns", key, value)
+        await storage.put("ns", key, value)
     for key, value in values.items():
-        got = await engine.get("ns", key)
+        got = await storage.get("ns", key)
         assert got is not None and digest(got) == digest(value), key
-    assert await engine.get("ns", b"absent") is None
-    stats = engine.stats()
+    assert await storage.get("ns", b"absent") is None
+    stats = storage.stats()
     assert stats.name and stats.hits >= len(values) and stats.misses >= 1
 
 
-async def test_overwrite_delete_and_namespaces(engine: Storage) -> None:
-    await engine.put("a", b"key", b"first")
-    await engine.put("a", b"key", b"second")
-    await engine.put("b", b"key", b"other namespace")
-    assert await engine.get("a", b"key") == b"second"
-    assert await engine.get("b", b"key") == b"other namespace"
-    assert await engine.delete("a", b"key") is True
-    assert await engine.delete("a", b"key") is False
-    assert await engine.get("a", b"key") is None
-    assert await engine.get("b", b"key") == b"other namespace"
+async def test_overwrite_delete_and_namespaces(storage: Storage) -> None:
+    await storage.put("a", b"key", b"first")
+    await storage.put("a", b"key", b"second")
+    await storage.put("b", b"key", b"other namespace")
+    assert await storage.get("a", b"key") == b"second"
+    assert await storage.get("b", b"key") == b"other namespace"
+    assert await storage.delete("a", b"key") is True
+    assert await storage.delete("a", b"key") is False
+    assert await storage.get("a", b"key") is None
+    assert await storage.get("b", b"key") == b"other namespace"
 
 
-async def test_exists_and_batches_keep_order(engine: Storage) -> None:
+async def test_exists_and_batches_keep_order(storage: Storage) -> None:
     items = [(f"b{i}".encode(), os.urandom(1000 + i)) for i in range(20)]
-    await engine.put_many("ns", items)
+    await storage.put_many("ns", items)
     keys = [b"b0", b"nope", b"b5", b"b19", b"also-nope"]
-    assert await engine.exists("ns", keys) == [True, False, True, True, False]
-    got = await engine.get_many("ns", keys)
+    assert await storage.exists("ns", keys) == [True, False, True, True, False]
+    got = await storage.get_many("ns", keys)
     assert got[0] == items[0][1] and got[2] == items[5][1] and got[3] == items[19][1]
     assert got[1] is None and got[4] is None
-    assert await engine.exists("ns", []) == []
+    assert await storage.exists("ns", []) == []
 
 
-async def test_ttl_expires(engine: Storage) -> None:
-    await engine.put("ns", b"short", b"v", ttl_seconds=1)
-    await engine.put("ns", b"long", b"v")
-    assert await engine.get("ns", b"short") == b"v"
+async def test_ttl_expires(storage: Storage) -> None:
+    await storage.put("ns", b"short", b"v", ttl_seconds=1)
+    await storage.put("ns", b"long", b"v")
+    assert await storage.get("ns", b"short") == b"v"
 
     async def expired() -> bool:
-        return await engine.get("ns", b"short") is None
+        return await storage.get("ns", b"short") is None
 
     # Polled, with the bound the fixed 2.2 s sleep had: gone within 2.2 s of a 1 s TTL.
     await eventually(expired, timeout=2.2, interval=0.05, what="the 1 s TTL to expire")
-    assert await engine.exists("ns", [b"short", b"long"]) == [False, True]
+    assert await storage.exists("ns", [b"short", b"long"]) == [False, True]
 
 
-async def test_concurrent_writers_and_readers_never_see_torn_values(engine: Storage) -> None:
+async def test_concurrent_writers_and_readers_never_see_torn_values(storage: Storage) -> None:
     versions = [bytes([v]) * 300_000 for v in range(8)]
 
     async def writer(v: bytes) -> None:
-        await engine.put("ns", b"hot", v)
+        await storage.put("ns", b"hot", v)
 
     async def reader() -> None:
         for _ in range(5):
-            got = await engine.get("ns", b"hot")
+            got = await storage.get("ns", b"hot")
             assert got is None or got in versions
             await asyncio.sleep(0)
 
     await asyncio.gather(*[writer(v) for v in versions], *[reader() for _ in range(4)])
-    assert await engine.get("ns", b"hot") in versions
+    assert await storage.get("ns", b"hot") in versions
 
 
 @pytest.mark.parametrize("kind", BOUNDED)
 async def test_eviction_keeps_within_capacity(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    engine = await build_storage(engine_uri(kind, request, tmp_path, capacity="8MiB"))
+    storage = await build_storage(storage_uri(kind, request, tmp_path, capacity="8MiB"))
     try:
         value_size = 512 * 1024
-        for i in range(40):  # 20 MiB into an 8 MiB engine
-            await engine.put("ns", f"e{i}".encode(), bytes([i]) * value_size)
-        if hasattr(engine, "flush"):
-            await engine.flush()
-        lowest = engine.tier_stats()[-1]
+        for i in range(40):  # 20 MiB into an 8 MiB storage
+            await storage.put("ns", f"e{i}".encode(), bytes([i]) * value_size)
+        if hasattr(storage, "flush"):
+            await storage.flush()
+        lowest = storage.tier_stats()[-1]
         assert lowest.used_bytes <= 8 * 1024**2
         assert lowest.evictions > 0
-        newest = await engine.get("ns", b"e39")
+        newest = await storage.get("ns", b"e39")
         assert newest == bytes([39]) * value_size
-        assert await engine.get("ns", b"e0") is None
+        assert await storage.get("ns", b"e0") is None
         with pytest.raises(ResourceExhausted):
-            await engine.put("ns", b"too-big", b"x" * (9 * 1024**2))
-        assert await engine.get("ns", b"e39") is not None  # still serving after refusing
+            await storage.put("ns", b"too-big", b"x" * (9 * 1024**2))
+        assert await storage.get("ns", b"e39") is not None  # still serving after refusing
     finally:
-        await engine.close()
+        await storage.close()

@@ -46,9 +46,9 @@ async def batch_get(stub, keys: list[bytes], namespace: str = NS, stop: bool = F
     return {i: (bytes(v) if v is not None else None) for i, v in out.items()}
 
 
-@pytest.mark.parametrize("engine", ["memory://?capacity=64MiB", "memory://?capacity=64MiB&policy=s3fifo"])
-async def test_unary_round_trip(node, engine: str) -> None:
-    async with node(engine=engine) as (_, stub):
+@pytest.mark.parametrize("storage", ["memory://?capacity=64MiB", "memory://?capacity=64MiB&policy=s3fifo"])
+async def test_unary_round_trip(node, storage: str) -> None:
+    async with node(storage=storage) as (_, stub):
         await stub.Put(pb.PutRequest(namespace=NS, key=b"a", value=b"hello"))
         got = await stub.Get(pb.GetRequest(namespace=NS, key=b"a"))
         assert got.found and got.value == b"hello"
@@ -138,10 +138,10 @@ async def test_bad_unary_input_gets_clear_status(node) -> None:
 
 
 async def test_capacity_full_of_pinned_values_is_resource_exhausted(node) -> None:
-    async with node(engine="memory://?capacity=1MiB") as (service, stub):
-        engine = service.storage
+    async with node(storage="memory://?capacity=1MiB") as (service, stub):
+        storage = service.storage
         await stub.Put(pb.PutRequest(namespace=NS, key=b"a", value=b"a" * 600_000))
-        pinned = engine.pin(NS, b"a")
+        pinned = storage.pin(NS, b"a")
         assert pinned is not None
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Put(pb.PutRequest(namespace=NS, key=b"b", value=b"b" * 600_000))
@@ -157,7 +157,7 @@ async def test_capacity_full_of_pinned_values_is_resource_exhausted(node) -> Non
 
 
 async def test_data_path_rpcs_unimplemented_without_zerocopy(node) -> None:
-    async with node(engine="memory://?capacity=64MiB&arena=heap") as (_, stub):
+    async with node(storage="memory://?capacity=64MiB&arena=heap") as (_, stub):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Allocate(pb.AllocateRequest(session_id="x", namespace=NS, key=b"k", size=1))
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
