@@ -1,6 +1,6 @@
 """A lazy registry from a URI scheme to a class, imported only when chosen.
 
-Cache engines and metadata backends are both selected this way, so a node without CUDA
+Cache-node storages and metadata stores are both selected this way, so a node without CUDA
 or RDMA never imports those libraries, and no `if/elif` over backend names exists.
 """
 

@@ -2,7 +2,7 @@
 
 The API server applies the CRD's defaults and rejects what its schema rejects; this model
 parses what the operator is handed (and what unit tests build by hand) into one frozen
-object, and checks what an OpenAPI schema cannot (engine URIs, quantities).
+object, and checks what an OpenAPI schema cannot (storage URIs, quantities).
 tests/operator/test_crd_schema.py checks that both sets of defaults agree.
 """
 
@@ -82,7 +82,7 @@ class CacheSpec(_Model):
                 scheme = uri.scheme
                 uri.size_param("capacity", 0)  # a capacity must be a size (2GiB), checked here not in the pod
             except UriError as exc:
-                raise ValueError(f"bad engine URI {tier!r}: {exc}") from None
+                raise ValueError(f"bad storage URI {tier!r}: {exc}") from None
             if scheme not in STORAGE_SCHEMES:
                 raise ValueError(f"unknown storage scheme {scheme!r} (known: {', '.join(sorted(STORAGE_SCHEMES))})")
         return ",".join(tiers)

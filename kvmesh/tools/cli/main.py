@@ -1,7 +1,7 @@
 """Entry point of the `kvmesh` command.
 
 Subcommands are registered by module path and imported only when run, so `kvmesh router`
-never imports the cache engines and `kvmesh members` starts fast.
+never imports the cache-node storages and `kvmesh members` starts fast.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class MeshSpec:
         return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
 
     def node_capacity_bytes(self) -> int:
-        """Each node's share of the pool (the memory engine counts value bytes exactly)."""
+        """Each node's share of the pool (the memory storage counts value bytes exactly)."""
         per_node = -(-self.pool_blocks // max(self.cachenodes, 1))
         return max(per_node, 1) * self.block_bytes
 
@@ -172,7 +172,7 @@ async def _wait_healthy_and_registered(mesh: Mesh, deadline: float) -> None:
 
 
 def stop_mesh(mesh: Mesh, timeout: float | None = None) -> None:
-    """Engines, router, cache nodes, metadata: SIGTERM each tier, wait, SIGKILL stragglers."""
+    """Engines, router, cache nodes, metadata: SIGTERM each group, wait, SIGKILL stragglers."""
     timeout = timeout if timeout is not None else mesh.spec.grace_seconds + 10.0
     for role in ("engine", "router", "cachenode", "metadata"):
         tier = mesh.of_role(role)

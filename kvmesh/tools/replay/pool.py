@@ -1,6 +1,6 @@
 """An in-process model of the cache pool (all cache nodes together) for virtual-clock replays.
 
-The real pool is a set of cache nodes with LRU memory engines behind consistent hashing; in
+The real pool is a set of cache nodes with LRU memory storages behind consistent hashing; in
 aggregate that behaves like one LRU of the summed capacity, which is what this models. The
 live replay uses the real nodes instead, and the e2e test checks the two agree.
 """
