@@ -12,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from kvmesh.tools.testing.mesh import process_mesh
+from kvmesh.tools.testing.polling import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -47,20 +48,33 @@ def collector() -> Iterator[tuple[Collector, str]]:
     server.stop(None)
 
 
-async def test_server_and_client_spans_reach_an_otlp_collector(collector: tuple[Collector, str]) -> None:
+async def test_server_and_client_spans_reach_an_otlp_collector(
+    collector: tuple[Collector, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sink, endpoint = collector
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # children export batches every 0.2 s, not 5 s
+
+    def spans(kind: int) -> set[tuple[str, str]]:
+        return {(svc, name) for svc, name, k in list(sink.spans) if k == kind}
+
     otlp = {"otlp_endpoint": endpoint}
-    node_settings = {"engine": "memory://?capacity=16MiB&arena=heap", **otlp}
+    node_settings = {"storage": "memory://?capacity=16MiB&arena=heap", **otlp}
     async with process_mesh(cachenodes=1, metadata_settings=otlp, cachenode_settings=node_settings) as mesh:
         assert len(await mesh.listed("cachenode")) == 1
         node, metadata = mesh.member("cachenode-0"), mesh.member("metadata")
-        await mesh.stop(node.name)  # shutdown flushes the exporters
+        assert node.process is not None and metadata.process is not None
+        # Spans leave a running service in batches; the cache node's Register is a client span.
+        register = ("kvmesh-cachenode", "/kvmesh.v1.Membership/Register")
+        await eventually(lambda: register in spans(trace_pb2.Span.SPAN_KIND_CLIENT), timeout=30,
+                         what=f"the cache node's Register client span (node output: {node.process.tail()})")
+        await mesh.stop(node.name)  # shutdown flushes the exporters: Deregister is sent while stopping
         await mesh.stop(metadata.name)
-        assert node.process is not None and node.process.returncode == 0
-        assert metadata.process is not None and metadata.process.returncode == 0
+        assert node.process.returncode == 0 and metadata.process.returncode == 0
+        output = node.process.output
 
-    server_spans = {(svc, name) for svc, name, kind in sink.spans if kind == trace_pb2.Span.SPAN_KIND_SERVER}
-    client_spans = {(svc, name) for svc, name, kind in sink.spans if kind == trace_pb2.Span.SPAN_KIND_CLIENT}
+    server_spans = spans(trace_pb2.Span.SPAN_KIND_SERVER)
+    client_spans = spans(trace_pb2.Span.SPAN_KIND_CLIENT)
     assert ("kvmesh-metadata", "/kvmesh.v1.Membership/Register") in server_spans, sorted(server_spans)
     assert ("kvmesh-metadata", "/kvmesh.v1.Membership/List") in server_spans
-    assert ("kvmesh-cachenode", "/kvmesh.v1.Membership/Register") in client_spans, sorted(client_spans)
+    assert ("kvmesh-metadata", "/kvmesh.v1.Membership/Deregister") in server_spans, sorted(server_spans)
+    assert ("kvmesh-cachenode", "/kvmesh.v1.Membership/Deregister") in client_spans, (sorted(client_spans), output)
