@@ -130,7 +130,7 @@ class KvmeshProcess:
         return self.proc.poll() is None
 
     def send_term(self) -> None:
-        """SIGTERM without waiting (a supervisor stops a whole tier, then waits)."""
+        """SIGTERM without waiting (a supervisor stops a whole group of members, then waits)."""
         if self.running():
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)

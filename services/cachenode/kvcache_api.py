@@ -21,22 +21,15 @@ import grpc
 
 from kvmesh import wire
 from kvmesh.runtime.errors import KvmeshError, Unavailable, guard, status_for
-from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler
-from kvmesh.services.cachenode.limits import MAX_NAMESPACE_BYTES, Limits
+from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler, PutChunkLike
+from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage, StorageStats
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 if TYPE_CHECKING:
     from kvmesh.services.cachenode.zerocopy.api import ZeroCopyApi
 
-__all__ = ["MAX_NAMESPACE_BYTES", "KVCacheApi", "Limits", "storage_stats_message"]
-
 log = logging.getLogger("kvmesh.cachenode")
-
-# BatchPut chunks arrive as wire.PutChunkView (registered through handlers.py) or as
-# generated PutChunk messages (when the servicer is registered with the generated helper).
-PutChunkLike = wire.PutChunkView | cachenode_pb2.PutChunk
-
 
 def storage_stats_message(stats: StorageStats) -> cachenode_pb2.EngineStats:
     return cachenode_pb2.EngineStats(
@@ -119,6 +112,7 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
 
     async def BatchPut(
         self,
+        # wire.PutChunkView (kvcache_methods.py) or the generated PutChunk (the generated helper)
         request_iterator: AsyncIterator[PutChunkLike | wire.MalformedMessage],
         context: grpc.aio.ServicerContext,
     ) -> Any:

@@ -17,8 +17,9 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
-from kvmesh.services.cachenode.kvcache_api import KVCacheApi, Limits
+from kvmesh.services.cachenode.kvcache_api import KVCacheApi
 from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
+from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.settings import CacheNodeSettings
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
@@ -84,9 +85,7 @@ class CacheNodeService(Service):
             self._zerocopy = ZeroCopyApi.for_node(
                 storage,
                 allocation_timeout_ms=self.settings.allocation_timeout_ms,
-                max_key_bytes=self.settings.max_key_bytes,
-                max_value_bytes=self.settings.max_value_bytes,
-                namespaces=self.settings.allowed_namespaces,
+                requests=self.servicer.limits,
             )
             if self._zerocopy is not None:
                 await self._zerocopy.start()

@@ -22,7 +22,7 @@ KINDS = [
     "memory-lru", "memory-s3fifo", "disk", "redis", "rediss", "redis-cluster", "vineyard",
     "tiered-through", "tiered-back",
 ]
-# Engines whose capacity the test sets (so it can fill them up).
+# Storages whose capacity the test sets (so it can fill them up).
 BOUNDED = ["memory-lru", "memory-s3fifo", "disk", "vineyard", "tiered-back"]
 
 

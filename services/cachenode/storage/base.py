@@ -1,6 +1,6 @@
 """The interface every cache storage implements, and the capabilities it declares.
 
-Engines are built by an async factory from their URI (no I/O in `__init__`). Values are
+Storages are built by an async factory from their URI (no I/O in `__init__`). Values are
 stored whole or not at all, and every writer that fills a value in pieces goes through one
 API, `begin_write` (see write.py). Capabilities are declared once and checked where they
 are used (the tier builder, the zero-copy data path), never probed with `hasattr` or

@@ -1,4 +1,4 @@
-"""`gpu://cuda:N?capacity=8GiB` — KV blocks in accelerator memory, next to the inference storage.
+"""`gpu://cuda:N?capacity=8GiB` — KV blocks in accelerator memory, next to the inference engine.
 
 One device tensor is allocated up front (a pool: no `cudaMalloc` per value, no allocator
 fragmentation outside our control) and carved into extents by the same best-fit allocator

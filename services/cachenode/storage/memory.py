@@ -3,8 +3,8 @@
 Values live in one arena (see arena.py) as extents; the index (extents.py, shared with the
 GPU storage) maps (namespace, key) to an extent. Writers (`begin_write`, see write.py)
 reserve an extent, fill it, and commit it (readers never see a partial value); readers may
-pin an extent and read it in place. A pinned extent is never freed: eviction skips it, and a delete or overwrite only
-hides it until the last pin is released.
+pin an extent and read it in place. A pinned extent is never freed: eviction skips it, and a
+delete or overwrite only hides it until the last pin is released.
 
 Everything here runs on the event loop thread and never awaits between reading and
 updating the index, so no lock is needed.

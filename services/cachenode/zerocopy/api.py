@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
+from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.tiered import TieredStorage
 from kvmesh.services.cachenode.zerocopy.attachments import Attachment, AttachmentTable, ZeroCopyLimits
@@ -49,9 +50,7 @@ class ZeroCopyApi:
         storage: Storage,
         *,
         allocation_timeout_ms: int,
-        max_key_bytes: int,
-        max_value_bytes: int,
-        namespaces: frozenset[str] | None,
+        requests: Limits,
     ) -> ZeroCopyApi | None:
         """The data path of a cache node, from its settings; None when its storage offers no transport."""
         storage_zc = storage.mappable()
@@ -59,12 +58,7 @@ class ZeroCopyApi:
             return None
         return cls(
             storage,
-            ZeroCopyLimits(
-                allocation_timeout_s=allocation_timeout_ms / 1000,
-                max_key_bytes=max_key_bytes,
-                max_value_bytes=max_value_bytes,
-                namespaces=namespaces,
-            ),
+            ZeroCopyLimits(requests=requests, allocation_timeout_s=allocation_timeout_ms / 1000),
         )
 
     @property

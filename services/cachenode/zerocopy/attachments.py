@@ -26,13 +26,12 @@ from kvmesh.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
 )
+from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Pinned, ZeroCopyStorage
 from kvmesh.services.cachenode.storage.write import ReservedWrite
 from kvmesh.services.cachenode.zerocopy.exports import TRANSPORT_NAMES, Export
-from kvmesh.units import format_size
 
 log = logging.getLogger("kvmesh.cachenode.zerocopy")
 
@@ -43,14 +42,13 @@ RECENT_IDS = 4096
 
 @dataclass(frozen=True)
 class ZeroCopyLimits:
-    """Per-node limits of the data path (from the cache node's settings)."""
+    """Per-node limits of the zero-copy path: the node's request limits (the same checks as
+    every other data plane), plus what one attachment may hold."""
 
+    requests: Limits = field(default_factory=Limits)
     allocation_timeout_s: float = 30.0
-    max_value_bytes: int = 64 * 1024 * 1024
-    max_key_bytes: int = 1024
-    max_pending_allocations: int = 4096  # per session
-    max_views: int = 65536  # per session
-    namespaces: frozenset[str] | None = None  # None: every namespace
+    max_pending_allocations: int = 4096  # per attachment
+    max_views: int = 65536  # per attachment
 
 
 @dataclass
@@ -151,33 +149,19 @@ class AttachmentTable:
         for session in list(self._sessions.values()):
             self.end(session)
 
-    def _check_namespace(self, namespace: str) -> None:
-        allowed = self.limits.namespaces
-        if allowed is not None and namespace not in allowed:
-            raise PermissionDenied(f"namespace {namespace!r} is not served by this node")
-
     # -- writes --------------------------------------------------------------------------
-
-    def _check_item(self, key: bytes, size: int) -> None:
-        limits = self.limits
-        if not key:
-            raise InvalidArgument("key must not be empty")
-        if len(key) > limits.max_key_bytes:
-            raise InvalidArgument(f"key of {len(key)} bytes is longer than {limits.max_key_bytes}")
-        if size > limits.max_value_bytes:
-            raise ResourceExhausted(
-                f"value of {format_size(size)} is over --max-value-bytes {format_size(limits.max_value_bytes)}"
-            )
 
     def allocate(
         self, session: Attachment, namespace: str, items: Sequence[tuple[bytes, int]], ttl_seconds: int
     ) -> list[Allocation]:
         """Reserves space for every (key, size), or for none: a failure aborts what was reserved."""
-        self._check_namespace(namespace)
+        requests = self.limits.requests
+        requests.check_namespace(namespace)
         if not items:
             raise InvalidArgument("nothing to allocate")
         for key, size in items:
-            self._check_item(key, size)
+            requests.check_key(key)
+            requests.check_size(size)
         limit = self.limits.max_pending_allocations
         if len(session.allocations) + len(items) > limit:
             raise ResourceExhausted(
@@ -245,9 +229,8 @@ class AttachmentTable:
     # -- reads ---------------------------------------------------------------------------
 
     def acquire(self, session: Attachment, namespace: str, keys: Sequence[bytes]) -> list[tuple[int, Pinned] | None]:
-        self._check_namespace(namespace)
-        if any(not key for key in keys):
-            raise InvalidArgument("keys must not be empty")
+        self.limits.requests.check_namespace(namespace)
+        self.limits.requests.check_keys(keys)
         if len(session.views) + len(keys) > self.limits.max_views:
             raise ResourceExhausted(
                 f"session would hold more than {self.limits.max_views} views: release some first"
