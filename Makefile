@@ -4,10 +4,15 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install protos run test test-fast lint bench clean
+.PHONY: install integrations protos run test test-fast lint bench clean
 
 install:
 	./scripts/bootstrap.sh
+
+# The real third-party software the integration tests run (vLLM, Envoy, LMCache, ...), each in its
+# own virtualenv under .venvs/ (or $$KVMESH_VENVS): see scripts/integration_env.sh.
+integrations: install
+	./scripts/integration_env.sh $(basename $(notdir $(wildcard requirements/integrations/*.txt)))
 
 protos: install
 	$(PY) scripts/gen_protos.py
@@ -15,7 +20,7 @@ protos: install
 run: install
 	$(PY) -m kvmesh up --demo
 
-test: install
+test: install integrations
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
