@@ -26,7 +26,7 @@ from redis import exceptions as redis_exc
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.services.metadata.stores import redis_scripts as lua
-from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, new_lease_id, prefix_end
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.uri import Uri, UriError
 
@@ -123,7 +123,10 @@ class RedisStore(Store):
 
     # -- leases --------------------------------------------------------------------------
     async def grant(self, ttl_seconds: int) -> tuple[int, int]:
-        return int(await self._run("GRANT", ttl_seconds * 1000)), ttl_seconds
+        while True:  # a taken id (1 in 2^63 per live lease) draws again
+            lease_id = new_lease_id()
+            if int(await self._run("GRANT", ttl_seconds * 1000, lease_id)):
+                return lease_id, ttl_seconds
 
     async def refresh(self, lease_id: int) -> int:
         ttl_ms = int(await self._run("REFRESH", lease_id))
