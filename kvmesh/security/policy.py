@@ -75,12 +75,12 @@ class Registration(BaseModel):
 
 
 class Grant(BaseModel):
-    """What the principals matching one policy entry may do."""
+    """What the principals matching one policy entry may do (`register:` in the file)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     tokens_sha256: tuple[str, ...] = ()
-    register: Registration | None = None
+    registration: Registration | None = Field(None, alias="register")
     events: tuple[str, ...] = ()
     namespaces: Access = Access()
     metadata: Access = Access()
@@ -166,9 +166,9 @@ def allows_register(policy: Policy, principal: Principal | None, member_id: str,
         return _unauthenticated()
     if is_admin(policy, principal):
         return Decision(True, f"{principal.name} is admin")
-    fitting = [g.register for g in policy.grants(principal)
-               if g.register is not None and role in g.register.roles
-               and _matches(g.register.members, member_id, principal)]
+    fitting = [g.registration for g in policy.grants(principal)
+               if g.registration is not None and role in g.registration.roles
+               and _matches(g.registration.members, member_id, principal)]
     if not fitting:
         return Decision(False, f"{principal.name} may not register {member_id!r} as {role}")
     bounds = [r.max_capacity_bytes for r in fitting]

@@ -122,10 +122,12 @@ def _san(hosts: Sequence[str]) -> list[x509.GeneralName]:
 
 def issue(ca: CA, name: str, directory: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, days: float = 30,
           not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-          stem: str | None = None) -> Issued:
+          stem: str | None = None, common_name: bool = True) -> Issued:
     """A certificate for identity `name` (subject CN), valid for `hosts`, signed by `ca`, written
     to `directory/<stem>.pem` and `<stem>-key.pem` (stem defaults to the name). `not_before` and
-    `not_after` override the validity (tests make expired certificates with them)."""
+    `not_after` override the validity (tests make expired certificates with them).
+    `common_name=False` leaves the CN out (subject O=kvmesh, OU=name): etcd's JSON gateway refuses
+    client certificates with a CN once etcd's auth is on."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     start = not_before or now - dt.timedelta(minutes=5)
@@ -133,7 +135,9 @@ def issue(ca: CA, name: str, directory: Path, *, hosts: Sequence[str] = DEFAULT_
     serial = x509.random_serial_number()
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if common_name else
+                                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kvmesh"),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, name)]))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(serial)
@@ -163,3 +167,17 @@ def new_token() -> tuple[str, str]:
     """A random bearer token and the SHA-256 digest a policy stores for it."""
     token = secrets.token_urlsafe(32)
     return token, token_digest(token)
+
+
+def ensure_ca(directory: Path, name: str = "kvmesh development CA") -> CA:
+    """The CA in `directory`, made there first if there is none (or it expires within a day)."""
+    if (directory / CA_CERT).exists() and (directory / CA_KEY).exists():
+        ca = CA.load(directory)
+        if ca.cert.not_valid_after_utc > _now() + dt.timedelta(days=1):
+            return ca
+    return make_ca(directory, name)
+
+
+def tls_flags(ca: CA, issued: Issued) -> list[str]:
+    """The command-line flags that make a kvmesh process serve and dial with `issued` (mutual TLS)."""
+    return ["--tls-cert", str(issued.cert), "--tls-key", str(issued.key), "--tls-ca", str(ca.cert_path)]

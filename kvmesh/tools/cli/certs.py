@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     issue.add_argument("--host", action="append", default=[],
                        help="DNS name or IP the member is reached at (repeatable; default 127.0.0.1 and localhost)")
     issue.add_argument("--days", type=float, default=30, help="validity in days")
+    issue.add_argument("--no-common-name", action="store_true",
+                       help="leave the subject CN out (a client certificate for etcd's gateway with auth on)")
     sub.add_parser("token", help="print a new bearer token and its sha256 digest (for tokens_sha256)")
 
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.certs_command == "issue":
         ca = CA.load(args.dir)
-        issued = issue(ca, args.name, args.out or args.dir, hosts=args.host or DEFAULT_HOSTS, days=args.days)
+        issued = issue(ca, args.name, args.out or args.dir, hosts=args.host or DEFAULT_HOSTS, days=args.days,
+                       common_name=not args.no_common_name)
         print(f"certificate written: {issued.cert} (key {issued.key}, serial {issued.serial:x})")
         return 0
     token, digest = new_token()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -56,6 +57,7 @@ class MeshSpec:
     log_dir: Path | None = None
     router_settings: tuple[tuple[str, str], ...] = ()
     engine_args: tuple[str, ...] = ()
+    tls_dir: Path | None = None  # --secure: the CA and every member's certificate live here
 
     def address(self, offset: int) -> str:
         return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
@@ -83,7 +85,32 @@ class Mesh:
 
 
 def _common(spec: MeshSpec, name: str) -> list[str]:
-    return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name]
+    return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name,
+            *_tls(spec, name)]
+
+
+def _tls(spec: MeshSpec, name: str) -> list[str]:
+    """--secure: a certificate for `name` from the mesh's CA, as flags (mutual TLS both ways)."""
+    if spec.tls_dir is None:
+        return []
+    from kvmesh.tools.certs import ensure_ca, issue, tls_flags
+
+    ca = ensure_ca(spec.tls_dir)
+    hosts = sorted({spec.host, "127.0.0.1", "localhost"})
+    return tls_flags(ca, issue(ca, name, spec.tls_dir, hosts=hosts, days=7))
+
+
+def use_mesh_credentials(spec: MeshSpec) -> None:
+    """--secure: this supervisor's own channels (health checks, the demo) present `kvmesh-up`'s certificate."""
+    if spec.tls_dir is None:
+        return
+    from kvmesh.security.client import configure_clients
+    from kvmesh.security.settings import SecuritySettings
+    from kvmesh.tools.certs import ensure_ca, issue
+
+    ca = ensure_ca(spec.tls_dir)
+    own = issue(ca, "kvmesh-up", spec.tls_dir, days=7)
+    configure_clients(SecuritySettings(tls_cert=own.cert, tls_key=own.key, tls_ca=ca.cert_path))
 
 
 def start_mesh(spec: MeshSpec) -> Mesh:
@@ -108,7 +135,7 @@ def _start(mesh: Mesh) -> None:
 
     md = start_child("metadata", "metadata", ["metadata", "--backend", spec.backend, "--listen", spec.address(0),
                                         "--log-level", spec.log_level, "--grace-seconds",
-                                        f"{spec.grace_seconds:g}"], spec.log_dir)
+                                        f"{spec.grace_seconds:g}", *_tls(spec, "metadata")], spec.log_dir)
     mesh.children.append(md)
     mesh.metadata_address = md.wait_ready(left())
     member = ["--metadata", mesh.metadata_address, "--ttl-seconds", str(spec.ttl_seconds)]
@@ -230,6 +257,11 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = Mes
                         help="extra router flag, e.g. imbalance_abs=32 (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
                         help="seconds the whole mesh may take to come up")
+    parser.add_argument("--secure", action="store_true",
+                        help="mutual TLS everywhere: a local CA and a certificate per member in --state-dir")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where --secure keeps its CA and certificates (default $XDG_STATE_HOME/kvmesh/pki, "
+                             "else ~/.local/state/kvmesh/pki)")
 
 
 def parse_router_settings(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -271,7 +303,15 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         log_dir=args.log_dir,
         router_settings=settings,
         start_timeout=args.start_timeout,
+        tls_dir=_state_dir(args) if args.secure else None,
     )
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kvmesh" / "pki"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,8 +350,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         console.print(f"starting the mesh: metadata ({spec.backend}), {spec.cachenodes} cache nodes, "
                       f"router ({spec.policy}), {spec.engines} engine simulators ...")
+        use_mesh_credentials(spec)
         mesh = start_mesh(spec)
         console.print(members_table(mesh))
+        if spec.tls_dir is not None:
+            console.print(f"mutual TLS on: CA and certificates in {spec.tls_dir}")
         pids = ",".join(str(c.pid) for c in mesh.children)
         # One line tools and tests wait for (address = the router, where requests go).
         print(f"KVMESH_READY service=mesh address={mesh.router_address} metadata={mesh.metadata_address} "
