@@ -15,7 +15,6 @@ throughput with mTLS on the data path at 2 MiB values, at most 10% less on `Rout
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import tempfile
 from pathlib import Path
@@ -87,9 +86,9 @@ async def route(ca: CA, directory: Path, plain: SecuritySettings, tls: SecurityS
                                         blocks=router_pb2.BlockIds(ids=hasher.token_block_ids(work.next_prompt())))
                 for i in range(2000)]
     server = issue(ca, "router", directory)
-    plain_rt = ServerRuntime(BenchService(RouterApi(core)),  # type: ignore[abstract]
+    plain_rt = ServerRuntime(BenchService(RouterApi(core)),
                              RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5))
-    tls_rt = ServerRuntime(BenchService(RouterApi(core)),  # type: ignore[abstract]
+    tls_rt = ServerRuntime(BenchService(RouterApi(core)),
                            RouterSettings(listen="127.0.0.1:0", grace_seconds=0.5, tls_cert=server.cert,
                                           tls_key=server.key, tls_ca=ca.cert_path))
     plain_address, tls_address = await plain_rt.start(), await tls_rt.start()

@@ -26,7 +26,7 @@ ADMIN_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflectio
 Check = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[Principal]]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call against the policy's tokens and the peer's certificate."""
 
     def __init__(self, policy: PolicyFile) -> None:

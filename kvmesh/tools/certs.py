@@ -33,7 +33,7 @@ DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -60,8 +60,8 @@ async def test_mtls_round_trip_and_every_refusal(pki: Pki) -> None:
         from kvmesh.tools.certs import issue
 
         foreign = issue(other_ca, "ops", pki.directory / "other")
-        expired = pki.issue("expired", not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10),
-                            not_after=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1))
+        expired = pki.issue("expired", not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10),
+                            not_after=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
         cases = {
             "client certificate from another CA": pki.client(foreign),
             "expired client certificate": pki.client(expired),

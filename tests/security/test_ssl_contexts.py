@@ -75,7 +75,7 @@ async def test_mutual_tls_rotation_and_refusals(pki: Pki) -> None:
         other = make_ca(pki.directory / "other", "another CA")
         import datetime as dt
 
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         refused = {
             "foreign": _client_files(pki, issue(other, "engine-0", pki.directory / "other")),
             "expired": _client_files(pki, pki.issue("old", not_before=now - dt.timedelta(days=9),

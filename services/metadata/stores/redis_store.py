@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -29,7 +29,16 @@ from redis import exceptions as redis_exc
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.services.metadata.stores import redis_scripts as lua
-from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, new_lease_id, prefix_end
+from kvmesh.services.metadata.stores.base import (
+    Change,
+    Compacted,
+    Entry,
+    LeaseNotFound,
+    Store,
+    Sweeper,
+    new_lease_id,
+    prefix_end,
+)
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.uri import Uri, UriError
 
