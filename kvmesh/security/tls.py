@@ -48,6 +48,9 @@ class TLSFiles(BaseSettings):
 
     @model_validator(mode="after")
     def _pairs(self) -> TLSFiles:
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tls-ca", self.tls_ca)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_cert is not None and self.tls_require_client_cert and self.tls_ca is None:
