@@ -116,6 +116,7 @@ def use_mesh_credentials(spec: MeshSpec) -> None:
 def start_mesh(spec: MeshSpec) -> Mesh:
     """Starts every member and waits until each is ready and healthy; stops all on failure."""
     mesh = Mesh(spec)
+    use_mesh_credentials(spec)  # --secure: this process's own channels into the mesh use mutual TLS
     try:
         _start(mesh)
     except BaseException:
@@ -350,7 +351,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         console.print(f"starting the mesh: metadata ({spec.backend}), {spec.cachenodes} cache nodes, "
                       f"router ({spec.policy}), {spec.engines} engine simulators ...")
-        use_mesh_credentials(spec)
         mesh = start_mesh(spec)
         console.print(members_table(mesh))
         if spec.tls_dir is not None:
