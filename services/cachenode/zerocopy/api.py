@@ -19,6 +19,7 @@ from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.tiered import TieredStorage
 from kvmesh.services.cachenode.zerocopy.attachments import Attachment, AttachmentTable, ZeroCopyLimits
+from kvmesh.services.cachenode.zerocopy.control import ControlSocket
 from kvmesh.services.cachenode.zerocopy.exports import exports_of
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2
@@ -29,7 +30,9 @@ log = logging.getLogger("kvmesh.cachenode.zerocopy")
 class ZeroCopyApi:
     """Data-path sessions over one node's storage; `start()` runs the allocation sweeper."""
 
-    def __init__(self, storage: Storage, limits: ZeroCopyLimits | None = None) -> None:
+    def __init__(
+        self, storage: Storage, limits: ZeroCopyLimits | None = None, control_socket: bool = True
+    ) -> None:
         self.limits = limits or ZeroCopyLimits()
         self._storage = storage.mappable()
         # With a tier list, the data path works on L1 and keeps the tiers' contract: sealed
@@ -43,6 +46,12 @@ class ZeroCopyApi:
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
+        # Shared-memory clients may make their calls over a Unix socket instead of gRPC.
+        self.control: ControlSocket | None = (
+            ControlSocket(self, self.limits.max_sessions)
+            if control_socket and cachenode_pb2.TRANSPORT_SHM in exports
+            else None
+        )
 
     @classmethod
     def for_node(
@@ -51,6 +60,11 @@ class ZeroCopyApi:
         *,
         allocation_timeout_ms: int,
         requests: Limits,
+        max_sessions: int = ZeroCopyLimits.max_sessions,
+        max_views: int = ZeroCopyLimits.max_views,
+        max_pinned_fraction: float = ZeroCopyLimits.max_pinned_fraction,
+        view_lease_ms: int = int(ZeroCopyLimits.view_lease_s * 1000),
+        control_socket: bool = True,
     ) -> ZeroCopyApi | None:
         """The data path of a cache node, from its settings; None when its storage offers no transport."""
         storage_zc = storage.mappable()
@@ -58,7 +72,15 @@ class ZeroCopyApi:
             return None
         return cls(
             storage,
-            ZeroCopyLimits(requests=requests, allocation_timeout_s=allocation_timeout_ms / 1000),
+            ZeroCopyLimits(
+                requests=requests,
+                allocation_timeout_s=allocation_timeout_ms / 1000,
+                max_sessions=max_sessions,
+                max_views=max_views,
+                max_pinned_fraction=max_pinned_fraction,
+                view_lease_s=view_lease_ms / 1000,
+            ),
+            control_socket=control_socket,
         )
 
     @property
@@ -68,6 +90,12 @@ class ZeroCopyApi:
     async def start(self) -> None:
         if self._sweeper is None and self.table is not None:
             self._sweeper = asyncio.create_task(self._sweep(), name="zerocopy-sweeper")
+        if self.control is not None:
+            try:
+                await self.control.start()
+            except OSError as exc:  # e.g. no Unix sockets here: clients keep using gRPC
+                log.warning("no local control socket (%s): shared-memory clients use gRPC calls", exc)
+                self.control = None
 
     def drain(self) -> None:
         """The node is stopping: end every session (their Attach streams complete, so the
@@ -80,13 +108,15 @@ class ZeroCopyApi:
         """Ends every session (their Attach streams finish) and stops the sweeper; safe twice."""
         if self.table is not None:
             self.table.close()
+        if self.control is not None:
+            await self.control.close()
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
 
     async def _sweep(self) -> None:
         assert self.table is not None
-        period = max(0.01, min(1.0, self.limits.allocation_timeout_s / 4))
+        period = max(0.01, min(1.0, self.limits.allocation_timeout_s / 4, self.limits.view_lease_s / 4))
         while True:
             await asyncio.sleep(period)
             try:
@@ -104,6 +134,10 @@ class ZeroCopyApi:
 
     def _session(self, session_id: str) -> Attachment:
         return self._table().get(session_id)
+
+    def session(self, session_id: str) -> Attachment:
+        """The open session `session_id` (NotFound otherwise)."""
+        return self._session(session_id)
 
     # -- RPCs ----------------------------------------------------------------------------
 
@@ -127,16 +161,47 @@ class ZeroCopyApi:
                 segment_size=export.size,
                 base_address=export.base_address,
                 allocation_timeout_ms=int(self.limits.allocation_timeout_s * 1000),
+                view_lease_ms=int(self.limits.view_lease_s * 1000),
+                control_socket=(
+                    self.control.address
+                    if self.control is not None and export.transport == cachenode_pb2.TRANSPORT_SHM
+                    else ""
+                ),
             )
             await session.ended.wait()
         finally:
             # Runs on cancellation too (the client went away): nothing it held survives it.
             table.end(session)
 
+    # The four calls of an attached client. Each is served over gRPC (below) and, for a client
+    # on this host, over the local control socket (control.py); the `handle_*` methods are the
+    # same logic for both and raise KvmeshError on bad input.
+
     @guard
     async def allocate(
         self, request: cachenode_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.AllocateResponse:
+        return await self.handle_allocate(request)
+
+    @guard
+    async def seal(
+        self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.SealResponse:
+        return await self.handle_seal(request)
+
+    @guard
+    async def acquire(
+        self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.AcquireResponse:
+        return await self.handle_acquire(request)
+
+    @guard
+    async def release_views(
+        self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.ReleaseViewsResponse:
+        return await self.handle_release_views(request)
+
+    async def handle_allocate(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
         session = self._session(request.session_id)
         items = [(i.key, i.size) for i in request.items] or [(request.key, request.size)]
         allocations = self._table().allocate(session, request.namespace, items, request.ttl_seconds)
@@ -152,10 +217,7 @@ class ZeroCopyApi:
             return cachenode_pb2.AllocateResponse(allocations=messages)
         return cachenode_pb2.AllocateResponse(allocation_id=messages[0].allocation_id, region=messages[0].region)
 
-    @guard
-    async def seal(
-        self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
-    ) -> cachenode_pb2.SealResponse:
+    async def handle_seal(self, request: cachenode_pb2.SealRequest) -> cachenode_pb2.SealResponse:
         session = self._session(request.session_id)
         ids = [request.allocation_id] if request.allocation_id else []
         ids.extend(request.allocation_ids)
@@ -174,10 +236,7 @@ class ZeroCopyApi:
                 for tier in reversed(self._tiered.tiers[1:]):
                     await tier.put(namespace, key, pinned.view)
 
-    @guard
-    async def acquire(
-        self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
-    ) -> cachenode_pb2.AcquireResponse:
+    async def handle_acquire(self, request: cachenode_pb2.AcquireRequest) -> cachenode_pb2.AcquireResponse:
         session = self._session(request.session_id)
         segment = session.export.segment
         table = self._table()
@@ -204,9 +263,8 @@ class ZeroCopyApi:
             views.append(cachenode_pb2.View(found=True, view_id=view_id, region=region))
         return cachenode_pb2.AcquireResponse(views=views)
 
-    @guard
-    async def release_views(
-        self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
+    async def handle_release_views(
+        self, request: cachenode_pb2.ReleaseViewsRequest
     ) -> cachenode_pb2.ReleaseViewsResponse:
         session = self._session(request.session_id)
         released = self._table().release(session, request.view_ids)
