@@ -360,7 +360,9 @@ def main() -> int:
             return rerun_in_private_netns([a for a in sys.argv[1:]])
         asyncio.run(bench_rdma(seconds, args.protocol))
         return 0
-    asyncio.run(bench_local(seconds * 7, rounds, args.write_rate, grpc_rate=True))
+    import uvloop  # what the services and inference servers (vLLM) run on
+
+    uvloop.run(bench_local(seconds * 7, rounds, args.write_rate, grpc_rate=True))
     if not args.no_gpu:
         asyncio.run(bench_gpu(seconds))
     return 0

@@ -15,7 +15,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Any, Protocol, TypeVar
+import socket
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
@@ -70,12 +71,12 @@ class _Frames(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()  # loop time each waiting call was sent
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         buf = self._buffer
@@ -92,6 +93,7 @@ class _Frames(asyncio.Protocol):
                 self._fail(rpc_error(grpc.StatusCode.INTERNAL, "unexpected frame on the control socket"))
                 return
             future = self.waiting.popleft()
+            self.sent_at.popleft()
             if future.done():  # its caller gave up (timeout, cancellation); the answer is dropped
                 continue
             if kind == cw.OK:
@@ -105,6 +107,7 @@ class _Frames(asyncio.Protocol):
         self._fail(rpc_error(grpc.StatusCode.UNAVAILABLE, f"control socket closed ({exc or 'by the node'})"))
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
+        self.sent_at.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -115,20 +118,49 @@ class _Frames(asyncio.Protocol):
             self.transport.close()
 
 
+    def check_deadline(self, timeout: float) -> None:
+        """Fails every call when the oldest has waited `timeout`: a node that stops answering
+        (stopped, overloaded) does not hang its clients; they go back to gRPC."""
+        if self.sent_at and asyncio.get_running_loop().time() - self.sent_at[0] > timeout:
+            self._fail(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g} s"))
+
+
 class SocketControl:
-    """The calls over the node's local control socket; `broken` once it closed (use gRPC then)."""
+    """The calls over the node's local control socket; `broken` once it closed (use gRPC then).
+
+    Deadlines are kept by one watchdog per connection rather than a timer per call (a timer
+    costs more than the rest of a call's client side).
+    """
 
     def __init__(self, frames: _Frames, timeout: float) -> None:
         self._frames = frames
         self._timeout = timeout
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tick()
+
+    def _tick(self) -> None:
+        self._frames.check_deadline(self._timeout)
+        if not self._frames.closed.done():
+            period = max(0.01, min(1.0, self._timeout / 4))
+            self._watchdog = asyncio.get_running_loop().call_later(period, self._tick)
 
     @classmethod
     async def connect(cls, address: str, session_id: str, timeout: float) -> SocketControl:
         """Connects and binds the connection to the session (OSError / AioRpcError when it cannot)."""
         path = "\0" + address[1:] if address.startswith("@") else address
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            _, frames = await loop.create_unix_connection(_Frames, path)
+        # Connected here, not by the loop: uvloop refuses abstract-namespace names. A Unix
+        # socket's connect completes at once (or fails: no listener, backlog full).
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(min(timeout, 1.0))
+            sock.connect(path)
+            sock.setblocking(False)
+            async with asyncio.timeout(timeout):
+                _, frames = await loop.create_unix_connection(_Frames, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         control = cls(frames, timeout)
         try:
             await control._call(cw.HELLO, session_id.encode())
@@ -145,14 +177,12 @@ class SocketControl:
         frames = self._frames
         if frames.closed.done() or frames.transport is None:
             raise rpc_error(grpc.StatusCode.UNAVAILABLE, "control socket closed")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         frames.waiting.append(future)
+        frames.sent_at.append(loop.time())
         frames.transport.write(cw.HEADER.pack(len(payload), kind) + payload)
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self._timeout:g} s") from None
+        return await future
 
     async def _request(self, kind: int, request: Any, response_type: type[M]) -> M:
         payload = await self._call(kind, request.SerializeToString())
@@ -171,6 +201,9 @@ class SocketControl:
         return await self._request(cw.RELEASE, request, cachenode_pb2.ReleaseViewsResponse)
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._frames.transport is not None:
             with contextlib.suppress(Exception):
                 self._frames.transport.close()

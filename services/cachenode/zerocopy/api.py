@@ -16,7 +16,7 @@ import grpc
 
 from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
 from kvmesh.services.cachenode.limits import Limits
-from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.base import Pinned, Storage
 from kvmesh.services.cachenode.storage.tiered import TieredStorage
 from kvmesh.services.cachenode.zerocopy.attachments import Attachment, AttachmentTable, ZeroCopyLimits
 from kvmesh.services.cachenode.zerocopy.control import ControlSocket
@@ -201,7 +201,15 @@ class ZeroCopyApi:
     ) -> cachenode_pb2.ReleaseViewsResponse:
         return await self.handle_release_views(request)
 
+    @property
+    def calls_complete_at_once(self) -> bool:
+        """True when no call ever awaits (no tier list below L1): then the `*_now` forms serve them."""
+        return self._tiered is None
+
     async def handle_allocate(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
+        return self.allocate_now(request)
+
+    def allocate_now(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
         session = self._session(request.session_id)
         items = [(i.key, i.size) for i in request.items] or [(request.key, request.size)]
         allocations = self._table().allocate(session, request.namespace, items, request.ttl_seconds)
@@ -218,13 +226,21 @@ class ZeroCopyApi:
         return cachenode_pb2.AllocateResponse(allocation_id=messages[0].allocation_id, region=messages[0].region)
 
     async def handle_seal(self, request: cachenode_pb2.SealRequest) -> cachenode_pb2.SealResponse:
-        session = self._session(request.session_id)
-        ids = [request.allocation_id] if request.allocation_id else []
-        ids.extend(request.allocation_ids)
-        published = self._table().seal(session, ids, request.abort)
+        published = self._seal(request)
         if published and self._tiered is not None and self._tiered.write_mode == "through":
             await self._write_through(published)
         return cachenode_pb2.SealResponse()
+
+    def seal_now(self, request: cachenode_pb2.SealRequest) -> cachenode_pb2.SealResponse:
+        assert self.calls_complete_at_once
+        self._seal(request)
+        return cachenode_pb2.SealResponse()
+
+    def _seal(self, request: cachenode_pb2.SealRequest) -> list[tuple[str, bytes]]:
+        session = self._session(request.session_id)
+        ids = [request.allocation_id] if request.allocation_id else []
+        ids.extend(request.allocation_ids)
+        return self._table().seal(session, ids, request.abort)
 
     async def _write_through(self, published: list[tuple[str, bytes]]) -> None:
         assert self._tiered is not None and self._storage is not None
@@ -237,12 +253,8 @@ class ZeroCopyApi:
                     await tier.put(namespace, key, pinned.view)
 
     async def handle_acquire(self, request: cachenode_pb2.AcquireRequest) -> cachenode_pb2.AcquireResponse:
-        session = self._session(request.session_id)
-        segment = session.export.segment
+        session, held_views = self._acquire(request)
         table = self._table()
-        if request.release_view_ids:
-            table.release(session, request.release_view_ids)
-        held_views = table.acquire(session, request.namespace, request.keys)
         missing = [i for i, held in enumerate(held_views) if held is None]
         if missing and self._tiered is not None:
             keys = [request.keys[i] for i in missing]
@@ -253,6 +265,23 @@ class ZeroCopyApi:
                 retried = table.acquire(session, request.namespace, [request.keys[i] for i in again])
                 for i, held in zip(again, retried, strict=True):
                     held_views[i] = held
+        return self._views(session, held_views)
+
+    def acquire_now(self, request: cachenode_pb2.AcquireRequest) -> cachenode_pb2.AcquireResponse:
+        assert self.calls_complete_at_once
+        session, held_views = self._acquire(request)
+        return self._views(session, held_views)
+
+    def _acquire(self, request: cachenode_pb2.AcquireRequest) -> tuple[Attachment, list[tuple[int, Pinned] | None]]:
+        session = self._session(request.session_id)
+        table = self._table()
+        if request.release_view_ids:
+            table.release(session, request.release_view_ids)
+        return session, table.acquire(session, request.namespace, request.keys)
+
+    @staticmethod
+    def _views(session: Attachment, held_views: list[tuple[int, Pinned] | None]) -> cachenode_pb2.AcquireResponse:
+        segment = session.export.segment
         views = []
         for held in held_views:
             if held is None:
@@ -266,6 +295,9 @@ class ZeroCopyApi:
     async def handle_release_views(
         self, request: cachenode_pb2.ReleaseViewsRequest
     ) -> cachenode_pb2.ReleaseViewsResponse:
+        return self.release_views_now(request)
+
+    def release_views_now(self, request: cachenode_pb2.ReleaseViewsRequest) -> cachenode_pb2.ReleaseViewsResponse:
         session = self._session(request.session_id)
         released = self._table().release(session, request.view_ids)
         return cachenode_pb2.ReleaseViewsResponse(released=released)
