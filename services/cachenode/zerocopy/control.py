@@ -57,6 +57,7 @@ class ControlSocket:
         self.address = f"@kvmesh-ctl-{os.getpid()}-{secrets.token_hex(6)}"
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[_Connection] = set()
+        self.calls = 0  # requests answered (tests count the exchanges a batch costs)
         self.types: dict[int, type[Any]] = {
             cw.ALLOCATE: cachenode_pb2.AllocateRequest,
             cw.SEAL: cachenode_pb2.SealRequest,
@@ -102,6 +103,7 @@ class ControlSocket:
 
     def answer(self, kind: int, payload: bytes) -> bytes | Awaitable[bytes]:
         """The answer frame, or an awaitable of it when the call has to wait for a lower tier."""
+        self.calls += 1
         message_type = self.types.get(kind)
         if message_type is None:
             return cw.error_frame(INVALID_ARGUMENT, f"unknown frame kind {kind}")
