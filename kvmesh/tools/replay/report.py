@@ -46,7 +46,7 @@ def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") 
             str(s["policy"]),
             str(s["mode"]),
             f"{int(res.settings.get('pool_blocks', 0) or 0):,}",  # type: ignore[call-overload]
-            _gbps(res.settings.get("pool_gbps")),
+            _gbps(res.settings.get("pool_gbps") if res.settings.get("pool_blocks") else None),
             str(s["requests"]),
             _pct(s["local_hit_rate"]),
             _pct(s["pool_hit_rate"]),
