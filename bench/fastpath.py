@@ -169,44 +169,17 @@ async def bench_local(seconds: float, rounds: int, write_rate: Path | None, grpc
 
             got = {name: Samples(size * batch) for name in ("memcpy", "put", "get")}
             results[(size, batch)] = got
-            for name, op in (("memcpy", cold.op), ("put", put), ("get", get)):
+            ops: list[tuple[str, Callable[[], Awaitable[object]]]] = [("memcpy", cold.op), ("put", put), ("get", get)]
+            for name, op in ops:
                 cases.append(((size, batch), name, op, got[name]))
             await get()
             assert all(np.array_equal(o, s) for o, s in zip(outs, sources, strict=True)), "values differ"
         per_case = seconds / len(cases)
         for r in range(rounds):  # interleaved: every case once per round, so drift hits all alike
-            for _, _, op, samples in cases:
-                await run_round(op, samples, per_case, min_ops=3)
+            for _, _, case_op, samples in cases:
+                await run_round(case_op, samples, per_case, min_ops=3)
             print(f"  round {r + 1}/{rounds} done", flush=True)
-        rows, verdicts = [], []
-        for (size, batch), got in results.items():
-            cold, put, get = got["memcpy"].gbps(), got["put"].gbps(), got["get"].gbps()
-            target = TARGETS.get((size, batch))
-            mark = ""
-            if target is not None:
-                ok = put / cold >= target and get / cold >= target
-                mark = f">= {target:.0%}: {'met' if ok else 'MISSED'}"
-                verdicts.append(f"{size_name(size)} x{batch}: put {put / cold:.0%}, get {get / cold:.0%} of cold "
-                                f"memcpy (target {mark})")
-            rows.append([
-                size_name(size), str(batch), f"{cold:.2f}", f"{put:.2f}", f"{get:.2f}",
-                f"{got['put'].pct_ms(0.5):.3f}/{got['put'].pct_ms(0.99):.3f}",
-                f"{got['get'].pct_ms(0.5):.3f}/{got['get'].pct_ms(0.99):.3f}",
-                f"{got['memcpy'].pct_ms(0.5):.3f}",
-                f"{put / cold:.0%}/{get / cold:.0%}", mark,
-            ])
-        table(
-            f"Local path (shared memory, node in another process) vs a cold memcpy, GB/s (median of {rounds} "
-            "interleaved rounds), 1 call in flight",
-            ["value", "batch", "cold memcpy", "put_from", "get_into", "put p50/p99 ms", "get p50/p99 ms",
-             "memcpy p50 ms", "put/get of memcpy", "target"],
-            rows,
-        )
-        print("  one call = batch_put_from / batch_get_into of `batch` values: one Allocate + one Seal, or one "
-              "Acquire (its release rides on the next call)")
-        print(f"  cold memcpy: numpy copy of the same bytes between rings of {COLD_WORKING_SET // MiB} MiB (uncached)")
-        for line in verdicts:
-            print("  " + line)
+        print_local_table(results, rounds)
         if grpc_rate or write_rate is not None:
             rate = await remote_batch_get_gbps(address, seconds, rounds)
             print(f"\nremote path on loopback (client library, gRPC BatchGet, 32 x 2 MiB): {rate:.2f} GB/s; "
@@ -221,6 +194,38 @@ async def bench_local(seconds: float, rounds: int, write_rate: Path | None, grpc
         await channel.close()
     finally:
         node.terminate()
+
+
+def print_local_table(results: dict[tuple[int, int], dict[str, Samples]], rounds: int) -> None:
+    rows, verdicts = [], []
+    for (size, batch), got in results.items():
+        cold, put, get = got["memcpy"].gbps(), got["put"].gbps(), got["get"].gbps()
+        target = TARGETS.get((size, batch))
+        mark = ""
+        if target is not None:
+            ok = put / cold >= target and get / cold >= target
+            mark = f">= {target:.0%}: {'met' if ok else 'MISSED'}"
+            verdicts.append(f"{size_name(size)} x{batch}: put {put / cold:.0%}, get {get / cold:.0%} of cold "
+                            f"memcpy (target {mark})")
+        rows.append([
+            size_name(size), str(batch), f"{cold:.2f}", f"{put:.2f}", f"{get:.2f}",
+            f"{got['put'].pct_ms(0.5):.3f}/{got['put'].pct_ms(0.99):.3f}",
+            f"{got['get'].pct_ms(0.5):.3f}/{got['get'].pct_ms(0.99):.3f}",
+            f"{got['memcpy'].pct_ms(0.5):.3f}",
+            f"{put / cold:.0%}/{get / cold:.0%}", mark,
+        ])
+    table(
+        f"Local path (shared memory, node in another process) vs a cold memcpy, GB/s (median of {rounds} "
+        "interleaved rounds), 1 call in flight",
+        ["value", "batch", "cold memcpy", "put_from", "get_into", "put p50/p99 ms", "get p50/p99 ms",
+         "memcpy p50 ms", "put/get of memcpy", "target"],
+        rows,
+    )
+    print("  one call = batch_put_from / batch_get_into of `batch` values: one Allocate + one Seal, or one "
+          "Acquire (its release rides on the next call), over the node's local control socket")
+    print(f"  cold memcpy: numpy copy of the same bytes between rings of {COLD_WORKING_SET // MiB} MiB (uncached)")
+    for line in verdicts:
+        print("  " + line)
 
 
 async def remote_batch_get_gbps(address: str, seconds: float, rounds: int) -> float:

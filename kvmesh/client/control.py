@@ -186,7 +186,7 @@ class SocketControl:
 
     async def _request(self, kind: int, request: Any, response_type: type[M]) -> M:
         payload = await self._call(kind, request.SerializeToString())
-        return response_type.FromString(payload)  # type: ignore[attr-defined, no-any-return]
+        return response_type.FromString(payload)  # type: ignore[attr-defined]
 
     async def allocate(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
         return await self._request(cw.ALLOCATE, request, cachenode_pb2.AllocateResponse)

@@ -280,7 +280,7 @@ class LocalDataPath(Attachment):
         if len(keys) != len(bufs):
             raise ValueError(f"{len(keys)} keys for {len(bufs)} buffers")
         arrays = [as_bytes(buf, writable=False) for buf in bufs]
-        await self.put_many(namespace, [(k, memoryview(a)) for k, a in zip(keys, arrays, strict=True)], ttl_seconds)
+        await self.put_many(namespace, [(k, a.data) for k, a in zip(keys, arrays, strict=True)], ttl_seconds)
         return [a.nbytes for a in arrays]
 
     async def batch_get_into(self, namespace: str, keys: Sequence[bytes], bufs: Sequence[Buffer]) -> list[int | None]:

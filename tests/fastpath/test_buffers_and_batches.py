@@ -15,13 +15,13 @@ from kvmesh import control_wire as cw
 from kvmesh.client.local import LocalDataPath
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2
-from tests.fastpath.harness import zerocopy_node
+from tests.fastpath.harness import Node, zerocopy_node
 
 NS = "buf"
 KiB = 1 << 10
 
 
-def _control_calls(node) -> int:  # type: ignore[no-untyped-def]
+def _control_calls(node: Node) -> int:
     assert node.zerocopy is not None and node.zerocopy.control is not None
     return int(node.zerocopy.control.calls)
 
@@ -42,7 +42,8 @@ async def test_a_batch_of_32_costs_one_exchange_each_way() -> None:
             assert await path.batch_get_into(NS, keys, outs) == [64 * KiB] * 32
             assert _control_calls(node) - before == 1  # one Acquire
             assert all(np.array_equal(o, v) for o, v in zip(outs, values, strict=True))
-            (session,) = node.zerocopy.table._sessions.values()  # type: ignore[union-attr]
+            assert node.zerocopy is not None and node.zerocopy.table is not None
+            (session,) = node.zerocopy.table._sessions.values()
             assert len(session.views) == 32
             await path.batch_get_into(NS, keys, outs)  # carries the first read's 32 releases
             assert _control_calls(node) - before == 2
@@ -108,7 +109,14 @@ async def test_buffers_that_cannot_take_a_value_are_refused_before_anything_move
             with pytest.raises(ValueError, match="keys for"):
                 await path.batch_put_from(NS, [b"a", b"b"], [b"x"])
             # Nothing was left pinned or half-written by the refusals.
-            await eventually(lambda: sum(len(s.views) for s in node.zerocopy.table._sessions.values()) == 0)
+            assert node.zerocopy is not None and node.zerocopy.table is not None
+            table = node.zerocopy.table
+
+            def nothing_pinned() -> bool:
+                assert sum(len(s.views) for s in table._sessions.values()) == 0
+                return True
+
+            await eventually(nothing_pinned)
             assert await path.get(NS, b"k") is not None and await path.get(NS, b"t") is None
         finally:
             await path.close()
@@ -184,7 +192,13 @@ async def test_the_control_socket_refuses_bad_input_and_keeps_serving() -> None:
         finally:
             await path.close()
         # The session's end closes its control connections.
-        await eventually(lambda: not node.zerocopy.control.connections)  # type: ignore[union-attr]
+        control = node.zerocopy.control
+
+        def closed() -> bool:
+            assert not control.connections
+            return True
+
+        await eventually(closed)
 
 
 async def test_calls_fall_back_to_grpc_when_the_socket_breaks() -> None:
@@ -192,7 +206,8 @@ async def test_calls_fall_back_to_grpc_when_the_socket_breaks() -> None:
         path = await LocalDataPath.open(node.stub)
         try:
             assert path.over_socket
-            for connection in list(node.zerocopy.control.connections):  # type: ignore[union-attr]
+            assert node.zerocopy is not None and node.zerocopy.control is not None
+            for connection in list(node.zerocopy.control.connections):
                 connection.close()
             await eventually(lambda: not path.over_socket)
             assert await path.put_from(NS, b"k", b"after") == 5  # over gRPC now

@@ -24,7 +24,7 @@ async def _used(stub: cachenode_pb2_grpc.KVCacheStub) -> int:
     return int((await stub.Stats(cachenode_pb2.StatsRequest())).engines[0].used_bytes)
 
 
-def _node(kvmesh, *flags: str, capacity: str = "8MiB"):  # type: ignore[no-untyped-def]
+def _node(kvmesh, *flags: str, capacity: str = "8MiB"):
     return kvmesh("cachenode", "--standalone", "--storage", f"memory://?capacity={capacity}&arena=shm", *flags)
 
 

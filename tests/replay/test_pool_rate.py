@@ -71,7 +71,7 @@ def _ttft_p50(pool_gbps: float) -> float:
     requests = generate_workload(WorkloadSpec(conversations=10, seed=3))
     config = ReplayConfig(engines=8, capacity_blocks=64, pool_blocks=4000, timing=TimingModel(pool_gbps=pool_gbps))
     result = replay_in_process(requests, CoreRouter("random"), "random", config)
-    assert result.summary()["pool_hit_rate"] > 0  # the pool is used, so its rate matters
+    assert float(result.summary()["pool_hit_rate"]) > 0  # the pool is used, so its rate matters
     return float(result.summary()["ttft_p50_ms"])
 
 

@@ -382,10 +382,9 @@ def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -
     ))
     result.bound = infinite_cache_bound(workload)
     # The same requests without kvmesh's help: random routing, no pool (simulated in process).
+    from kvmesh.services.enginesim.timing import TimingModel
     from kvmesh.tools.replay.core_router import CoreRouter
     from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
-
-    from kvmesh.services.enginesim.timing import TimingModel
 
     spec = mesh.spec
     baseline = replay_in_process(

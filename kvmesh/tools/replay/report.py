@@ -37,8 +37,8 @@ def wide_console() -> Console:
 
 def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") -> Table:
     table = Table(title=title)
-    for col in ("policy", "mode", "pool", "pool GB/s", "requests", "local hit", "pool hit", "total hit", "bound", "of bound",
-                "TTFT p50", "TTFT p99", "req/s", "prompt tok/s", "max/mean req", "in-flight spread"):
+    for col in ("policy", "mode", "pool", "pool GB/s", "requests", "local hit", "pool hit", "total hit", "bound",
+                "of bound", "TTFT p50", "TTFT p99", "req/s", "prompt tok/s", "max/mean req", "in-flight spread"):
         table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for res in results:
         s = res.summary()
