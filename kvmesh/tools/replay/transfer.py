@@ -20,10 +20,11 @@ from pathlib import Path
 
 from kvmesh.services.enginesim.timing import TimingModel
 
-# Measured with `python -m bench.fastpath` on the 2-core development VM (2026-12-01): one client
-# reading batches of 32 x 2 MiB from a `kvmesh cachenode` process over gRPC on loopback (the
-# remote data path as it stands: BatchGet). Used only when no benchmark wrote a rate file here.
-MEASURED_LOOPBACK_GBPS = 0.9
+# Measured with `python -m bench.fastpath` on the 2-vCPU development VM (2026-12-01, load
+# average ~5): one client reading batches of 32 x 2 MiB with the client library from a
+# `kvmesh cachenode` process over gRPC on loopback (the remote data path as it stands:
+# BatchGet). Used only when no benchmark wrote a rate file on this machine.
+MEASURED_LOOPBACK_GBPS = 0.36
 MEASURED_LOOPBACK_SOURCE = "kvmesh gRPC BatchGet on loopback, 32 x 2 MiB, measured on the development VM"
 
 # A production cache node's network: 100 Gb/s.
