@@ -214,3 +214,27 @@ async def test_calls_fall_back_to_grpc_when_the_socket_breaks() -> None:
             assert await path.get(NS, b"k") == b"after"
         finally:
             await path.close()
+
+
+async def test_reconnecting_clients_do_not_grow_the_node() -> None:
+    async with zerocopy_node() as node:
+        assert node.zerocopy is not None and node.zerocopy.control is not None
+        control = node.zerocopy.control
+        path = await LocalDataPath.open(node.stub)
+        try:
+            (session,) = node.zerocopy.table._sessions.values()  # type: ignore[union-attr]
+            for _ in range(20):  # connect, bind to the session, go away
+                reader, writer = await _raw(control.address)
+                writer.write(cw.frame(cw.HELLO, path.session_id.encode()))
+                assert (await _answer(reader))[0] == cw.OK
+                writer.close()
+                await writer.wait_closed()
+
+            def settled() -> bool:
+                assert len(control.connections) == 1 and len(session.on_end) == 1  # the real client's
+                return True
+
+            await eventually(settled)
+            assert await path.put_from(NS, b"k", b"still") == 5
+        finally:
+            await path.close()

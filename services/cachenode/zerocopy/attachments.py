@@ -167,9 +167,9 @@ class AttachmentTable:
         session.allocations.clear()
         session.views.clear()
         session.ended.set()
-        for callback in session.on_end:
+        callbacks, session.on_end = session.on_end, []
+        for callback in callbacks:
             callback()
-        session.on_end.clear()
 
     def close(self) -> None:
         for session in list(self._sessions.values()):

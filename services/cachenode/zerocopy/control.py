@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -185,6 +186,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._server.connections.discard(self)
+        self._unbind()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         if self._busy is not None:
@@ -266,4 +268,11 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._closed:
             self._closed = True
             self._server.connections.discard(self)
+            self._unbind()
             self._transport.close()
+
+    def _unbind(self) -> None:
+        """Forgets the session's callback, so reconnecting clients do not grow its list."""
+        if self._session is not None:
+            with contextlib.suppress(ValueError):
+                self._session.on_end.remove(self.close)
