@@ -53,13 +53,16 @@ async def test_a_client_pinning_everything_cannot_block_puts(kvmesh) -> None:
             await writer.put_many(NS, list(fresh.items()))
             for key, value in fresh.items():  # gRPC reads pin only while they send
                 assert (await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=key))).value == value
+            extra = os.urandom(MiB)  # gRPC puts find room too (evicting one of those)
+            await stub.Put(cachenode_pb2.PutRequest(namespace=NS, key=b"grpc", value=extra))
+            assert (await stub.Get(cachenode_pb2.GetRequest(namespace=NS, key=b"grpc"))).value == extra
             with pytest.raises(grpc.aio.AioRpcError) as err:  # zero-copy reads wait for the hog's pins to go
-                await writer.get(NS, b"new0")
+                await writer.get(NS, b"grpc")
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             for view, key in zip(held, keys[:4], strict=True):  # the pinned values were not touched
                 assert view is not None and view.key == key and len(view.view) == MiB
             await hog.release(held)
-            assert await writer.get(NS, b"new0") == fresh[b"new0"]
+            assert await writer.get(NS, b"grpc") == extra
         finally:
             await hog.close()
             await writer.close()
