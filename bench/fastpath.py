@@ -177,12 +177,29 @@ async def bench_local(seconds: float, rounds: int, write_rate: Path | None, grpc
                 cases.append(((size, batch), name, op, got[name]))
             await get()
             assert all(np.array_equal(o, s) for o, s in zip(outs, sources, strict=True)), "values differ"
+        # The control exchange alone (a get of a missing key: one Acquire, nothing to copy),
+        # over the local control socket and as a gRPC call.
+        miss_buf = bytearray(8)
+        socket_rtt, grpc_rtt = Samples(0), Samples(0)
+
+        async def socket_exchange() -> None:
+            await path.batch_get_into("bench", [b"absent"], [miss_buf])
+
+        async def grpc_exchange() -> None:
+            await stub.Acquire(cachenode_pb2.AcquireRequest(session_id=path.session_id, namespace="bench",
+                                                            keys=[b"absent"]))
+
+        cases.append(((0, 0), "socket", socket_exchange, socket_rtt))
+        cases.append(((0, 0), "grpc", grpc_exchange, grpc_rtt))
         per_case = seconds / len(cases)
         for r in range(rounds):  # interleaved: every case once per round, so drift hits all alike
             for _, _, case_op, samples in cases:
                 await run_round(case_op, samples, per_case, min_ops=3)
             print(f"  round {r + 1}/{rounds} done", flush=True)
         print_local_table(results, rounds)
+        print(f"  one control exchange alone (Acquire of a missing key), p50/p99 ms: local control socket "
+              f"{socket_rtt.pct_ms(0.5):.3f}/{socket_rtt.pct_ms(0.99):.3f}, gRPC "
+              f"{grpc_rtt.pct_ms(0.5):.3f}/{grpc_rtt.pct_ms(0.99):.3f}")
         if grpc_rate or write_rate is not None:
             rate = await remote_batch_get_gbps(address, seconds, rounds)
             print(f"\nremote path on loopback (client library, gRPC BatchGet, 32 x 2 MiB): {rate:.2f} GB/s; "
