@@ -22,6 +22,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Servers accept the clients' 10 s keepalive pings on streams that carry no data for long
+        # (an Attach session whose calls go over the local control socket); the default (5 min)
+        # answers the third such ping with GOAWAY "too_many_pings", ending the stream.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.enable_retries", 0),
     ]
 

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.replay.transfer import NIC_GBPS, PoolRate, resolve_pool_rate
 from kvmesh.units import format_size, parse_size
 
 
@@ -58,6 +59,7 @@ class MeshSpec:
     router_settings: tuple[tuple[str, str], ...] = ()
     engine_args: tuple[str, ...] = ()
     tls_dir: Path | None = None  # --secure: the CA and every member's certificate live here
+    pool_gbps: float | None = None  # engines' cache-pool transfer rate (None: the engines' default)
 
     def address(self, offset: int) -> str:
         return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
@@ -161,6 +163,7 @@ def _start(mesh: Mesh) -> None:
             "enginesim", "--listen", spec.address(300 + i), "--router", mesh.router_address,
             "--capacity-blocks", str(spec.capacity_blocks), "--block-tokens", str(spec.block_tokens),
             "--block-bytes", str(spec.block_bytes), "--speedup", f"{spec.speedup:g}", *pool,
+            *(["--pool-gbps", f"{spec.pool_gbps:g}"] if spec.pool_gbps is not None else []),
             *spec.engine_args, *member, *_common(spec, name)], spec.log_dir))
     for c in mesh.of_role("engine"):
         c.wait_ready(left())
@@ -224,7 +227,8 @@ def members_table(mesh: Mesh) -> Table:
         "metadata": spec.backend,
         "cachenode": f"memory, {format_size(spec.node_capacity_bytes())}",
         "router": f"policy {spec.policy}",
-        "engine": f"{spec.capacity_blocks} blocks x {spec.block_tokens} tokens, speedup {spec.speedup:g}",
+        "engine": f"{spec.capacity_blocks} blocks x {spec.block_tokens} tokens, speedup {spec.speedup:g}"
+        + (f", pool {spec.pool_gbps:g} GB/s" if spec.pool_gbps is not None else ""),
     }
     for c in mesh.children:
         table.add_row(c.name, c.role, c.address or "-", str(c.pid), details[c.role])
@@ -258,11 +262,27 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = Mes
                         help="extra router flag, e.g. imbalance_abs=32 (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
                         help="seconds the whole mesh may take to come up")
+    parser.add_argument("--pool-gbps", type=float, default=None,
+                        help="cache-pool transfer rate GB/s the simulated engines fetch at (default: the rate a "
+                             "benchmark measured, from --pool-rate-file)")
+    parser.add_argument("--pool-rate-file", type=Path, default=None,
+                        help="JSON file a benchmark wrote the measured rate to (python -m bench.fastpath "
+                             "--write-rate; default $KVMESH_POOL_RATE_FILE or ~/.cache/kvmesh/pool-rate.json)")
+    parser.add_argument("--nic-gbps", type=float, default=NIC_GBPS,
+                        help="production NIC rate GB/s shown next to the measured one (default 12.5: 100 Gb/s)")
+
     parser.add_argument("--secure", action="store_true",
                         help="mutual TLS everywhere: a local CA and a certificate per member in --state-dir")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where --secure keeps its CA and certificates (default $XDG_STATE_HOME/kvmesh/pki, "
                              "else ~/.local/state/kvmesh/pki)")
+
+def pool_rate_from_args(args: argparse.Namespace) -> PoolRate:
+    """--pool-gbps, else the measured rate (SystemExit with the reason when the file is bad)."""
+    try:
+        return resolve_pool_rate(args.pool_gbps, args.pool_rate_file)
+    except ValueError as exc:
+        raise SystemExit(f"kvmesh: {exc}") from None
 
 
 def parse_router_settings(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -289,6 +309,8 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
             raise SystemExit(f"kvmesh: --{name.replace('_', '-')} is out of range")
     if args.speedup <= 0:
         raise SystemExit("kvmesh: --speedup must be positive")
+    if args.nic_gbps <= 0:
+        raise SystemExit("kvmesh: --nic-gbps must be positive")
     return MeshSpec(
         backend=args.backend,
         cachenodes=args.cachenodes,
@@ -304,6 +326,7 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         log_dir=args.log_dir,
         router_settings=settings,
         start_timeout=args.start_timeout,
+        pool_gbps=pool_rate_from_args(args).gbps,
         tls_dir=_state_dir(args) if args.secure else None,
     )
 
@@ -345,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
     if args.demo and args.capacity_blocks == MeshSpec.capacity_blocks:
         args.capacity_blocks = args.demo_capacity_blocks
     spec = spec_from_args(args, args.policy)
+    from kvmesh.services.enginesim.timing import TimingModel
+    from kvmesh.tools.replay.transfer import break_even_report
+
+    console.print(break_even_report(TimingModel(), pool_rate_from_args(args), args.nic_gbps))
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     mesh: Mesh | None = None
@@ -398,6 +425,7 @@ def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -
     ))
     result.bound = infinite_cache_bound(workload)
     # The same requests without kvmesh's help: random routing, no pool (simulated in process).
+    from kvmesh.services.enginesim.timing import TimingModel
     from kvmesh.tools.replay.core_router import CoreRouter
     from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
 
@@ -406,7 +434,18 @@ def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -
         workload, CoreRouter("random"), "random (baseline)",
         ReplayConfig(engines=spec.engines, capacity_blocks=spec.capacity_blocks, block_tokens=spec.block_tokens),
     )
-    print_summary([result, baseline], console, title="kvmesh demo (simulated times)")
+    rows = [result, baseline]
+    if spec.pool_blocks and spec.cachenodes:
+        # The same mesh had its pool been behind a production NIC (simulated in process).
+        nic = replay_in_process(
+            workload, CoreRouter(spec.policy), f"{spec.policy} @ {args.nic_gbps:g} GB/s NIC",
+            ReplayConfig(engines=spec.engines, capacity_blocks=spec.capacity_blocks, block_tokens=spec.block_tokens,
+                         pool_blocks=spec.pool_blocks, timing=TimingModel(pool_gbps=args.nic_gbps)),
+        )
+        nic.settings["pool_gbps"] = args.nic_gbps
+        rows.append(nic)
+    result.settings["pool_gbps"] = spec.pool_gbps
+    print_summary(rows, console, title="kvmesh demo (simulated times)")
     live, base = result.summary(), baseline.summary()
     console.print(
         f"kvmesh served {float(live['total_hit_rate']) * 100:.0f}% of prompt blocks from cache "
