@@ -10,13 +10,20 @@ library calls them. Route: two in-process routers over one filled prefix tree (1
 and TLS (the machine's background load drifts; alternating keeps the comparison fair); the ratio
 is the median of each round's TLS/plaintext ratio. Targets (issue 12): at most 15% less
 throughput with mTLS on the data path at 2 MiB values, at most 10% less on `Route`.
+
+On a shared, oversubscribed machine wall-clock throughput is mostly noise, so the CPU time each
+side spent (server process + client, from /proc and `time.process_time`) per GB or per request is
+printed too: on a machine where these paths are CPU-bound, plaintext CPU / mTLS CPU is the
+throughput ratio to expect.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from bench.cachenode import GrpcSystem, drive
@@ -49,14 +56,22 @@ def _use(settings: SecuritySettings) -> None:
     configure_clients(settings)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def data_path(plain_address: str, tls_address: str, plain: SecuritySettings, tls: SecuritySettings,
-                    rounds: int, count: int) -> dict[str, list[float]]:
-    """GB/s per round for put and get, plaintext and TLS, alternating."""
+                    rounds: int, count: int, pids: dict[str, int]) -> dict[str, list[float]]:
+    """GB/s per round for put and get, and CPU seconds per GB moved (server + client), plaintext
+    and TLS, alternating."""
     _use(plain)
     plain_system = GrpcSystem("plaintext", plain_address, CHUNK)
     _use(tls)
     tls_system = GrpcSystem("mtls", tls_address, CHUNK)
-    out: dict[str, list[float]] = {f"{s} {op}": [] for s in ("plaintext", "mtls") for op in ("put", "get")}
+    out: dict[str, list[float]] = {f"{s} {op}": [] for s in ("plaintext", "mtls") for op in ("put", "get", "cpu")}
     try:
         for system in (plain_system, tls_system):  # warm-up: connect, fill the keys gets read
             put, _ = system.ops(VALUE)
@@ -64,10 +79,13 @@ async def data_path(plain_address: str, tls_address: str, plain: SecuritySetting
         for _ in range(rounds):
             for system in (plain_system, tls_system):
                 put, get = system.ops(VALUE)
+                cpu = cpu_seconds(pids[system.name]) + time.process_time()
                 seconds, _ = await drive(put, count)
                 out[f"{system.name} put"].append(count * VALUE / seconds / 1e9)
                 seconds, _ = await drive(get, count)
                 out[f"{system.name} get"].append(count * VALUE / seconds / 1e9)
+                cpu = cpu_seconds(pids[system.name]) + time.process_time() - cpu
+                out[f"{system.name} cpu"].append(cpu / (2 * count * VALUE / 1e9))
     finally:
         await plain_system.close()
         await tls_system.close()
@@ -75,8 +93,9 @@ async def data_path(plain_address: str, tls_address: str, plain: SecuritySetting
 
 
 async def route(ca: CA, directory: Path, plain: SecuritySettings, tls: SecuritySettings, rounds: int,
-                seconds: float, conc: int) -> tuple[list[float], list[float]]:
-    """Route req/s per round, plaintext and TLS, alternating."""
+                seconds: float, conc: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Route req/s and CPU µs per request (server and client share this process) per round,
+    plaintext and TLS, alternating."""
     blocks = 100_000
     core = make_core(blocks)
     work = Workload.make(seed=3)
@@ -94,16 +113,22 @@ async def route(ca: CA, directory: Path, plain: SecuritySettings, tls: SecurityS
     plain_address, tls_address = await plain_rt.start(), await tls_rt.start()
     plain_rates: list[float] = []
     tls_rates: list[float] = []
+    plain_cpu: list[float] = []
+    tls_cpu: list[float] = []
     try:
         for _ in range(rounds):
-            _use(plain)
-            plain_rates.append(await unary_throughput(plain_address, requests, seconds, conc))
-            _use(tls)
-            tls_rates.append(await unary_throughput(tls_address, requests, seconds, conc))
+            for settings, address, rates, cpus in ((plain, plain_address, plain_rates, plain_cpu),
+                                                   (tls, tls_address, tls_rates, tls_cpu)):
+                _use(settings)
+                cpu, start = time.process_time(), time.perf_counter()
+                rate = await unary_throughput(address, requests, seconds, conc)
+                cpu, elapsed = time.process_time() - cpu, time.perf_counter() - start
+                rates.append(rate)
+                cpus.append(cpu / (rate * elapsed) * 1e6)
     finally:
         await plain_rt.stop()
         await tls_rt.stop()
-    return plain_rates, tls_rates
+    return plain_rates, tls_rates, plain_cpu, tls_cpu
 
 
 def _ratio(tls: list[float], plain: list[float]) -> float:
@@ -115,12 +140,14 @@ def _row(name: str, plain: str, tls: str, ratio: float, target: float) -> None:
     print(f"  {name:<24} {plain:>14} {tls:>14} {ratio:>8.2f}   >= {target:.2f}  {verdict}")
 
 
-async def measure(quick: bool, directory: Path, ca: CA, plain_address: str, tls_address: str) -> None:
+async def measure(quick: bool, directory: Path, ca: CA, plain_address: str, tls_address: str,
+                  pids: dict[str, int]) -> None:
     rounds = 3 if quick else 5
     plain, tls = _client(None, directory), _client(ca, directory)
     count = 32 if quick else 96
-    data = await data_path(plain_address, tls_address, plain, tls, rounds, count)
-    plain_rates, tls_rates = await route(ca, directory, plain, tls, rounds, 1.0 if quick else 2.0, 64)
+    data = await data_path(plain_address, tls_address, plain, tls, rounds, count, pids)
+    plain_rates, tls_rates, plain_cpu, tls_cpu = await route(ca, directory, plain, tls, rounds,
+                                                             1.0 if quick else 2.0, 64)
     print(f"\nmutual TLS (ECDSA P-256, TLS 1.3) vs plaintext; {rounds} alternating rounds; medians")
     print(f"  {'':<24} {'plaintext':>14} {'mTLS':>14} {'ratio':>8}   target")
     for op in ("put", "get"):
@@ -129,6 +156,12 @@ async def measure(quick: bool, directory: Path, ca: CA, plain_address: str, tls_
              f"{statistics.median(t):.2f} GB/s", _ratio(t, p), TARGET_DATA)
     _row("Route (unary, 64 conc.)", f"{statistics.median(plain_rates):,.0f} req/s",
          f"{statistics.median(tls_rates):,.0f} req/s", _ratio(tls_rates, plain_rates), TARGET_ROUTE)
+    print("  CPU cost (ratio = plaintext CPU / mTLS CPU: the throughput ratio where CPU-bound)")
+    p, t = data["plaintext cpu"], data["mtls cpu"]
+    _row(f"data path CPU {format_size(VALUE)}", f"{statistics.median(p):.2f} s/GB", f"{statistics.median(t):.2f} s/GB",
+         _ratio(p, t), TARGET_DATA)
+    _row("Route CPU", f"{statistics.median(plain_cpu):,.0f} us/req", f"{statistics.median(tls_cpu):,.0f} us/req",
+         _ratio(plain_cpu, tls_cpu), TARGET_ROUTE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_node = KvmeshProcess([*common, *tls_flags(ca, node_cert)], name="cachenode-mtls")
         try:
             plain_address, tls_address = plain_node.wait_ready(60), tls_node.wait_ready(60)
-            uvloop.run(measure(args.quick, directory, ca, plain_address, tls_address))
+            pids = {"plaintext": plain_node.pid, "mtls": tls_node.pid}
+            uvloop.run(measure(args.quick, directory, ca, plain_address, tls_address, pids))
         finally:
             plain_node.terminate()
             tls_node.terminate()
