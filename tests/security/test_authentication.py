@@ -3,6 +3,7 @@ certificate identities; health answers anyone, reflection only admins."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from kvmesh.runtime.channels import open_channel
 from kvmesh.security.identity import token_digest
 from kvmesh.security.tls import ClientTLS, TLSFiles
 from kvmesh.tools.testing.mesh import process_mesh
+from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
 from tests.security.conftest import Pki
 
@@ -59,6 +61,14 @@ async def _services(channel: grpc.aio.Channel) -> list[str]:
     return []
 
 
+async def _watch_first(channel: grpc.aio.Channel) -> None:
+    """A server-streaming call: the first event of a membership watch (its snapshot)."""
+    call = metadata_pb2_grpc.MembershipStub(channel).Watch(metadata_pb2.WatchRequest(), timeout=5)
+    async for _ in call:
+        break
+    call.cancel()
+
+
 def _health(channel: grpc.aio.Channel) -> object:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
 
@@ -73,6 +83,9 @@ async def test_bearer_tokens_over_tls(pki: Pki, tmp_path: Path) -> None:
         assert await _code(address, tenant, _list) == grpc.StatusCode.OK
         assert await _code(address, anonymous, _list) == grpc.StatusCode.UNAUTHENTICATED
         assert await _code(address, forged, _list) == grpc.StatusCode.UNAUTHENTICATED
+        # Streaming calls are authenticated the same way.
+        assert await _code(address, tenant, _watch_first) == grpc.StatusCode.OK
+        assert await _code(address, anonymous, _watch_first) == grpc.StatusCode.UNAUTHENTICATED
         # Probes carry no credentials: health answers anyone.
         assert await _code(address, anonymous, _health) == grpc.StatusCode.OK
         # Reflection: only for admins.
@@ -87,8 +100,21 @@ async def test_certificate_identities_with_a_policy(pki: Pki, tmp_path: Path) ->
     settings = pki.server_flags(pki.issue("metadata"), security_policy=_policy(tmp_path / "policy.json"))
     async with process_mesh(metadata=1, metadata_settings=settings, wait_registered=False) as mesh:
         address = mesh.metadata_address
-        node, admin = pki.client(pki.issue("cachenode-0")), pki.client(pki.issue("cert-admin"))
+        node, admin = pki.client(pki.issue("engine-0")), pki.client(pki.issue("cert-admin"))
         assert await _code(address, node, _list) == grpc.StatusCode.OK  # authenticated (grants come with the wiring)
         assert await _code(address, node, _services) == grpc.StatusCode.PERMISSION_DENIED
         async with open_channel(address, tls=admin) as channel:
             assert "grpc.health.v1.Health" in await _services(channel)
+            # A member process registers and keeps its 2 s lease alive (a bidirectional stream)
+            # through the interceptor with its certificate's identity.
+            await mesh.add("cachenode", ttl_seconds=2, **pki.server_flags(pki.issue("cachenode-0")))
+            stub = metadata_pb2_grpc.MembershipStub(channel)
+
+            async def listed() -> bool:
+                reply = await stub.List(metadata_pb2.ListRequest(), timeout=5)
+                assert [m.id for m in reply.members] == ["cachenode-0"], reply
+                return True
+
+            await eventually(listed, timeout=20, what="the cache node listed", retry_on=(AssertionError,))
+            await asyncio.sleep(5)  # 2.5 TTLs: only heartbeats keep it listed
+            assert await listed()
