@@ -1,7 +1,8 @@
 """A mesh client on a background thread, for hosts whose hooks are synchronous (vLLM's connector).
 
 The host's thread never runs network code: it hands coroutines to the link's own event loop and
-waits for them with a deadline (`call`), or not at all (`submit`, bounded: past
+waits for them with a deadline (`call`; `acall` from a host's own event loop), or not at all
+(`submit`, bounded: past
 `max_pending` unfinished jobs new ones are dropped, so a slow mesh never builds an unbounded
 backlog). Until the client is connected, and whenever a call fails or times out, the answer is
 "nothing" (None): a cache must never fail or stall the inference it speeds up. The link keeps
@@ -88,6 +89,21 @@ class MeshLink:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
+        except Exception as exc:
+            log.warning("%s: mesh call failed: %s", self._name, exc)
+        return None
+
+    async def acall(self, job: Job[T], timeout: float) -> T | None:
+        """`call` for a host that has an event loop of its own: awaits instead of blocking it."""
+        client = self._client
+        if client is None or self._closed:
+            return None
+        future = asyncio.run_coroutine_threadsafe(_as_coroutine(job, client), self._loop)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
             future.cancel()
             log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
         except Exception as exc:

@@ -25,7 +25,7 @@ from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.tools.testing.vllm import BLOCK_SIZE, MODEL_NAME, VllmServer, start_vllm
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900),
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500),
               pytest.mark.asyncio(loop_scope="module")]
 
 NAMESPACE = "vllm-e2e"
@@ -52,10 +52,11 @@ def engines(mesh: MeshHandle, tmp_path_factory: pytest.TempPathFactory) -> Itera
                       "kv_role": "kv_both",
                       "kv_connector_extra_config": {"metadata": mesh.metadata_address, "namespace": NAMESPACE,
                                                     "stats_dir": str(stats), "stats_log_interval_s": 5}}
-            servers[name] = start_vllm(workdir, "--kv-transfer-config", json.dumps(config), port=port, wait=False,
-                                       name=f"vllm-{name}")
+            # Eager mode: no torch.compile warm-up (minutes on a busy CPU), same numerics on A and B.
+            servers[name] = start_vllm(workdir, "--enforce-eager", "--kv-transfer-config", json.dumps(config),
+                                       port=port, wait=False, name=f"vllm-{name}")
         for server in servers.values():
-            server.wait_healthy(timeout=600)
+            server.wait_healthy(timeout=1200)
         yield servers
     finally:
         for server in servers.values():
