@@ -99,15 +99,16 @@ class KvmeshConnector(Connector):
     async def mget(self, keys: Sequence[bytes], mrs: Sequence[MemoryRegion | Sequence[MemoryRegion]]) -> list[Status]:
         mesh_keys = [self._key(k) for k in keys]
         values = await self._link.acall(lambda client: client.get_many(mesh_keys), self._timeout_s)
+        # AIBrix counts the OK statuses of a batch as the blocks fetched from its start, so the
+        # answer must be a prefix: after the first miss every later block is a miss too.
         statuses: list[Status] = []
         for i, mr in enumerate(mrs):
             value = values[i] if values is not None else None
             if value is None or not isinstance(mr, MemoryRegion) or len(value) != mr.length:
-                statuses.append(Status(StatusCodes.NOT_FOUND))
-                continue
+                break
             mr.fill(value)
             statuses.append(Status.ok())
-        return statuses
+        return statuses + [Status(StatusCodes.NOT_FOUND)] * (len(mrs) - len(statuses))
 
     async def mput(self, keys: Sequence[bytes], mrs: Sequence[MemoryRegion | Sequence[MemoryRegion]]) -> list[Status]:
         if not all(isinstance(mr, MemoryRegion) for mr in mrs):

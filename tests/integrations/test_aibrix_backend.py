@@ -60,7 +60,7 @@ async def test_aibrix_cache_manager_over_the_mesh(tmp_path: Path) -> None:
         await mesh.kill("node0")
         after = await drive(python, "after_kill", mesh.metadata_address, tmp_path)
         assert after["get_ok_or_miss"] is True, after
-        assert after["get_equal"] is True, after  # what comes back is exactly what was put
+        assert after["get_equal"] is True, json.dumps(after)  # what comes back is exactly what was put
         assert after["get_tokens"] < total  # node0's blocks are misses now (16 blocks: not all on node1)
         assert after["exists"] == after["get_tokens"]
         assert after["put_after_kill"] == 4 * BLOCK_TOKENS or isinstance(after["put_after_kill"], str)
