@@ -84,7 +84,8 @@ def main(mode: str) -> dict[str, object]:
             put = mgr.put(None, fresh, handle)
             out["put_after_kill"] = put.value if put.is_ok() else str(put)
             back = mgr.acquire(None, fresh)
-            out["get_after_kill_equal"] = back.is_ok() and back.value[0] == 4 * BLOCK_TOKENS and matches(back.value[1], 100)
+            complete = back.is_ok() and back.value[0] == 4 * BLOCK_TOKENS
+            out["get_after_kill_equal"] = complete and matches(back.value[1], 100)
             if back.is_ok():
                 back.value[1].release()
     finally:
