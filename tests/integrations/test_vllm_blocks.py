@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +17,12 @@ from kvmesh.integrations.mesh import open_client, parse_nodes
 from kvmesh.integrations.vllm.codec import BlockCodec
 from kvmesh.integrations.vllm.keys import block_keys, hasher, shard_key
 from kvmesh.integrations.vllm.plan import BlockTransfer, StepPlan
+from kvmesh.integrations.vllm.scheduler import SchedulerSide
 from kvmesh.integrations.vllm.settings import ConnectorSettings
 from kvmesh.integrations.vllm.stats import ConnectorStats
 from kvmesh.integrations.vllm.worker import WorkerSide, layer_slots
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
+from kvmesh.tools.testing.polling import eventually
 
 TOKENS = list(range(100, 100 + 4 * 32 + 5))
 
@@ -110,7 +113,7 @@ async def test_worker_saves_then_loads_blocks_through_the_mesh(mesh: MeshHandle)
         saver, loader = worker(saver_link, src, save_stats), worker(loader_link, dst, load_stats)
         # Blocks 3, 7, 9, 12 of the source hold the prompt's blocks 0-3.
         await asyncio.to_thread(saver.save, StepPlan(saves=[BlockTransfer("r1", keys, [3, 7, 9, 12])]))
-        await asyncio.to_thread(lambda: (saver_link.pending == 0) or _wait(saver_link))
+        await eventually(lambda: saver_link.pending == 0, timeout=10.0, what="the background save")
         assert save_stats.snapshot()["saved_blocks"] == 4
         # Load blocks 0-3 into paged blocks 1, 2, 5, 6 of an empty cache.
         plan = StepPlan(loads=[BlockTransfer("r2", keys, [1, 2, 5, 6])])
@@ -143,15 +146,6 @@ async def test_worker_saves_then_loads_blocks_through_the_mesh(mesh: MeshHandle)
         loader_link.close()
 
 
-def _wait(link: MeshLink) -> bool:
-    import time
-
-    deadline = time.monotonic() + 10
-    while link.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return link.pending == 0
-
-
 async def test_link_without_a_mesh_answers_nothing_at_once() -> None:
     link = MeshLink(lambda: open_client("127.0.0.1:1", None, "t", sync_timeout_s=0.2))
     link.start()
@@ -161,5 +155,63 @@ async def test_link_without_a_mesh_answers_nothing_at_once() -> None:
         assert side.take_load_errors() == {4}
         await asyncio.to_thread(side.save, StepPlan(saves=[BlockTransfer("r", [b"k" * 16], [4])]))
         assert not link.connected
+    finally:
+        link.close()
+
+
+def request(req_id: str, tokens: list[int], salt: str | None = None) -> SimpleNamespace:
+    """The fields of a vLLM `Request` the scheduler side reads."""
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=tokens, mm_features=[], lora_request=None,
+                           cache_salt=salt)
+
+
+def step(new: list[SimpleNamespace] = (), cached: SimpleNamespace | None = None,  # type: ignore[assignment]
+         scheduled: dict[str, int] | None = None) -> SimpleNamespace:
+    """The fields of a vLLM `SchedulerOutput` the scheduler side reads."""
+    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
+                           num_scheduled_tokens=scheduled or {})
+
+
+async def test_scheduler_side_plans_loads_and_saves(mesh: MeshHandle) -> None:
+    blocks = hasher("m", "s", 32)
+    keys = block_keys(blocks, TOKENS)  # 4 full blocks + 5 tokens
+    link = MeshLink(lambda: open_client(mesh.metadata_address, None, "s"))
+    stats = ConnectorStats("scheduler", None, 60)
+    try:
+        link.start()
+        assert await asyncio.to_thread(link.wait_connected, 15.0)
+        async with await CacheClient.connect(mesh.metadata_address, namespace="s") as client:
+            await client.put_many([(k, b"v") for k in keys[:3]])  # the mesh holds blocks 0-2
+        side = SchedulerSide(ConnectorSettings(), link, blocks, 1, stats)
+
+        # Local hit of 1 block: the mesh adds blocks 1 and 2 (64 tokens); a salted request gets nothing.
+        assert await asyncio.to_thread(side.matched_tokens, request("r1", TOKENS), 32) == 64
+        assert await asyncio.to_thread(side.matched_tokens, request("r2", TOKENS, salt="x"), 0) == 0
+        side.after_alloc(request("r1", TOKENS), 64)
+        new = SimpleNamespace(req_id="r1", block_ids=([10, 11, 12, 13, 14],), num_computed_tokens=96)
+        plan = side.plan(step([new], scheduled={"r1": len(TOKENS) - 96}))
+        assert [(t.keys, t.block_ids) for t in plan.loads] == [(keys[1:3], [11, 12])]
+        assert [(t.keys, t.block_ids) for t in plan.saves] == [(keys[3:4], [13])]  # the block the mesh lacks
+
+        # Preempted, then resumed: vLLM looks it up again and hands over all its blocks anew.
+        side.after_alloc(request("r1", TOKENS), 96)
+        resumed = SimpleNamespace(req_ids=["r1"], resumed_req_ids={"r1"}, new_block_ids=[([4, 5, 6, 7, 8],)],
+                                  num_computed_tokens=[96])
+        plan = side.plan(step(cached=resumed, scheduled={"r1": len(TOKENS) - 96}))
+        assert [(t.keys, t.block_ids) for t in plan.loads] == [(keys[0:3], [4, 5, 6])]
+        assert plan.saves == []
+        side.finished("r1")
+        assert stats.snapshot()["lookups"] == 2
+    finally:
+        link.close()
+
+
+async def test_scheduler_side_without_a_mesh_reports_no_hits() -> None:
+    link = MeshLink(lambda: open_client("127.0.0.1:1", None, "s", sync_timeout_s=0.2))
+    link.start()
+    try:
+        side = SchedulerSide(ConnectorSettings(), link, hasher("m", "s", 32), 1, ConnectorStats("scheduler", None, 60))
+        assert side.matched_tokens(request("r", TOKENS), 0) == 0
     finally:
         link.close()

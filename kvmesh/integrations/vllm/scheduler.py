@@ -108,13 +108,23 @@ class SchedulerSide:
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._requests.get(req_id)
-            if tracked is None or not tracked.started:
-                continue
-            if req_id in cached.resumed_req_ids:
-                # Preempted and resumed: its blocks moved; stop saving it (a cache may skip).
-                tracked.saved = len(tracked.keys)
+            if tracked is None:
                 continue
             new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # Preempted and resumed: vLLM looked it up again and gives all its blocks anew;
+                # load what it counted as external hits, and stop saving it (a cache may skip).
+                tracked.block_ids = list(new_ids[0]) if new_ids is not None else []
+                computed = cached.num_computed_tokens[i]
+                external = self._pending_loads.pop(req_id, 0)
+                if external:
+                    first, last = (computed - external) // bs, computed // bs
+                    plan.loads.append(BlockTransfer(req_id, tracked.keys[first:last], tracked.block_ids[first:last]))
+                tracked.saved = len(tracked.keys)
+                tracked.started = True
+                continue
+            if not tracked.started:
+                continue
             if new_ids is not None:
                 tracked.block_ids.extend(new_ids[0])
             self._plan_saves(plan, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))

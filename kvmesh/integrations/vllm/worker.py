@@ -30,6 +30,17 @@ from kvmesh.integrations.vllm.stats import ConnectorStats
 log = logging.getLogger("kvmesh.integrations.vllm")
 
 
+# The data-plane seam: the two calls that move block values. They use the client's batched gRPC /
+# shared-memory paths today; a bulk path that reads into (and writes from) caller-owned buffers
+# replaces them here and nowhere else.
+async def fetch_values(client: CacheClient, keys: list[bytes]) -> list[bytes | None]:
+    return await client.get_many(keys)
+
+
+async def store_values(client: CacheClient, items: list[tuple[bytes, bytes]]) -> int:
+    return await client.put_many(items)
+
+
 @dataclass(frozen=True)
 class LayerSlot:
     """Where one layer's share of a block lives: in its tensor (`dim` indexes blocks) and in the
@@ -121,7 +132,7 @@ class WorkerSide:
             return [None] * len(keys)
 
         async def fetch(client: CacheClient) -> tuple[list[memoryview | None], int]:
-            values = await client.get_many(keys)
+            values = await fetch_values(client, keys)
             out: list[memoryview | None] = []
             corrupt: list[bytes] = []
             for key, value in zip(keys, values, strict=True):
@@ -175,7 +186,7 @@ class WorkerSide:
 
         async def put(client: CacheClient) -> None:
             items = [(key, codec.seal(key, memoryview(rows[i]))) for i, key in enumerate(keys)]
-            stored = await client.put_many(items)
+            stored = await store_values(client, items)
             self._stats.add(saved_blocks=stored, saved_bytes=stored * codec.value_bytes,
                             save_seconds=time.monotonic() - started, failed_save_blocks=len(items) - stored)
 
