@@ -31,7 +31,7 @@ class MeshLink:
     """Owns a thread, its event loop and the `CacheClient` built by `connect` on that loop."""
 
     def __init__(self, connect: Callable[[], Awaitable[CacheClient]], *, name: str = "kvmesh-link",
-                 max_pending: int = 64, backoff: Backoff | None = None) -> None:
+                 max_pending: int = 64, backoff: Backoff | None = None, logger: logging.Logger | None = None) -> None:
         self._connect = connect
         self._name = name
         self._max_pending = max_pending
@@ -45,6 +45,7 @@ class MeshLink:
         self._closed = False
         self._connector: concurrent.futures.Future[None] | None = None
         self.dropped = 0
+        self._log = logger or log
 
     def start(self) -> None:
         """Starts the thread and the first connection attempt (safe to call twice)."""
@@ -63,12 +64,12 @@ class MeshLink:
             try:
                 self._client = await self._connect()
                 self._connected.set()
-                log.info("%s: connected to the mesh (%d cache nodes)", self._name, len(self._client.nodes))
+                self._log.info("%s: connected to the mesh (%d cache nodes)", self._name, len(self._client.nodes))
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the mesh is down: keep trying, never fail the host
-                log.warning("%s: mesh not reachable (%s); retrying", self._name, exc)
+                self._log.warning("%s: mesh not reachable (%s); retrying", self._name, exc)
             await asyncio.sleep(self._backoff.delay(attempt))
             attempt += 1
 
@@ -90,9 +91,9 @@ class MeshLink:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
+            self._log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
         except Exception as exc:
-            log.warning("%s: mesh call failed: %s", self._name, exc)
+            self._log.warning("%s: mesh call failed: %s", self._name, exc)
         return None
 
     async def acall(self, job: Job[T], timeout: float) -> T | None:
@@ -105,9 +106,9 @@ class MeshLink:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except TimeoutError:
             future.cancel()
-            log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
+            self._log.warning("%s: mesh call timed out after %.2f s", self._name, timeout)
         except Exception as exc:
-            log.warning("%s: mesh call failed: %s", self._name, exc)
+            self._log.warning("%s: mesh call failed: %s", self._name, exc)
         return None
 
     def submit(self, job: Job[object]) -> bool:
@@ -129,7 +130,7 @@ class MeshLink:
         with self._lock:
             self._pending -= 1
         if not future.cancelled() and future.exception() is not None:
-            log.warning("%s: background mesh job failed: %s", self._name, future.exception())
+            self._log.warning("%s: background mesh job failed: %s", self._name, future.exception())
 
     @property
     def pending(self) -> int:
@@ -157,7 +158,7 @@ class MeshLink:
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout + 2.0)
         except Exception as exc:
-            log.debug("%s: shutdown: %s", self._name, exc)
+            self._log.debug("%s: shutdown: %s", self._name, exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
 

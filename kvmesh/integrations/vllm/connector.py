@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-log = logging.getLogger("kvmesh.integrations.vllm")
+# Under "vllm." so the lines show in vLLM's own log output, formatted as vLLM formats its own.
+log = logging.getLogger("vllm.kvmesh")
 
 
 class KvmeshConnectorMetadata(KVConnectorMetadata):
@@ -78,7 +79,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._stats = ConnectorStats(role_name, s.stats_dir, s.stats_log_interval_s)
         connect = functools.partial(open_client, s.metadata, s.nodes, s.namespace,
                                     sync_timeout_s=s.connect_timeout_s, replicas=s.replicas)
-        self._link = MeshLink(connect, name=f"kvmesh-vllm-{role_name}", max_pending=s.max_pending_saves)
+        self._link = MeshLink(connect, name=f"kvmesh-vllm-{role_name}", max_pending=s.max_pending_saves, logger=log)
         rank, shards = _shard(vllm_config, role)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None

@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger("kvmesh.integrations.vllm")
+# Under "vllm." so the lines show in vLLM's own log output, formatted as vLLM formats its own.
+log = logging.getLogger("vllm.kvmesh")
 
 
 @dataclass

@@ -27,7 +27,8 @@ from kvmesh.integrations.vllm.plan import StepPlan
 from kvmesh.integrations.vllm.settings import ConnectorSettings
 from kvmesh.integrations.vllm.stats import ConnectorStats
 
-log = logging.getLogger("kvmesh.integrations.vllm")
+# Under "vllm." so the lines show in vLLM's own log output, formatted as vLLM formats its own.
+log = logging.getLogger("vllm.kvmesh")
 
 
 # The data-plane seam: the two calls that move block values. They use the client's batched gRPC /
