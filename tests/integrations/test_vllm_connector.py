@@ -52,7 +52,7 @@ def engines(mesh: MeshHandle, tmp_path_factory: pytest.TempPathFactory) -> Itera
                       "kv_connector_extra_config": {"metadata": mesh.metadata_address, "namespace": NAMESPACE,
                                                     "stats_dir": str(stats), "stats_log_interval_s": 5}}
             # Eager mode: no torch.compile warm-up (minutes on a busy CPU), same numerics on A and B.
-            servers[name] = start_vllm(workdir, "--enforce-eager", "--kv-transfer-config", json.dumps(config),
+            servers[name] = start_vllm(workdir, "--kv-transfer-config", json.dumps(config),
                                        port=port, wait=False, name=f"vllm-{name}")
         for server in servers.values():
             server.wait_healthy(timeout=1200)
