@@ -29,6 +29,18 @@ class CacheNodeSettings(MemberSettings):
         30_000, ge=10, le=3_600_000, description="data path: unsealed allocations are dropped after this"
     )
 
+    max_write_peer_bytes: int = Field(
+        512 * 1024**2, gt=0, description="bytes one connection's BatchPut streams may hold before storing (accepts 512MiB)"
+    )
+    max_write_total_bytes: int = Field(
+        1024**3, gt=0, description="bytes all BatchPut streams together may hold before storing (accepts 1GiB)"
+    )
+    max_write_streams_per_peer: int = Field(64, ge=1, description="BatchPut streams open at once on one connection")
+    max_write_streams: int = Field(1024, ge=1, description="BatchPut streams open at once on this node")
+    write_idle_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a BatchPut stream that sends no chunk for this long is ended"
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _engine_is_storage(cls, data: Any) -> Any:
@@ -37,7 +49,7 @@ class CacheNodeSettings(MemberSettings):
             return {**data, "storage": data["engine"]}
         return data
 
-    @field_validator("max_value_bytes", "chunk_bytes", mode="before")
+    @field_validator("max_value_bytes", "chunk_bytes", "max_write_peer_bytes", "max_write_total_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value
