@@ -30,7 +30,7 @@ class CacheNodeSettings(MemberSettings):
     )
 
     max_write_peer_bytes: int = Field(
-        512 * 1024**2, gt=0, description="bytes one connection's BatchPut streams may hold before storing (accepts 512MiB)"
+        512 * 1024**2, gt=0, description="bytes one connection's BatchPut streams may hold unstored (accepts 512MiB)"
     )
     max_write_total_bytes: int = Field(
         1024**3, gt=0, description="bytes all BatchPut streams together may hold before storing (accepts 1GiB)"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from kvmesh.runtime.errors import ResourceExhausted
-
 from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage

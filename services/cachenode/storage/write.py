@@ -193,7 +193,7 @@ class StagedWrite(Write):
     def __init__(self, storage: Storage, namespace: str, key: bytes, size: int, ttl_seconds: int) -> None:
         super().__init__(namespace, key, size, ttl_seconds)
         self._storage = storage
-        self._parts: list[bytes | memoryview] = []
+        self._parts: list[bytes | bytearray | memoryview] = []
         self.received = 0
 
     @property
