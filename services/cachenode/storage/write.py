@@ -193,7 +193,7 @@ class StagedWrite(Write):
     def __init__(self, storage: Storage, namespace: str, key: bytes, size: int, ttl_seconds: int) -> None:
         super().__init__(namespace, key, size, ttl_seconds)
         self._storage = storage
-        self._parts: list[bytes | bytearray | memoryview] = []
+        self._parts: list[bytes | memoryview] = []
         self.received = 0
 
     @property
@@ -204,7 +204,7 @@ class StagedWrite(Write):
         for part in self._parts:
             buffer[offset : offset + len(part)] = part
             offset += len(part)
-        self._parts = [buffer]
+        self._parts = [memoryview(buffer)]
         return memoryview(buffer)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
