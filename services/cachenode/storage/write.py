@@ -188,41 +188,45 @@ class StagedWrite(Write):
     (evicting if it must) for bytes that are all here. `received` is what the write holds.
     """
 
-    __slots__ = ("_parts", "_storage", "received")
+    __slots__ = ("_buffer", "_parts", "_storage", "received")
 
     def __init__(self, storage: Storage, namespace: str, key: bytes, size: int, ttl_seconds: int) -> None:
         super().__init__(namespace, key, size, ttl_seconds)
         self._storage = storage
         self._parts: list[bytes | memoryview] = []
+        self._buffer: bytearray | None = None  # once `view` was asked for
         self.received = 0
 
     @property
     def view(self) -> memoryview:
-        """The value so far in one buffer of the final size (allocates it: prefer `write`)."""
-        buffer = bytearray(self.size)
-        offset = 0
-        for part in self._parts:
-            buffer[offset : offset + len(part)] = part
-            offset += len(part)
-        self._parts = [memoryview(buffer)]
-        return memoryview(buffer)
+        """The whole value in one buffer of the final size (allocates it: prefer `write`)."""
+        if self._buffer is None:
+            self._buffer = bytearray(self.size)
+            offset = 0
+            for part in self._parts:
+                self._buffer[offset : offset + len(part)] = part
+                offset += len(part)
+            self._parts = [memoryview(self._buffer)]
+            self.received = self.size  # a caller filling `view` may write anywhere
+        return memoryview(self._buffer)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Appends `data`, which must continue the value where the last chunk ended."""
+        if self._buffer is not None:
+            super().write(offset, data)
+            return
         self._check_open()
         if offset != self.received or offset + len(data) > self.size:
             raise ValueError(f"write of {len(data)} bytes at {offset}: expected the next bytes from {self.received}")
-        if len(self._parts) == 1 and len(self._parts[0]) == self.size:  # `view` was taken
-            super().write(offset, data)
-        elif data:
+        if data:
             self._parts.append(data)
         self.received += len(data)
 
     def _target(self) -> Write:
         """The storage's own write of the value, filled with every byte received."""
-        if self.received != self.size and not (len(self._parts) == 1 and len(self._parts[0]) == self.size):
+        if self.received != self.size:
             raise ValueError(f"value incomplete: {self.received} of {self.size} bytes")
-        parts, self._parts = self._parts, []
+        parts, self._parts, self._buffer = self._parts, [], None
         target = self._storage.begin_write(self.namespace, self.key, self.size, self.ttl_seconds)
         try:
             if len(parts) == 1:
@@ -242,6 +246,7 @@ class StagedWrite(Write):
 
     def _drop(self) -> None:
         self._parts = []
+        self._buffer = None
         self.received = 0
 
     def _stage(self, batch: WriteBatch) -> None:
