@@ -16,8 +16,9 @@ messages of one revision, `more` set on all but the last.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -157,9 +158,9 @@ class MemberDirectory:
         next_token = keys[len(page) - 1] if len(page) < len(members) else ""
         return page, revision, next_token
 
-    def _pages(self, members: list[common_pb2.Member]) -> Iterator[list[common_pb2.Member]]:
+    def _pages(self, members: Sequence[common_pb2.Member]) -> Iterator[builtins.list[common_pb2.Member]]:
         """`members` cut into pages of at most `page_bytes` (at least one member each); always one page."""
-        page: list[common_pb2.Member] = []
+        page: builtins.list[common_pb2.Member] = []
         size = 0
         for member in members:
             grow = member.ByteSize() + 8
@@ -170,7 +171,7 @@ class MemberDirectory:
             size += grow
         yield page
 
-    def snapshot(self, entries: list[Entry], revision: int) -> Iterator[metadata_pb2.MembershipEvent]:
+    def snapshot(self, entries: Sequence[Entry], revision: int) -> Iterator[metadata_pb2.MembershipEvent]:
         """SNAPSHOT messages of one revision, `more` on all but the last."""
         pages = list(self._pages([decode_member(e.key, e.value) for e in entries]))
         for i, page in enumerate(pages):
