@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.logs import setup_logging
 from kvmesh.runtime.channels import channel_options
+from kvmesh.runtime.decoding import DecodeGuard
 from kvmesh.settings import ServiceSettings
 from kvmesh.telemetry import Telemetry, setup_telemetry
 
@@ -78,6 +79,8 @@ class ServerRuntime:
         if self.server is not None:
             return self.address
         interceptors = self.telemetry.server_interceptors() if self.telemetry else []
+        # Innermost, so telemetry sees the INVALID_ARGUMENT it answers.
+        interceptors = [*interceptors, DecodeGuard(self.settings.bad_request_log_interval_seconds)]
         server = grpc.aio.server(
             options=channel_options(self.settings.max_message_bytes), interceptors=interceptors
         )
