@@ -460,17 +460,21 @@ class RangeRequest(_message.Message):
 
     PREFIX_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    START_AFTER_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
     limit: _builtins.int
+    start_after: _builtins.str
+    """Continue after this key (the last key of the previous answer when it had `more`)."""
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
         limit: _builtins.int = ...,
+        start_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "prefix", b"prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "prefix", b"prefix", "start_after", b"start_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,7 +486,10 @@ class RangeResponse(_message.Message):
 
     KVS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
+    more: _builtins.bool
+    """The answer stopped at the server's --snapshot-page-bytes: more keys follow `kvs`' last."""
     @_builtins.property
     def kvs(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyValue]: ...
     def __init__(
@@ -490,10 +497,11 @@ class RangeResponse(_message.Message):
         *,
         kvs: _abc.Iterable[Global___KeyValue] | None = ...,
         revision: _builtins.int = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kvs", b"kvs", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kvs", b"kvs", "more", b"more", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

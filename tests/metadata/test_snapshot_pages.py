@@ -63,3 +63,24 @@ async def test_list_and_watch_snapshots_come_in_pages_that_fit_a_message() -> No
             return stats.members == MEMBERS
 
         await eventually(router_knows_all, timeout=20, what="the router to learn every member")
+
+
+async def test_metadata_range_answers_in_pages_that_fit_a_message() -> None:
+    settings = {"max_message_bytes": 256 * 1024, "snapshot_page_bytes": PAGE}
+    async with process_mesh(metadata=1, metadata_settings=settings) as mesh:
+        kv = mesh.kv()
+        await asyncio.gather(*(kv.Put(metadata_pb2.PutKeyRequest(key=f"p/{i:03d}", value=b"v" * 20_000))
+                               for i in range(100)))  # ~2 MB in all
+        keys: list[str] = []
+        start, pages = "", 0
+        while True:
+            reply = await kv.Range(metadata_pb2.RangeRequest(prefix="p/", start_after=start), timeout=10)
+            assert reply.ByteSize() <= PAGE + 32 * 1024
+            keys += [k.key for k in reply.kvs]
+            pages += 1
+            if not reply.more:
+                break
+            start = reply.kvs[-1].key
+        assert keys == [f"p/{i:03d}" for i in range(100)] and pages >= 10
+        limited = await kv.Range(metadata_pb2.RangeRequest(prefix="p/", limit=2, start_after="p/050"), timeout=10)
+        assert [k.key for k in limited.kvs] == ["p/051", "p/052"] and not limited.more
