@@ -79,6 +79,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     def __init__(self, log_interval_s: float = 10.0) -> None:
         self.log = RateLimitedLog(log_interval_s)
         self.rejected = 0
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per method, once
 
     async def intercept_service(
         self,
@@ -89,12 +90,18 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler is None or getattr(handler, "request_deserializer", None) is None:
             return handler
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         wrapped: dict[str, Any] = {"request_deserializer": _safe(handler.request_deserializer)}
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is not None:
                 wrapped[kind] = self._wrap(method, kind, behaviour)
-        return handler._replace(**wrapped)
+        result = handler._replace(**wrapped)
+        if len(self._wrapped) < 1024:  # methods are few; unknown names never get here with a handler
+            self._wrapped[method] = (handler, result)
+        return result
 
     def _reject(self, method: str, error: str) -> str:
         self.rejected += 1
