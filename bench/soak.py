@@ -57,6 +57,7 @@ from kvmesh.v1 import (
 
 TARGET_AVAILABILITY = 0.999
 TARGET_RSS_DRIFT = 0.10
+TREE_BLOCKS = 4096
 MiB = 1024**2
 
 
@@ -145,6 +146,9 @@ class Soak:
             ])
         self.services["router"] = Service("router", [
             "router", "--listen", f"127.0.0.1:{free_port()}", "--metadata", self.metadata, "--policy", "prefix",
+            # A small tree, so the workload fills it during warm-up: RSS then shows leaks, not the tree growing
+            # to its bound (--max-tree-blocks, 1,000,000 by default).
+            "--max-tree-blocks", str(TREE_BLOCKS), "--approx-ttl-seconds", "30",
         ])
         for service in self.services.values():
             service.start()
@@ -198,7 +202,7 @@ class Soak:
         stub = router_pb2_grpc.RouterStub(channel)
         while not self.stop.is_set():
             member = f"engine-{self.rng.randrange(3)}"
-            chain = [self.rng.getrandbits(63) | 1 for _ in range(8)]
+            chain = [self.rng.getrandbits(63) | 1 for _ in range(32)]
             batch = router_pb2.KvEventBatch(member_id=member, events=[
                 router_pb2.KvEvent(stored=router_pb2.BlocksStored(parent_id=0, ids=chain))])
             try:
