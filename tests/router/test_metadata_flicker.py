@@ -23,6 +23,7 @@ from tests.router.helpers import member
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PROMPT = router_pb2.BlockIds(ids=[101, 102, 103, 104, 105, 106])
+TTL = 3  # seconds: long enough that a loaded machine does not let one lease lapse by itself
 
 
 async def members(mesh: MeshHandle) -> router_pb2.RouterStatsResponse:
@@ -33,13 +34,13 @@ async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> 
     async with process_mesh(metadata_listen=f"127.0.0.1:{free_port()}", routers=1,
                             router_settings={"policy": "prefix", "register_self": False}) as mesh:
         stub = mesh.router_stub()
-        sessions = [MemberSession(mesh.metadata_addresses, member(f"eng-{i}", port=9300 + i), ttl_seconds=2)
+        sessions = [MemberSession(mesh.metadata_addresses, member(f"eng-{i}", port=9300 + i), ttl_seconds=TTL)
                     for i in range(3)]
         for s in sessions:
             await s.start()
             await s.wait_registered(10)
         await eventually(lambda: _count(mesh, 3), timeout=15, what="3 router members")
-        first = await stub.Route(router_pb2.RouteRequest(request_id="warm", blocks=PROMPT), timeout=5)
+        await stub.Route(router_pb2.RouteRequest(request_id="warm", blocks=PROMPT), timeout=5)
         matched_now = (await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)).matched_blocks
         assert matched_now == len(PROMPT.ids)
 
@@ -55,7 +56,6 @@ async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> 
                 try:
                     resp = await stub.Route(router_pb2.RouteRequest(request_id=f"q{i}", blocks=PROMPT), timeout=5)
                     matched.append(resp.matched_blocks)
-                    assert resp.member_id == first.member_id
                     await stub.Release(router_pb2.ReleaseRequest(request_id=f"q{i}"), timeout=5)
                     if i % 10 == 0:
                         stale_seen.append((await members(mesh)).membership_stale)
@@ -69,7 +69,7 @@ async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> 
         try:
             # 1. The metadata process stalls past the lease TTL: every lease expires when it resumes.
             os.kill(process.pid, signal.SIGSTOP)
-            await asyncio.sleep(3.5)
+            await asyncio.sleep(TTL + 1.5)
             os.kill(process.pid, signal.SIGCONT)
             await asyncio.sleep(3.0)  # the engines notice, re-register; the router sees LEAVE + JOIN
             # 2. It dies and comes back empty: the router's watch breaks, then a SNAPSHOT without them.
@@ -78,13 +78,21 @@ async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> 
             await mesh.restart("metadata")
             await eventually(lambda: _count(mesh, 3), timeout=30, what="engines to re-register")
             await asyncio.sleep(0.5)
+            stop.set()
+            await router
+            last = await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)
+            assert last.matched_blocks == len(PROMPT.ids)
         finally:
             stop.set()
             await router
             for s in sessions:
                 await s.close()
-        assert not errors, errors[:5]
-        assert len(matched) > 100 and set(matched) == {len(PROMPT.ids)}  # the tree survived every flicker
+        assert not errors, errors[:5]  # never UNAVAILABLE, although every engine left (twice)
+        # The trees survived every flicker: the prompt kept its match. Not every route: engines
+        # re-register one by one, and a route sent while only others were back goes to one of
+        # them (a departed engine is no candidate while a live one exists) and starts there.
+        full = matched.count(len(PROMPT.ids))
+        assert len(matched) > 100 and full >= 0.98 * len(matched), (full, len(matched))
         assert True in stale_seen and stale_seen[-1] is False  # stale while the watch was broken, then not
 
 
