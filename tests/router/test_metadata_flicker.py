@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from kvmesh.membership import MemberSession
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.servers import ServerHandle
 from kvmesh.v1 import router_pb2
 from tests.router.helpers import member
 
@@ -30,70 +32,100 @@ async def members(mesh: MeshHandle) -> router_pb2.RouterStatsResponse:
     return await mesh.router_stub().Stats(router_pb2.RouterStatsRequest(), timeout=5)
 
 
-async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> None:
-    async with process_mesh(metadata_listen=f"127.0.0.1:{free_port()}", routers=1,
-                            router_settings={"policy": "prefix", "register_self": False}) as mesh:
-        stub = mesh.router_stub()
-        sessions = [MemberSession(mesh.metadata_addresses, member(f"eng-{i}", port=9300 + i), ttl_seconds=TTL)
-                    for i in range(3)]
+Flicker = Callable[[MeshHandle], Awaitable[None]]
+
+
+async def routing_through(mesh: MeshHandle, flicker: Flicker, expect_stale: bool) -> None:
+    """Routes PROMPT every ~10 ms while `flicker` runs; checks no route failed and the match was kept."""
+    stub = mesh.router_stub()
+    sessions = [MemberSession(mesh.metadata_addresses, member(f"eng-{i}", port=9300 + i), ttl_seconds=TTL)
+                for i in range(3)]
+    for s in sessions:
+        await s.start()
+        await s.wait_registered(10)
+    await eventually(lambda: _count(mesh, 3), timeout=15, what="3 router members")
+    await stub.Route(router_pb2.RouteRequest(request_id="warm", blocks=PROMPT), timeout=5)
+    matched_now = (await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)).matched_blocks
+    assert matched_now == len(PROMPT.ids)
+
+    errors: list[str] = []
+    matched: list[int] = []
+    stale_seen: list[bool] = []
+    stop = asyncio.Event()
+
+    async def keep_routing() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                resp = await stub.Route(router_pb2.RouteRequest(request_id=f"q{i}", blocks=PROMPT), timeout=5)
+                matched.append(resp.matched_blocks)
+                await stub.Release(router_pb2.ReleaseRequest(request_id=f"q{i}"), timeout=5)
+                if i % 10 == 0:
+                    stale_seen.append((await members(mesh)).membership_stale)
+            except grpc.aio.AioRpcError as exc:
+                errors.append(str(exc)[:200])
+            await asyncio.sleep(0.01)
+
+    router = asyncio.create_task(keep_routing())
+    try:
+        await flicker(mesh)
+        await eventually(lambda: _count(mesh, 3), timeout=30, what="engines to re-register")
+        await asyncio.sleep(0.5)
+        stop.set()
+        await router
+        last = await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)
+        assert last.matched_blocks == len(PROMPT.ids)
+    finally:
+        stop.set()
+        await router
         for s in sessions:
-            await s.start()
-            await s.wait_registered(10)
-        await eventually(lambda: _count(mesh, 3), timeout=15, what="3 router members")
-        await stub.Route(router_pb2.RouteRequest(request_id="warm", blocks=PROMPT), timeout=5)
-        matched_now = (await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)).matched_blocks
-        assert matched_now == len(PROMPT.ids)
+            await s.close()
+    assert not errors, errors[:5]  # never UNAVAILABLE, although every engine left
+    # The trees survived every flicker: the prompt kept its match. Not every route: engines
+    # re-register one by one, and a route sent while only others were back goes to one of
+    # them (a departed engine is no candidate while a live one exists) and starts there.
+    full = matched.count(len(PROMPT.ids))
+    assert len(matched) > 100 and full >= 0.98 * len(matched), (full, len(matched))
+    if expect_stale:
+        assert True in stale_seen  # stale while the watch was broken
+    assert stale_seen[-1] is False
 
-        errors: list[str] = []
-        matched: list[int] = []
-        stale_seen: list[bool] = []
-        stop = asyncio.Event()
 
-        async def keep_routing() -> None:
-            i = 0
-            while not stop.is_set():
-                i += 1
-                try:
-                    resp = await stub.Route(router_pb2.RouteRequest(request_id=f"q{i}", blocks=PROMPT), timeout=5)
-                    matched.append(resp.matched_blocks)
-                    await stub.Release(router_pb2.ReleaseRequest(request_id=f"q{i}"), timeout=5)
-                    if i % 10 == 0:
-                        stale_seen.append((await members(mesh)).membership_stale)
-                except (grpc.aio.AioRpcError, AssertionError) as exc:
-                    errors.append(str(exc)[:200])
-                await asyncio.sleep(0.01)
+async def stall(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
-        router = asyncio.create_task(keep_routing())
+
+async def test_routing_survives_a_stalled_and_a_restarted_metadata_service() -> None:
+    async def flicker(mesh: MeshHandle) -> None:
         process = mesh.of_role("metadata")[0].process
         assert process is not None
-        try:
-            # 1. The metadata process stalls past the lease TTL: every lease expires when it resumes.
-            os.kill(process.pid, signal.SIGSTOP)
-            await asyncio.sleep(TTL + 1.5)
-            os.kill(process.pid, signal.SIGCONT)
-            await asyncio.sleep(3.0)  # the engines notice, re-register; the router sees LEAVE + JOIN
-            # 2. It dies and comes back empty: the router's watch breaks, then a SNAPSHOT without them.
-            await mesh.kill("metadata")
-            await asyncio.sleep(1.5)
-            await mesh.restart("metadata")
-            await eventually(lambda: _count(mesh, 3), timeout=30, what="engines to re-register")
-            await asyncio.sleep(0.5)
-            stop.set()
-            await router
-            last = await stub.Route(router_pb2.RouteRequest(blocks=PROMPT), timeout=5)
-            assert last.matched_blocks == len(PROMPT.ids)
-        finally:
-            stop.set()
-            await router
-            for s in sessions:
-                await s.close()
-        assert not errors, errors[:5]  # never UNAVAILABLE, although every engine left (twice)
-        # The trees survived every flicker: the prompt kept its match. Not every route: engines
-        # re-register one by one, and a route sent while only others were back goes to one of
-        # them (a departed engine is no candidate while a live one exists) and starts there.
-        full = matched.count(len(PROMPT.ids))
-        assert len(matched) > 100 and full >= 0.98 * len(matched), (full, len(matched))
-        assert True in stale_seen and stale_seen[-1] is False  # stale while the watch was broken, then not
+        # 1. The metadata process stalls past the lease TTL: every lease expires when it resumes.
+        await stall(process.pid, TTL + 1.5)
+        await asyncio.sleep(3.0)  # the engines notice, re-register; the router sees LEAVE + JOIN
+        # 2. It dies and comes back empty: the router's watch breaks, then a SNAPSHOT without them.
+        await mesh.kill("metadata")
+        await asyncio.sleep(1.5)
+        await mesh.restart("metadata")
+
+    async with process_mesh(metadata_listen=f"127.0.0.1:{free_port()}", routers=1,
+                            router_settings={"policy": "prefix", "register_self": False}) as mesh:
+        await routing_through(mesh, flicker, expect_stale=True)
+
+
+async def test_routing_survives_a_stalled_etcd(etcd: ServerHandle) -> None:
+    async def flicker(mesh: MeshHandle) -> None:
+        assert etcd.process is not None
+        await stall(etcd.process.pid, TTL + 2.0)  # leases lapse: etcd revokes them when it runs again
+
+    backend = f"etcd://{etcd.address}?prefix=/flicker-{free_port()}"
+    async with process_mesh(metadata_backend=backend, routers=1,
+                            router_settings={"policy": "prefix", "register_self": False}) as mesh:
+        await routing_through(mesh, flicker, expect_stale=False)
 
 
 async def _count(mesh: MeshHandle, count: int) -> bool:
