@@ -126,20 +126,31 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, guard._reject(method, request.error))
+                message = ""
                 try:
                     async for response in behaviour(checked(request) if streams_in else request, context):
                         yield response
+                    return
                 except UndecodableRequest as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    message = str(exc)
+                except grpc.aio.AbortError:
+                    del request  # the abort's traceback keeps this frame: not the request with it
+                    raise
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
             return generator
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, guard._reject(method, request.error))
+            message = ""
             try:
                 return await behaviour(checked(request) if streams_in else request, context)
             except UndecodableRequest as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                message = str(exc)
+            except grpc.aio.AbortError:
+                del request  # the abort's traceback keeps this frame: not the request with it
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
         return call

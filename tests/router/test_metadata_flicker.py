@@ -7,6 +7,7 @@ membership is stale. Also: the strings a client sends the router are bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from kvmesh.membership import MemberSession
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
+from kvmesh.tools.testing.rss import rss_bytes
 from kvmesh.tools.testing.servers import ServerHandle
 from kvmesh.v1 import router_pb2
 from tests.router.helpers import member
@@ -152,6 +154,16 @@ async def test_request_ids_and_model_names_are_bounded() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Release(router_pb2.ReleaseRequest(request_id="r" * 129), timeout=5)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # Rejected requests are freed at once: a stream of 2 MiB ones does not grow the router.
+            process = mesh.of_role("router")[0].process
+            assert process is not None
+            big = router_pb2.RouteRequest(request_id="r" * (1 << 20), model="m" * (1 << 20), blocks=PROMPT)
+            before = rss_bytes(process.pid, "RssAnon")
+            for _ in range(600):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Route(big, timeout=5)
+            grown = rss_bytes(process.pid, "RssAnon") - before
+            assert grown < 64 * 1024**2, f"router grew by {grown / 1024**2:.0f} MiB for rejected requests"
             ok = await stub.Route(router_pb2.RouteRequest(request_id="r" * 128, model="m", blocks=PROMPT), timeout=5)
             assert ok.member_id == "eng-0"
             assert (await members(mesh)).inflight == 1
