@@ -312,6 +312,10 @@ class Soak:
         kinds = ["stop-metadata", "kill-metadata", "stop-cachenode", "kill-cachenode"]
         if self.backend is not None:
             kinds.append(f"stop-{self.args.backend}")
+        if self.args.faults:
+            kinds = [k for k in kinds if k in self.args.faults.split(",")]
+        if not kinds:
+            return
         await self._sleep(self.args.warmup)
         while not self.stop.is_set():
             kind = self.rng.choice(kinds)
@@ -444,6 +448,8 @@ def main() -> int:
                         help="seconds before faults start and after each (re)start before RSS is compared")
     parser.add_argument("--fault-interval", type=float, default=6.0, help="seconds between faults")
     parser.add_argument("--backend", choices=["redis", "etcd", "memory"], default="redis")
+    parser.add_argument("--faults", default="", help="comma-separated subset of: stop-metadata, kill-metadata, "
+                        "stop-cachenode, kill-cachenode, stop-BACKEND (default: all)")
     parser.add_argument("--quick", action="store_true", help="a 30 s run (what `make bench --quick` does)")
     args = parser.parse_args()
     if args.quick:
