@@ -263,7 +263,13 @@ async def compare(systems: list[System], sizes: list[int], quick: bool, between:
                     gbps = statistics.median(rates[system.name])
                     out.append(
                         Result(
-                            system.name, op, size, batch, gbps, statistics.median(lat) * 1e3, p99 * 1e3,
+                            system.name,
+                            op,
+                            size,
+                            batch,
+                            gbps,
+                            statistics.median(lat) * 1e3,
+                            p99 * 1e3,
                             cpu[system.name] * 1e3 / moved_mib,
                         )
                     )
@@ -279,22 +285,47 @@ class Iperf:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.samples: dict[str, list[float]] = {"put": [], "get": []}  # client→server, server→client
+        self.cpu: dict[str, list[float]] = {"put": [], "get": []}  # the server's CPU ms per MiB
         self.why = "" if shutil.which("iperf3") else "iperf3 is not installed (scripts/bootstrap.sh installs it)"
 
     def sample(self) -> None:
         if self.why:
             return
         port = free_port()
-        server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
-            wait_port("127.0.0.1", port, 10)
             for op, extra in (("put", []), ("get", ["-R"])):
-                run = subprocess.run(
-                    ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-l", "1M", "-t", str(self.seconds), "-J", *extra],
-                    capture_output=True, text=True, timeout=60,
-                )
+                for attempt in range(20):  # no probe connection: iperf3's server takes one client at a time
+                    run = subprocess.run(
+                        [
+                            "iperf3",
+                            "-c",
+                            "127.0.0.1",
+                            "-p",
+                            str(port),
+                            "-l",
+                            "1M",
+                            "-t",
+                            str(self.seconds),
+                            "-J",
+                            *extra,
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    )
+                    if run.returncode == 0:
+                        break
+                    time.sleep(0.1 * (attempt + 1))
                 report = json.loads(run.stdout)
-                self.samples[op].append(report["end"]["sum_received"]["bits_per_second"] / 8e9)
+                moved = report["end"]["sum_received"]["bytes"]
+                seconds = report["end"]["sum_received"]["seconds"]
+                self.samples[op].append(moved / seconds / 1e9)
+                # The iperf3 server's CPU per MiB: what the kernel's loopback copies cost one side.
+                server_cpu = report["end"]["cpu_utilization_percent"]["remote_total"] / 100 * seconds
+                self.cpu[op].append(server_cpu * 1e3 / (moved / MiB))
         except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
             self.why = f"iperf3 failed: {exc}"
         finally:
@@ -315,9 +346,28 @@ def redis_benchmark(port: int, sizes: list[int], quick: bool) -> tuple[dict[tupl
             requests = max(64, (64 if quick else 256) * MiB // size)
             clients = IN_FLIGHT[batch]
             run = subprocess.run(
-                ["redis-benchmark", "-p", str(port), "-t", "set,get", "-d", str(size), "-n", str(requests),
-                 "-c", str(clients), "-P", str(batch), "-r", "64", "-q", "--csv"],
-                capture_output=True, text=True, timeout=300,
+                [
+                    "redis-benchmark",
+                    "-p",
+                    str(port),
+                    "-t",
+                    "set,get",
+                    "-d",
+                    str(size),
+                    "-n",
+                    str(requests),
+                    "-c",
+                    str(clients),
+                    "-P",
+                    str(batch),
+                    "-r",
+                    "64",
+                    "-q",
+                    "--csv",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
             )
             for line in run.stdout.splitlines():
                 cells = [c.strip('"') for c in line.split(",")]
@@ -337,7 +387,11 @@ def mooncake(sizes: list[int], quick: bool) -> tuple[dict[tuple[str, int, int], 
     )
     try:
         run = subprocess.run(
-            ["unshare", "-n", "sh", "-c", inner], capture_output=True, text=True, timeout=600, cwd=ROOT,
+            ["unshare", "-n", "sh", "-c", inner],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
             env=kvmesh_env({"MC_TCP_BIND_ADDRESS": "127.0.0.1"}),
         )
     except (OSError, subprocess.SubprocessError) as exc:
@@ -390,7 +444,8 @@ async def serve_noop(port: int, chunk: int) -> None:
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"\n{'system':8} {'op':4} {'size':>9} {'batch':>5} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'node CPU ms/MiB':>16}")
+    head = f"{'system':8} {'op':4} {'size':>9} {'batch':>5} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}"
+    print(f"\n{head} {'node CPU ms/MiB':>16}")
     for r in sorted(results, key=lambda r: (r.size, r.batch, r.op, r.system)):
         print(
             f"{r.system:8} {r.op:4} {format_size(r.size):>9} {r.batch:>5} {r.gbps:7.2f} {r.p50_ms:8.2f} "
@@ -399,27 +454,35 @@ def print_table(results: list[Result]) -> None:
 
 
 def print_references(
-    sizes: list[int], iperf: Iperf, rb: dict[tuple[str, int, int], float], rb_why: str,
-    mc: dict[tuple[str, int, int], float], mc_why: str,
+    sizes: list[int],
+    iperf: Iperf,
+    rb: dict[tuple[str, int, int], float],
+    rb_why: str,
+    mc: dict[tuple[str, int, int], float],
+    mc_why: str,
 ) -> None:
     print("\nreferences (GB/s)")
     if iperf.why:
         print(f"  iperf3: not measured: {iperf.why}")
     else:
-        print(f"  iperf3 -l 1M loopback: client->server {iperf.gbps('put'):.2f}, server->client {iperf.gbps('get'):.2f}"
-              f" (medians of {len(iperf.samples['put'])})")
+        cpu = {op: statistics.median(iperf.cpu[op]) for op in ("put", "get")}
+        print(
+            f"  iperf3 -l 1M loopback: client->server {iperf.gbps('put'):.2f}, server->client {iperf.gbps('get'):.2f}"
+            f" (medians of {len(iperf.samples['put'])}); iperf3 server CPU ms/MiB {cpu['put']:.3f} receiving,"
+            f" {cpu['get']:.3f} sending (the kernel's share of any TCP transfer)"
+        )
     if rb_why:
         print(f"  redis-benchmark: not measured: {rb_why}")
     if mc_why:
         print(f"  mooncake TCP: not measured: {mc_why}")
     print(f"  {'size':>9} {'batch':>5}  {'redis-benchmark set/get':>24}  {'mooncake tcp write/read':>24}")
+    def pair(d: dict[tuple[str, int, int], float], size: int, batch: int) -> str:
+        put, get = d.get(("put", size, batch)), d.get(("get", size, batch))
+        return "-" if put is None or get is None else f"{put:.2f} / {get:.2f}"
+
     for size in sizes:
         for batch in BATCHES:
-            def pair(d: dict[tuple[str, int, int], float]) -> str:
-                put, get = d.get(("put", size, batch)), d.get(("get", size, batch))
-                return "-" if put is None or get is None else f"{put:.2f} / {get:.2f}"
-
-            print(f"  {format_size(size):>9} {batch:>5}  {pair(rb):>24}  {pair(mc):>24}")
+            print(f"  {format_size(size):>9} {batch:>5}  {pair(rb, size, batch):>24}  {pair(mc, size, batch):>24}")
 
 
 def print_targets(results: list[Result], sizes: list[int], iperf: Iperf) -> bool:
@@ -465,8 +528,17 @@ def print_targets(results: list[Result], sizes: list[int], iperf: Iperf) -> bool
 
 
 async def measure(
-    node: KvmeshProcess, tls_node: KvmeshProcess, ca: Path, noop_address: str, noop_pid: int,
-    redis_port: int, redis_pid: int, sizes: list[int], quick: bool, chunk: int, iperf: Iperf,
+    node: KvmeshProcess,
+    tls_node: KvmeshProcess,
+    ca: Path,
+    noop_address: str,
+    noop_pid: int,
+    redis_port: int,
+    redis_pid: int,
+    sizes: list[int],
+    quick: bool,
+    chunk: int,
+    iperf: Iperf,
 ) -> list[Result]:
     print(
         f"values {', '.join(format_size(s) for s in sizes)}; batches {BATCHES}; in flight {IN_FLIGHT}; "
@@ -497,8 +569,18 @@ def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
     """Starts the servers as processes, measures, stops them."""
     import uvloop
 
-    common = ["cachenode", "--standalone", "--listen", "127.0.0.1:0", "--storage", "memory://?capacity=2GiB",
-              "--chunk-bytes", str(chunk), "--log-level", "warning"]
+    common = [
+        "cachenode",
+        "--standalone",
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        "memory://?capacity=2GiB",
+        "--chunk-bytes",
+        str(chunk),
+        "--log-level",
+        "warning",
+    ]
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp:
         files = make_tls_files(Path(tmp))
         node = KvmeshProcess(common, name="cachenode")
@@ -508,7 +590,8 @@ def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
         noop_port = free_port()
         noop = subprocess.Popen(
             [sys.executable, "-m", "bench.cachenode", "--serve-noop", str(noop_port), "--chunk-bytes", str(chunk)],
-            env=kvmesh_env(), cwd=ROOT,
+            env=kvmesh_env(),
+            cwd=ROOT,
         )
         redis = start_redis(Path(tmp))
         iperf = Iperf(1.0 if quick else 2.0)
@@ -518,8 +601,19 @@ def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
             wait_port("127.0.0.1", noop_port, 30)
             assert redis.process is not None
             results = uvloop.run(
-                measure(node, tls_node, files.ca, f"127.0.0.1:{noop_port}", noop.pid, redis.port, redis.process.pid,
-                        sizes, quick, chunk, iperf)
+                measure(
+                    node,
+                    tls_node,
+                    files.ca,
+                    f"127.0.0.1:{noop_port}",
+                    noop.pid,
+                    redis.port,
+                    redis.process.pid,
+                    sizes,
+                    quick,
+                    chunk,
+                    iperf,
+                )
             )
             iperf.sample()
             rb, rb_why = redis_benchmark(redis.port, sizes, quick)

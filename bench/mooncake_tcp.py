@@ -51,7 +51,9 @@ def run(sizes: list[int], batches: list[int], rounds: int, bytes_per_round: int)
     total = max(size * batch for size in sizes for batch in batches)
     target = subprocess.Popen(
         [sys.executable, "-m", "bench.mooncake_tcp", "--serve", str(total)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert target.stdout is not None

@@ -8,7 +8,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -106,9 +106,9 @@ async def test_batches_pipelining_and_both_planes_agree() -> None:
                 assert await stored(mesh, key) == value
             # 40 requests in flight on one connection, each answered with its own values.
             keys = [k for k, _ in items]
-            answers = await asyncio.gather(*(pool.get("ns", keys[i % 5 :] + [b"absent"]) for i in range(40)))
+            answers = await asyncio.gather(*(pool.get("ns", [*keys[i % 5 :], b"absent"]) for i in range(40)))
             for i, got in enumerate(answers):
-                assert got == [v for _, v in items][i % 5 :] + [None]
+                assert got == [*[v for _, v in items][i % 5 :], None]
             assert await pool.get("ns", [b"k0", b"absent", b"k2"], stop_at_first_miss=True) == [b"", None, None]
             assert await pool.exists("ns", [b"k2", b"absent"]) == [True, False]
             assert await pool.delete("ns", [b"k2", b"absent"]) == [True, False]
@@ -136,7 +136,9 @@ async def test_get_into_and_put_from_caller_buffers() -> None:
                 out_array = np.zeros_like(array)
                 out_tensor = torch.zeros_like(tensor)
                 small = bytearray(16)
-                sizes = await client.batch_get_into([b"arr", b"ten", b"arr", b"nope"], [out_array, out_tensor, small, bytearray(4)])
+                sizes = await client.batch_get_into(
+                    [b"arr", b"ten", b"arr", b"nope"], [out_array, out_tensor, small, bytearray(4)]
+                )
                 assert sizes == [array.nbytes, tensor.numel() * 2, TOO_SMALL, MISS]
                 assert np.array_equal(out_array, array) and torch.equal(out_tensor, tensor)
                 assert small == bytearray(16)  # left alone
@@ -264,14 +266,14 @@ async def test_slow_sender_and_non_reading_client_are_cut() -> None:
             value = os.urandom(8 * MiB)
             assert await good.put("ns", [b"big"], [memoryview(value)]) == b"\x00"
             deaf = await Raw.open(endpoint)
-            deaf.writer.transport.pause_reading()
+            cast(asyncio.Transport, deaf.writer.transport).pause_reading()
             request = frames.encode_request(Op.GET, 1, "ns", [b"big"])
             for _ in range(200):  # 1.6 GB of answers asked for
                 deaf.writer.write(request)
             # Meanwhile everyone else is served.
             for _ in range(5):
                 assert await good.get("ns", [b"big"]) == [bytearray(value)]
-            deaf.writer.transport.resume_reading()
+            cast(asyncio.Transport, deaf.writer.transport).resume_reading()
             await asyncio.sleep(4)  # the node gave up on it by now (it did not read for > 1 s)
             got = 0
             with contextlib.suppress(ConnectionError):
@@ -331,7 +333,9 @@ async def test_tls_data_plane(tmp_path: Path) -> None:
             _, writer = await asyncio.open_connection(host, int(port), ssl=ssl.create_default_context())
             writer.close()
         infos = [NodeInfo("n0", address, data_endpoint=endpoint)]
-        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=ssl.create_default_context()) as c:
+        async with await CacheClient.from_nodes(
+            infos, namespace="ns", local="never", data_ssl=ssl.create_default_context()
+        ) as c:
             assert await c.get(b"secret") == value
         async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=context) as c:
             assert await c.get(b"secret") == value
