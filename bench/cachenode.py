@@ -77,7 +77,7 @@ def cpu_seconds(pid: int) -> float:
 
 def ops_per_round(size: int, batch: int, quick: bool) -> int:
     total = (64 if quick else 256) * MiB  # bytes moved per system, op, size, batch and round
-    return max(IN_FLIGHT[batch] * 2, total // (size * batch))
+    return max(IN_FLIGHT[batch], total // (size * batch))
 
 
 Op = Callable[[int], Awaitable[None]]
@@ -203,7 +203,7 @@ class RedisSystem(System):
     def __init__(self, port: int, pid: int) -> None:
         import redis.asyncio as aioredis
 
-        self.client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=64)
+        self.client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=64, socket_timeout=600)
         self.pid = pid
 
     def ops(self, size: int, batch: int) -> tuple[Op, Op]:
@@ -261,18 +261,18 @@ async def compare(systems: list[System], sizes: list[int], quick: bool, between:
                     lat = sorted(latencies[system.name])
                     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
                     gbps = statistics.median(rates[system.name])
-                    out.append(
-                        Result(
-                            system.name,
-                            op,
-                            size,
-                            batch,
-                            gbps,
-                            statistics.median(lat) * 1e3,
-                            p99 * 1e3,
-                            cpu[system.name] * 1e3 / moved_mib,
-                        )
+                    result = Result(
+                        system.name,
+                        op,
+                        size,
+                        batch,
+                        gbps,
+                        statistics.median(lat) * 1e3,
+                        p99 * 1e3,
+                        cpu[system.name] * 1e3 / moved_mib,
                     )
+                    out.append(result)
+                    print(f"  {format_row(result)}", flush=True)
     return out
 
 
@@ -447,10 +447,14 @@ def print_table(results: list[Result]) -> None:
     head = f"{'system':8} {'op':4} {'size':>9} {'batch':>5} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}"
     print(f"\n{head} {'node CPU ms/MiB':>16}")
     for r in sorted(results, key=lambda r: (r.size, r.batch, r.op, r.system)):
-        print(
-            f"{r.system:8} {r.op:4} {format_size(r.size):>9} {r.batch:>5} {r.gbps:7.2f} {r.p50_ms:8.2f} "
-            f"{r.p99_ms:8.2f} {r.cpu_ms_per_mib:16.3f}"
-        )
+        print(format_row(r))
+
+
+def format_row(r: Result) -> str:
+    return (
+        f"{r.system:8} {r.op:4} {format_size(r.size):>9} {r.batch:>5} {r.gbps:7.2f} {r.p50_ms:8.2f} "
+        f"{r.p99_ms:8.2f} {r.cpu_ms_per_mib:16.3f}"
+    )
 
 
 def print_references(
