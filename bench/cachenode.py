@@ -377,6 +377,20 @@ def redis_benchmark(port: int, sizes: list[int], quick: bool) -> tuple[dict[tupl
     return out, ""
 
 
+def openssl_aes_gcm() -> tuple[float, str]:
+    """`openssl speed` AES-256-GCM at 16 KiB records, one core: the TLS ceiling of this machine now."""
+    if shutil.which("openssl") is None:
+        return float("nan"), "openssl is not installed"
+    run = subprocess.run(
+        ["openssl", "speed", "-elapsed", "-seconds", "2", "-evp", "aes-256-gcm"],
+        capture_output=True, text=True, timeout=120,
+    )
+    for line in run.stdout.splitlines():
+        if line.startswith("AES-256-GCM"):
+            return float(line.split()[-1].rstrip("k")) * 1e3 / 1e9, ""
+    return float("nan"), f"no figure in its output (exit {run.returncode})"
+
+
 def mooncake(sizes: list[int], quick: bool) -> tuple[dict[tuple[str, int, int], float], str]:
     """Mooncake's transfer engine over TCP, raw, inside a private network namespace."""
     if shutil.which("unshare") is None:
@@ -628,8 +642,10 @@ def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
             noop.terminate()
             noop.wait(10)
     mc, mc_why = mooncake(sizes, quick)
+    aes, aes_why = openssl_aes_gcm()
     print_table(results)
     print_references(sizes, iperf, rb, rb_why, mc, mc_why)
+    print(f"  openssl speed aes-256-gcm (16 KiB, one core): {aes:.2f} GB/s {aes_why}".rstrip())
     return print_targets(results, sizes, iperf)
 
 

@@ -549,6 +549,15 @@ class CacheClient:
                 break
 
             async def ask(node_id: str, idx: list[int]) -> list[bool]:
+                pool = self._data_pool(node_id)
+                if pool is not None:
+                    try:
+                        return await pool.exists(self.namespace, [keys[i] for i in idx])
+                    except DataPlaneRefused as exc:
+                        log.warning("cache node %s refused exists: %s", node_id, exc)
+                        return [False] * len(idx)
+                    except DataPlaneUnavailable as exc:
+                        self._data_failed(node_id, exc)
                 request = cachenode_pb2.ExistsRequest(namespace=self.namespace, keys=[keys[i] for i in idx])
                 resp = await self._call(node_id, lambda stub: stub.Exists(request, timeout=self.call_timeout_s))
                 return list(resp.present) if resp is not None else [False] * len(idx)

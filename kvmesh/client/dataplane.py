@@ -24,6 +24,10 @@ from kvmesh.frames import Flag, FrameError, Op, Status
 log = logging.getLogger("kvmesh.client.dataplane")
 
 SCRATCH_BYTES = 256 * 1024
+# Over TLS a request's values are handed over a slice at a time, waiting for the transport to
+# drain: the TLS layer encrypts all it is given into one buffer at once.
+TLS_SLICE_BYTES = 256 * 1024
+TLS_HIGH_WATER = 4 * 1024**2
 MISS = -1  # get_into: the key is not stored
 TOO_SMALL = -2  # get_into: the value is larger than the buffer given for it
 _HEADER, _META, _VALUES, _CLOSED = range(4)
@@ -57,7 +61,9 @@ class _Call:
 class _Connection(asyncio.BufferedProtocol):
     """One persistent connection: writes requests, reads responses in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
+        self.tls = tls
+        self._write_lock = asyncio.Lock()  # TLS: one request's slices at a time
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, _Call] = {}
         self._next_id = 1
@@ -78,6 +84,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        if self.tls:
+            self.transport.set_write_buffer_limits(high=TLS_HIGH_WATER, low=TLS_HIGH_WATER // 4)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is None:
@@ -216,15 +224,18 @@ class _Connection(asyncio.BufferedProtocol):
     async def call(
         self, request_id: int, head: bytes, payload: Sequence[memoryview], call: _Call, timeout_s: float
     ) -> Any:
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if not self.usable:
             raise DataPlaneUnavailable("connection closed")
-        if self._drained is not None:
-            await asyncio.shield(self._drained)
         self.calls[request_id] = call
-        transport.writelines([head, *payload]) if payload else transport.write(head)
         try:
             async with asyncio.timeout(timeout_s):
+                if self.tls:
+                    async with self._write_lock:
+                        await self._write_sliced(head, payload)
+                else:
+                    if self._drained is not None:
+                        await asyncio.shield(self._drained)
+                    self._writer().writelines([head, *payload])  # references, no copy
                 return await call.future
         except TimeoutError:
             self.abort()
@@ -232,6 +243,19 @@ class _Connection(asyncio.BufferedProtocol):
         except asyncio.CancelledError:
             self.abort()  # the caller's buffers must not be read or written any more
             raise
+
+    def _writer(self) -> asyncio.Transport:
+        if self.transport is None or self.transport.is_closing():
+            raise DataPlaneUnavailable("connection closed")
+        return self.transport
+
+    async def _write_sliced(self, head: bytes, payload: Sequence[memoryview]) -> None:
+        self._writer().write(head)
+        for value in payload:
+            for offset in range(0, len(value), TLS_SLICE_BYTES):
+                if self._drained is not None:
+                    await asyncio.shield(self._drained)
+                self._writer().write(value[offset : offset + TLS_SLICE_BYTES])
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -281,7 +305,7 @@ class DataPlanePool:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, protocol = await loop.create_connection(
-                    _Connection,
+                    lambda: _Connection(tls=self._ssl is not None),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -328,6 +352,7 @@ class DataPlanePool:
         self, namespace: str, keys: Sequence[bytes], values: Sequence[memoryview], ttl_seconds: int = 0
     ) -> bytes:
         """Stores values whole; returns one status byte per key (0: stored)."""
+        values = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in values]
         sizes = [v.nbytes for v in values]
         payload = [v for v in values if v.nbytes]
         codes: bytes = await self._request(

@@ -353,6 +353,7 @@ async def test_membership_advertises_the_data_endpoint_and_dead_nodes_are_misses
             assert client.nodes[member.id].data_endpoint == member.labels["data-endpoint"]
             assert await client.batch_put_from([b"a", b"b"], [b"1" * 100, b"2" * 200]) == [True, True]
             assert await client.get_many([b"a", b"b", b"c"]) == [b"1" * 100, b"2" * 200, None]
+            assert await client.exists_prefix([b"a", b"b", b"c", b"a"]) == 2
             await mesh.kill(mesh.of_role("cachenode")[0].name)
             out = bytearray(100)
             assert await client.batch_get_into([b"a"], [out]) == [MISS]

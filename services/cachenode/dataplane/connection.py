@@ -17,6 +17,7 @@ a connection that moves less than `min_rate_bytes` per second while busy, or idl
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvmesh.cachenode.dataplane")
 
 SCRATCH_BYTES = 256 * 1024  # where discarded payload bytes land
+# Over TLS a response is handed to the TLS layer a slice at a time while its buffer is below the
+# high-water mark: it encrypts everything it is given into one buffer at once, so a whole batch
+# would be copied (twice) before its first byte is sent. The TLS layer copies anyway, so slices
+# are copied out of the pinned values and the pins go as soon as the last slice is handed over.
+TLS_SLICE_BYTES = 256 * 1024
+TLS_HIGH_WATER = 4 * 1024**2
+TLS_LOW_WATER = 1024**2
 _HEADER, _META, _VALUES, _CLOSED = range(4)
 _OPS = frozenset(int(op) for op in Op)
 
@@ -70,6 +78,8 @@ class DataConnection(asyncio.BufferedProtocol):
         self._budget = 0
         self._answer = True  # False when the frame was already answered with an error
         # Sending.
+        self._tls = node.ssl_context is not None
+        self._outq: collections.deque[bytes | memoryview] = collections.deque()  # TLS: not yet handed over
         self._held: list[Pinned] = []
         self._held_bytes = 0
         self._writing_paused = False
@@ -86,7 +96,10 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
-        self._transport.set_write_buffer_limits(high=0)  # resume_writing = everything sent: pins may go
+        if self._tls:
+            self._transport.set_write_buffer_limits(high=TLS_HIGH_WATER, low=TLS_LOW_WATER)
+        else:
+            self._transport.set_write_buffer_limits(high=0)  # resume_writing = everything sent: pins may go
         self._node.connections.add(self)
         self._schedule_check()
 
@@ -122,7 +135,10 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._release_held()
+        if self._tls:
+            self._pump()
+        else:
+            self._release_held()
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -398,16 +414,34 @@ class DataConnection(asyncio.BufferedProtocol):
             for pinned in pins or ():
                 pinned.release()
             return
-        transport.writelines(parts)
-        self._tx += sum(len(p) for p in parts)
         if pins:
-            if transport.get_write_buffer_size() == 0:
-                for pinned in pins:
-                    pinned.release()
+            self._held.extend(pins)
+            self._held_bytes += sum(p.size for p in pins)
+        if self._tls:
+            self._outq.extend(parts)
+            self._pump()
+        else:
+            transport.writelines(parts)  # the transport keeps references: no copy
+            self._tx += sum(len(p) for p in parts)
+        if self._held and not self._tls and transport.get_write_buffer_size() == 0:
+            self._release_held()
+        self._update_reading()
+
+    def _pump(self) -> None:
+        """TLS: hands queued response bytes to the transport while it is below its high-water mark."""
+        transport = self._transport
+        assert transport is not None
+        while self._outq and not self._writing_paused and not transport.is_closing():
+            part = self._outq[0]
+            if len(part) > TLS_SLICE_BYTES:
+                view = part if isinstance(part, memoryview) else memoryview(part)
+                part, self._outq[0] = view[:TLS_SLICE_BYTES], view[TLS_SLICE_BYTES:]
             else:
-                self._held.extend(pins)
-                self._held_bytes += sum(p.size for p in pins)
-                self._update_reading()
+                self._outq.popleft()
+            transport.write(bytes(part))
+            self._tx += len(part)
+        if not self._outq:
+            self._release_held()
 
     def _release_held(self) -> None:
         held, self._held, self._held_bytes = self._held, [], 0
@@ -462,6 +496,7 @@ class DataConnection(asyncio.BufferedProtocol):
         progress = (self._rx - self._marks[0]) + (sent - self._marks[1])
         self._marks = (self._rx, sent)
         receiving = self._state != _HEADER or self._pos > 0
+        unsent += len(self._outq)
         if (receiving or unsent) and progress < limits.min_rate_bytes * limits.stall_timeout_s:
             what = "sending a frame" if receiving else "reading its responses"
             log.info(
