@@ -19,9 +19,9 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -371,7 +371,7 @@ class CacheClient:
         for key, value in items:
             for node_id in self.placement(key):
                 by_node.setdefault(node_id, []).append((key, value))
-        results = await asyncio.gather(*(self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()))
+        results = await _all([self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()])
         stored: set[bytes] = set().union(*results) if results else set()
         return sum(1 for key, _ in items if key in stored)
 
@@ -444,9 +444,7 @@ class CacheClient:
             by_node = self._by_rank(places, rank, lambda i: found[i] is None)
             if not by_node:
                 break
-            results = await asyncio.gather(
-                *(self._batch_get_node(n, [keys[i] for i in idx]) for n, idx in by_node.items())
-            )
+            results = await _all([self._batch_get_node(n, [keys[i] for i in idx]) for n, idx in by_node.items()])
             for idx, values in zip(by_node.values(), results, strict=True):
                 for i, value in zip(idx, values, strict=True):
                     if value is not None:
@@ -475,11 +473,8 @@ class CacheClient:
             by_node = self._by_rank(places, rank, lambda i: sizes[i] == MISS)
             if not by_node:
                 break
-            results = await asyncio.gather(
-                *(
-                    self._get_into_node(n, [keys[i] for i in idx], [views[i] for i in idx])
-                    for n, idx in by_node.items()
-                )
+            results = await _all(
+                [self._get_into_node(n, [keys[i] for i in idx], [views[i] for i in idx]) for n, idx in by_node.items()]
             )
             for idx, got in zip(by_node.values(), results, strict=True):
                 for i, size in zip(idx, got, strict=True):
@@ -531,7 +526,7 @@ class CacheClient:
         for key, view in items:
             for node_id in self.placement(key):
                 by_node.setdefault(node_id, []).append((key, view))
-        results = await asyncio.gather(*(self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()))
+        results = await _all([self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()])
         stored: set[bytes] = set().union(*results) if results else set()
         return [key in stored for key in keys]
 
@@ -615,6 +610,13 @@ class CacheClient:
             return node_id, list(resp.engines) if resp is not None else []
 
         return dict(await asyncio.gather(*(one(n) for n in list(self._nodes))))
+
+
+async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """`asyncio.gather`, without its task when there is one call (a batch on one node)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    return list(await asyncio.gather(*calls))
 
 
 def _copy_into(view: memoryview, value: bytes | None) -> int:

@@ -49,13 +49,14 @@ class DataPlaneRefused(Exception):
 class _Call:
     """One request waiting for its response."""
 
-    __slots__ = ("dests", "future", "op", "results")
+    __slots__ = ("deadline", "dests", "future", "op", "results")
 
     def __init__(self, op: Op, future: asyncio.Future[Any], dests: Sequence[memoryview] | None) -> None:
         self.op = op
         self.future = future
         self.dests = dests
         self.results: list[Any] = []
+        self.deadline = 0.0
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -79,6 +80,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._sink_index = 0
         self._drained: asyncio.Future[None] | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        # One timer per connection checks the calls' deadlines (cheaper than a timeout per call).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._lost_because = ""
 
     # -- asyncio protocol ------------------------------------------------------------------
 
@@ -123,8 +127,11 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         calls, self.calls = self.calls, {}
-        error = DataPlaneUnavailable(f"connection lost: {exc or 'closed by the node'}")
+        error = DataPlaneUnavailable(self._lost_because or f"connection lost: {exc or 'closed by the node'}")
         for call in calls.values():
             if not call.future.done():
                 call.future.set_exception(error)
@@ -226,23 +233,36 @@ class _Connection(asyncio.BufferedProtocol):
     ) -> Any:
         if not self.usable:
             raise DataPlaneUnavailable("connection closed")
+        loop = asyncio.get_running_loop()
+        call.deadline = loop.time() + timeout_s
         self.calls[request_id] = call
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(timeout_s / 4, self._watch, timeout_s / 4)
         try:
-            async with asyncio.timeout(timeout_s):
-                if self.tls:
-                    async with self._write_lock:
-                        await self._write_sliced(head, payload)
-                else:
-                    if self._drained is not None:
-                        await asyncio.shield(self._drained)
-                    self._writer().writelines([head, *payload])  # references, no copy
-                return await call.future
-        except TimeoutError:
-            self.abort()
-            raise DataPlaneUnavailable(f"no answer within {timeout_s} s") from None
+            if self.tls:
+                async with self._write_lock:
+                    await self._write_sliced(head, payload)
+            else:
+                if self._drained is not None:
+                    await asyncio.shield(self._drained)
+                self._writer().writelines([head, *payload])  # references, no copy
+            return await call.future
         except asyncio.CancelledError:
             self.abort()  # the caller's buffers must not be read or written any more
             raise
+
+    def _watch(self, interval: float) -> None:
+        """Cuts the connection when a call is past its deadline (its buffers must not be touched later)."""
+        self._watchdog = None
+        if not self.calls or not self.usable:
+            return
+        now = asyncio.get_running_loop().time()
+        late = [call for call in self.calls.values() if call.deadline <= now]
+        if late:
+            self._lost_because = "no answer in time"
+            self.abort()
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(interval, self._watch, interval)
 
     def _writer(self) -> asyncio.Transport:
         if self.transport is None or self.transport.is_closing():
