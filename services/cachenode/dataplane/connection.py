@@ -157,6 +157,7 @@ class DataConnection(asyncio.BufferedProtocol):
             write.abort()
         self._deferred = []
         self._give_budget()
+        self._outq.clear()
         self._release_held()
         for task in self._tasks:
             task.cancel()
