@@ -287,9 +287,11 @@ class Iperf:
         self.samples: dict[str, list[float]] = {"put": [], "get": []}  # client→server, server→client
         self.cpu: dict[str, list[float]] = {"put": [], "get": []}  # the server's CPU ms per MiB
         self.why = "" if shutil.which("iperf3") else "iperf3 is not installed (scripts/bootstrap.sh installs it)"
+        self.installed = not self.why
 
     def sample(self) -> None:
-        if self.why:
+        """One measurement per direction (a failed one is reported and skipped)."""
+        if shutil.which("iperf3") is None:
             return
         port = free_port()
         server = subprocess.Popen(
@@ -298,36 +300,24 @@ class Iperf:
         try:
             for op, extra in (("put", []), ("get", ["-R"])):
                 for attempt in range(20):  # no probe connection: iperf3's server takes one client at a time
-                    run = subprocess.run(
-                        [
-                            "iperf3",
-                            "-c",
-                            "127.0.0.1",
-                            "-p",
-                            str(port),
-                            "-l",
-                            "1M",
-                            "-t",
-                            str(self.seconds),
-                            "-J",
-                            *extra,
-                        ],
-                        capture_output=True,
-                        text=True,
-                        timeout=60,
-                    )
-                    if run.returncode == 0:
-                        break
-                    time.sleep(0.1 * (attempt + 1))
-                report = json.loads(run.stdout)
-                moved = report["end"]["sum_received"]["bytes"]
-                seconds = report["end"]["sum_received"]["seconds"]
-                self.samples[op].append(moved / seconds / 1e9)
-                # The iperf3 server's CPU per MiB: what the kernel's loopback copies cost one side.
-                server_cpu = report["end"]["cpu_utilization_percent"]["remote_total"] / 100 * seconds
-                self.cpu[op].append(server_cpu * 1e3 / (moved / MiB))
-        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
-            self.why = f"iperf3 failed: {exc}"
+                    try:
+                        run = subprocess.run(
+                            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-l", "1M", "-t", str(self.seconds),
+                             "-J", *extra],
+                            capture_output=True, text=True, timeout=60,
+                        )
+                        end = json.loads(run.stdout)["end"]
+                        moved = end["sum_received"]["bytes"]
+                        seconds = end["sum_received"]["seconds"]
+                        server_cpu = end["cpu_utilization_percent"]["remote_total"] / 100 * seconds
+                    except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+                        self.why = f"iperf3 failed once: {exc!r}"
+                        time.sleep(0.1 * (attempt + 1))
+                        continue
+                    self.samples[op].append(moved / seconds / 1e9)
+                    # The iperf3 server's CPU per MiB: what the kernel's loopback copies cost one side.
+                    self.cpu[op].append(server_cpu * 1e3 / (moved / MiB))
+                    break
         finally:
             server.terminate()
             server.wait(10)
@@ -480,15 +470,19 @@ def print_references(
     mc_why: str,
 ) -> None:
     print("\nreferences (GB/s)")
-    if iperf.why:
+    if not iperf.samples["put"] or not iperf.samples["get"]:
         print(f"  iperf3: not measured: {iperf.why}")
     else:
         cpu = {op: statistics.median(iperf.cpu[op]) for op in ("put", "get")}
+        each = {op: ", ".join(f"{g:.2f}" for g in iperf.samples[op]) for op in ("put", "get")}
         print(
             f"  iperf3 -l 1M loopback: client->server {iperf.gbps('put'):.2f}, server->client {iperf.gbps('get'):.2f}"
-            f" (medians of {len(iperf.samples['put'])}); iperf3 server CPU ms/MiB {cpu['put']:.3f} receiving,"
-            f" {cpu['get']:.3f} sending (the kernel's share of any TCP transfer)"
+            f" (medians of samples {each['put']} / {each['get']});"
+            f" iperf3 server CPU ms/MiB {cpu['put']:.3f} receiving, {cpu['get']:.3f} sending"
+            f" (the kernel's share of any TCP transfer)"
         )
+        if iperf.why:
+            print(f"  ({iperf.why})")
     if rb_why:
         print(f"  redis-benchmark: not measured: {rb_why}")
     if mc_why:
