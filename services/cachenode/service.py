@@ -1,4 +1,4 @@
-"""The cache node as a kvmesh `Service`: storage lifecycle and membership.
+"""The cache node as a kvmesh `Service`: storage lifecycle, membership and the bulk data plane.
 
 The storage is built once the server listens (storage URIs are validated by then: a bad one
 stops the node with a clear message), then the node registers as ROLE_CACHENODE with its
@@ -139,7 +139,9 @@ class CacheNodeService(Service):
             ssl_context,
         )
         bound = await self.dataplane.start(host.strip("[]"), port)
-        advertised_host = grpc_host if host in ("0.0.0.0", "::", "[::]", "") else host
+        # `auto` and wildcard hosts are reached where the gRPC address is (--advertise included).
+        wildcard = settings.data_listen == "auto" or host in ("0.0.0.0", "::", "[::]", "")
+        advertised_host = grpc_host if wildcard else host
         self.data_endpoint = f"{advertised_host}:{bound}"
         labels = {"data-endpoint": self.data_endpoint}
         if ssl_context is not None:
