@@ -17,7 +17,14 @@ import torch
 from kvmesh import frames
 from kvmesh.client import CacheClient
 from kvmesh.client.cache import NodeInfo
-from kvmesh.client.dataplane import MISS, TOO_SMALL, DataPlanePool, DataPlaneRefused, client_ssl_context
+from kvmesh.client.dataplane import (
+    MISS,
+    TOO_SMALL,
+    DataPlanePool,
+    DataPlaneRefused,
+    DataPlaneUnavailable,
+    client_ssl_context,
+)
 from kvmesh.frames import Flag, Op, Status
 from kvmesh.tools.testing.certs import make_tls_files
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
@@ -119,6 +126,36 @@ async def test_batches_pipelining_and_both_planes_agree() -> None:
             with pytest.raises(DataPlaneRefused) as refused:
                 await pool.get("ns", [b""])
             assert refused.value.status == Status.INVALID_ARGUMENT
+        finally:
+            await pool.close()
+
+
+async def test_storage_without_an_arena(tmp_path: Path) -> None:
+    """disk:// buffers each value and stores a frame's values with one batch; reads are copies."""
+    async with node(storage=f"disk://{tmp_path}?capacity=64MiB&sync=false", max_value_bytes=4 * MiB) as (
+        mesh,
+        endpoint,
+    ):
+        pool = DataPlanePool(endpoint)
+        try:
+            items = [(f"d{i}".encode(), os.urandom(size)) for i, size in enumerate([0, 10, 2 * MiB, 65536])]
+            codes = await pool.put("ns", [k for k, _ in items], [memoryview(v) for _, v in items])
+            assert codes == bytes(len(items))
+            assert await pool.get("ns", [k for k, _ in items]) == [bytearray(v) for _, v in items]
+            assert await stored(mesh, b"d2") == items[2][1]
+            assert await pool.get("ns", [b"d1", b"nope", b"d2"], stop_at_first_miss=True) == [
+                bytearray(items[1][1]),
+                None,
+                None,
+            ]
+            out = bytearray(65536)
+            assert await pool.get_into("ns", [b"d3"], [memoryview(out)]) == [65536] and out == items[3][1]
+            assert await pool.exists("ns", [b"d0", b"nope"]) == [True, False]
+            # Pipelined puts and gets, several waiting on the storage at once.
+            keys = [f"p{i}".encode() for i in range(12)]
+            await asyncio.gather(*(pool.put("ns", [k], [memoryview(k * 1000)]) for k in keys))
+            got = await asyncio.gather(*(pool.get("ns", [k]) for k in keys))
+            assert got == [[bytearray(k * 1000)] for k in keys]
         finally:
             await pool.close()
 
@@ -340,6 +377,33 @@ async def test_tls_data_plane(tmp_path: Path) -> None:
         async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=context) as c:
             assert await c.get(b"secret") == value
             assert c._nodes["n0"].data_down_until == 0  # served by the data plane
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    settings = {"data_tls_cert": str(tls.cert), "data_tls_key": str(tls.key), "data_tls_client_ca": str(tls.ca)}
+    async with node(**settings) as (mesh, endpoint):
+        address = mesh.of_role("cachenode")[0].address
+        with_cert = client_ssl_context(str(tls.ca), str(tls.client_cert), str(tls.client_key))
+        pool = DataPlanePool(endpoint, ssl_context=with_cert)
+        try:
+            assert await pool.put("ns", [b"m"], [memoryview(b"mutual")]) == b"\x00"
+        finally:
+            await pool.close()
+        anonymous = DataPlanePool(endpoint, ssl_context=client_ssl_context(str(tls.ca)))
+        try:
+            with pytest.raises(DataPlaneUnavailable):  # the node refuses a client without a certificate
+                await anonymous.get("ns", [b"m"])
+        finally:
+            await anonymous.close()
+        infos = [NodeInfo("n0", address, data_endpoint=endpoint)]
+        async with await CacheClient.from_nodes(
+            infos, namespace="ns", local="never", data_ssl=client_ssl_context(str(tls.ca))
+        ) as client:
+            assert await client.get(b"m") == b"mutual"  # over gRPC
+        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=with_cert) as client:
+            assert await client.get(b"m") == b"mutual"
+            assert client._nodes["n0"].data_down_until == 0  # over the data plane
 
 
 async def test_membership_advertises_the_data_endpoint_and_dead_nodes_are_misses() -> None:
