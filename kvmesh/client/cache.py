@@ -30,7 +30,14 @@ from kvmesh import wire
 from kvmesh.backoff import Backoff
 from kvmesh.blocks import BlockHasher
 from kvmesh.client.buffers import byte_view
-from kvmesh.client.dataplane import MISS, TOO_SMALL, DataPlanePool, DataPlaneRefused, DataPlaneUnavailable
+from kvmesh.client.dataplane import (
+    MISS,
+    TOO_SMALL,
+    DataPlaneConnecting,
+    DataPlanePool,
+    DataPlaneRefused,
+    DataPlaneUnavailable,
+)
 from kvmesh.client.hashring import HashRing
 from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable
 from kvmesh.membership import MembershipChange, MembershipWatcher
@@ -202,6 +209,7 @@ class CacheClient:
             ssl_context=self.data_ssl,
             connections=self.data_connections,
             call_timeout_s=self.call_timeout_s,
+            retry_after_s=DATA_PLANE_RETRY_S,
         )
 
     def _close_later(self, node: _Node) -> None:
@@ -324,6 +332,8 @@ class CacheClient:
 
     def _data_failed(self, node_id: str, exc: Exception) -> None:
         node = self._nodes.get(node_id)
+        if isinstance(exc, DataPlaneConnecting):  # not a failure: the next call will find it ready
+            return
         if node is not None:
             node.data_down_until = time.monotonic() + DATA_PLANE_RETRY_S
         log.debug("data plane of %s failed (%s): using gRPC for %.0f s", node_id, exc, DATA_PLANE_RETRY_S)

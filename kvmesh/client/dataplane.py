@@ -28,6 +28,7 @@ SCRATCH_BYTES = 256 * 1024
 # drain: the TLS layer encrypts all it is given into one buffer at once.
 TLS_SLICE_BYTES = 256 * 1024
 TLS_HIGH_WATER = 4 * 1024**2
+FIRST_CONNECT_WAIT_S = 0.25  # how long a call waits for a new connection before using gRPC
 MISS = -1  # get_into: the key is not stored
 TOO_SMALL = -2  # get_into: the value is larger than the buffer given for it
 _HEADER, _META, _VALUES, _CLOSED = range(4)
@@ -35,6 +36,10 @@ _HEADER, _META, _VALUES, _CLOSED = range(4)
 
 class DataPlaneUnavailable(Exception):
     """No connection, or it broke: the caller falls back to gRPC."""
+
+
+class DataPlaneConnecting(DataPlaneUnavailable):
+    """The connection is still being made: this call should use gRPC, later ones the data plane."""
 
 
 class DataPlaneRefused(Exception):
@@ -307,6 +312,7 @@ class DataPlanePool:
         connections: int = 2,
         connect_timeout_s: float = 2.0,
         call_timeout_s: float = 30.0,
+        retry_after_s: float = 5.0,
     ) -> None:
         host, _, port = endpoint.rpartition(":")
         self.endpoint = endpoint
@@ -318,6 +324,9 @@ class DataPlanePool:
         self._call_timeout_s = call_timeout_s
         self._connections: list[_Connection] = []
         self._connecting: asyncio.Task[_Connection] | None = None
+        self._first_wait_s = min(connect_timeout_s, FIRST_CONNECT_WAIT_S)
+        self._retry_after_s = retry_after_s
+        self._retry_at = 0.0
         self._closed = False
 
     async def _open(self) -> _Connection:
@@ -343,12 +352,34 @@ class DataPlanePool:
         idle = min(self._connections, key=lambda c: len(c.calls), default=None)
         if idle is not None and (not idle.calls or len(self._connections) >= self._size):
             return idle
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._open())
-            self._connecting.add_done_callback(lambda _: setattr(self, "_connecting", None))
+        loop = asyncio.get_running_loop()
+        connecting, started = self._connecting, False
+        if connecting is None:
+            if loop.time() < self._retry_at:
+                raise DataPlaneUnavailable(f"{self.endpoint} failed to connect a moment ago")
+            connecting = self._connecting = loop.create_task(self._open())
+            connecting.add_done_callback(self._connected)
+            started = True
         if idle is not None:
             return idle  # use a busy one now rather than wait for the new one
-        return await asyncio.shield(self._connecting)
+        if not started:
+            raise DataPlaneConnecting(f"still connecting to {self.endpoint}")
+        # The call that starts a connection waits for it only briefly (a filtered port may take
+        # the whole connect timeout to fail): past that it uses gRPC while the connect goes on.
+        done, _ = await asyncio.wait([connecting], timeout=self._first_wait_s)
+        if not done:
+            raise DataPlaneConnecting(f"still connecting to {self.endpoint}")
+        return connecting.result()
+
+    def _connected(self, task: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is not None:
+            self._retry_at = asyncio.get_running_loop().time() + self._retry_after_s
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open now."""
+        return any(c.usable for c in self._connections)
 
     async def _request(
         self,

@@ -376,7 +376,11 @@ async def test_tls_data_plane(tmp_path: Path) -> None:
             assert await c.get(b"secret") == value
         async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=context) as c:
             assert await c.get(b"secret") == value
-            assert c._nodes["n0"].data_down_until == 0  # served by the data plane
+            data = c._nodes["n0"].data
+            assert data is not None
+            await eventually(lambda: data.connected, timeout=10, what="the TLS data-plane connection")
+            assert c._nodes["n0"].data_down_until == 0
+            assert await c.get(b"secret") == value
 
 
 async def test_mutual_tls(tmp_path: Path) -> None:
@@ -403,7 +407,10 @@ async def test_mutual_tls(tmp_path: Path) -> None:
             assert await client.get(b"m") == b"mutual"  # over gRPC
         async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=with_cert) as client:
             assert await client.get(b"m") == b"mutual"
-            assert client._nodes["n0"].data_down_until == 0  # over the data plane
+            data = client._nodes["n0"].data
+            assert data is not None
+            await eventually(lambda: data.connected, timeout=10, what="the mutual-TLS data-plane connection")
+            assert client._nodes["n0"].data_down_until == 0
 
 
 async def test_membership_advertises_the_data_endpoint_and_dead_nodes_are_misses() -> None:

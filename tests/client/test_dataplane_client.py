@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from kvmesh import frames
-from kvmesh.client.dataplane import DataPlanePool, DataPlaneUnavailable
+from kvmesh.client.dataplane import DataPlaneConnecting, DataPlanePool, DataPlaneUnavailable
 from kvmesh.frames import Op
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -84,3 +85,24 @@ async def test_nobody_listening() -> None:
     with pytest.raises(DataPlaneUnavailable, match="cannot connect"):
         await pool.get("ns", [b"k"])
     await pool.close()
+
+
+async def test_a_hanging_connect_costs_one_call_a_short_wait_only() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts TCP, never answers the TLS handshake
+
+    async with server(mute) as endpoint:
+        pool = DataPlanePool(endpoint, ssl_context=ssl.create_default_context(), connect_timeout_s=1.5)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(DataPlaneConnecting):
+            await pool.get("ns", [b"k"])
+        assert loop.time() - start < 1.0  # waited briefly, not the whole connect timeout
+        start = loop.time()
+        with pytest.raises(DataPlaneConnecting):
+            await pool.get("ns", [b"k"])
+        assert loop.time() - start < 0.2  # an attempt is under way: no second wait
+        await asyncio.sleep(1.8)  # the attempt timed out
+        with pytest.raises(DataPlaneUnavailable, match="a moment ago"):
+            await pool.get("ns", [b"k"])
+        await pool.close()
