@@ -496,14 +496,15 @@ class DataConnection(asyncio.BufferedProtocol):
         sent = self._tx - unsent
         progress = (self._rx - self._marks[0]) + (sent - self._marks[1])
         self._marks = (self._rx, sent)
-        receiving = self._state != _HEADER or self._pos > 0
-        unsent += len(self._outq)
-        if (receiving or unsent) and progress < limits.min_rate_bytes * limits.stall_timeout_s:
+        # In the middle of a frame, unless the node itself stopped reading (storage busy).
+        receiving = (self._state != _HEADER or self._pos > 0) and not self._reading_paused
+        sending = bool(unsent or self._outq)
+        if (receiving or sending) and progress < limits.min_rate_bytes * limits.stall_timeout_s:
             what = "sending a frame" if receiving else "reading its responses"
             log.info(
                 "data-plane client too slow %s (%d bytes in %.0f s): closing", what, progress, limits.stall_timeout_s
             )
-            if receiving and not unsent:
+            if receiving and not sending:
                 self._fail(Status.DEADLINE_EXCEEDED, f"frame arriving slower than {limits.min_rate_bytes} bytes/s")
             else:
                 transport.abort()
