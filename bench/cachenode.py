@@ -1,22 +1,30 @@
-"""Cache node throughput and latency vs Redis and vs a no-op gRPC server, in one run.
+"""Remote cache-node throughput, latency and CPU: the data plane vs gRPC, Redis, Mooncake and iperf3, in one run.
 
-    .venv/bin/python -m bench.cachenode [--quick] [--chunk-bytes 4MiB]
+    .venv/bin/python -m bench.cachenode [--quick] [--chunk-bytes 4MiB] [--sizes 64KiB,2MiB,8MiB]
 
-For 64 KiB, 1 MiB and 8 MiB values with 16 operations in flight, measures put and get
-GB/s and p50/p99 latency of:
-  kvmesh   a real `kvmesh cachenode` process (memory storage), BatchPut/BatchGet streams
-  redis    a real redis-server through redis-py (asyncio, hiredis parser)
-  noop     a grpc.aio server of the same shape (same RPCs, messages and chunking) that
-           stores nothing: the transport ceiling
-and prints the ratios against the targets (1 MiB: puts >= Redis, gets >= 2x Redis;
->= 85% of the no-op server).
+For values of 64 KiB, 2 MiB (one 16-token block of Llama-3-8B) and 8 MiB, in batches of 1
+and 32 (16 and 2 batches in flight), put and get through, interleaved round by round:
+  dp       a real `kvmesh cachenode` process (memory storage) through the client library's
+           bulk data plane: `batch_put_from` / `batch_get_into` (docs/dataplane.md)
+  dp-tls   the same over TLS (a second node with a certificate from a CA made here)
+  grpc     the same node through BatchPut/BatchGet streams, as the client library calls them
+  redis    redis-server through redis-py + hiredis (asyncio, one pool; batches pipelined: a
+           pipeline of SETs, one MGET)
+  noop     a grpc.aio server of the cache node's shape that stores nothing (gRPC's ceiling)
+and as references, measured once: `redis-benchmark` (C, -P batch), Mooncake's transfer
+engine over TCP (bench/mooncake_tcp.py inside `unshare -n`), and `iperf3 -l 1M` on loopback
+in both directions (the physical limit). Reports GB/s (median of rounds), p50/p99 per
+operation (a batch is one operation), and the server's CPU milliseconds per MiB moved (from
+/proc/<pid>/stat), then every ratio next to its target.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,18 +37,24 @@ from pathlib import Path
 import grpc
 
 from kvmesh import wire
+from kvmesh.client.cache import CacheClient, NodeInfo
+from kvmesh.client.dataplane import client_ssl_context
 from kvmesh.runtime.channels import channel_options, open_channel
 from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
 from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.certs import make_tls_files
 from kvmesh.tools.testing.ports import free_port, wait_port
 from kvmesh.tools.testing.servers import start_redis
 from kvmesh.units import format_size, parse_size
 from kvmesh.v1 import cachenode_pb2 as pb
 from kvmesh.v1 import cachenode_pb2_grpc
 
-SIZES = [64 * 1024, 1024**2, 8 * 1024**2]
-IN_FLIGHT = 16
+SIZES = [64 * 1024, 2 * 1024**2, 8 * 1024**2]
+BATCHES = [1, 32]
+IN_FLIGHT = {1: 16, 32: 2}  # operations in flight per batch size
 ROOT = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MiB = 1024**2
 
 
 @dataclass
@@ -48,21 +62,29 @@ class Result:
     system: str
     op: str
     size: int
+    batch: int
     gbps: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_mib: float
 
 
-def ops_per_round(size: int, quick: bool) -> int:
-    total = (64 if quick else 256) * 1024**2  # bytes moved per system, op, size and round
-    return max(IN_FLIGHT * 2, total // size)
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def ops_per_round(size: int, batch: int, quick: bool) -> int:
+    total = (64 if quick else 256) * MiB  # bytes moved per system, op, size, batch and round
+    return max(IN_FLIGHT[batch], total // (size * batch))
 
 
 Op = Callable[[int], Awaitable[None]]
 
 
-async def drive(op: Op, count: int) -> tuple[float, list[float]]:
-    """Runs `count` operations with IN_FLIGHT at a time; returns (seconds, latencies)."""
+async def drive(op: Op, count: int, in_flight: int) -> tuple[float, list[float]]:
+    """Runs `count` operations with `in_flight` at a time; returns (seconds, latencies)."""
     latencies: list[float] = []
     next_index = 0
 
@@ -76,58 +98,96 @@ async def drive(op: Op, count: int) -> tuple[float, list[float]]:
             latencies.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
     return time.perf_counter() - start, latencies
 
 
+def batch_keys(size: int, batch: int, i: int) -> list[bytes]:
+    """Keys of operation i: each operation in flight has its own (the noop server reads the size back)."""
+    slot = i % IN_FLIGHT[batch]
+    return [f"{size}-{batch}-{slot * batch + j}".encode() for j in range(batch)]
+
+
 class System:
-    """One system under test: put/get operations for a value size."""
+    """One system under test: put/get operations for a value size and batch."""
 
     name = ""
+    pid = 0  # the server process whose CPU is counted
 
-    def ops(self, size: int) -> tuple[Op, Op]:
+    def ops(self, size: int, batch: int) -> tuple[Op, Op]:
         raise NotImplementedError
 
     async def close(self) -> None:
         """Releases connections."""
 
 
+class DataPlaneSystem(System):
+    """The client library over the node's data plane: values sent from and received into buffers."""
+
+    def __init__(self, name: str, client: CacheClient, pid: int) -> None:
+        self.name = name
+        self.client = client
+        self.pid = pid
+
+    def ops(self, size: int, batch: int) -> tuple[Op, Op]:
+        value = memoryview(os.urandom(size))
+        sources = [value] * batch
+        sinks = [bytearray(size) for _ in range(batch)]  # shared by the operations in flight
+
+        async def put(i: int) -> None:
+            stored = await self.client.batch_put_from(batch_keys(size, batch, i), sources)
+            assert all(stored), stored
+
+        async def get(i: int) -> None:
+            sizes = await self.client.batch_get_into(batch_keys(size, batch, i), sinks)
+            assert sizes == [size] * batch, sizes
+
+        return put, get
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 class GrpcSystem(System):
     """The cache node or the no-op server, called exactly as the client library calls them."""
 
-    def __init__(self, name: str, address: str, chunk: int) -> None:
+    def __init__(self, name: str, address: str, chunk: int, pid: int) -> None:
         self.name = name
         self.chunk = chunk
+        self.pid = pid
         self.channel = open_channel(address)
         # Hand-coded value messages (kvmesh.wire), as in kvmesh.client.
         self.batch_put = self.channel.stream_unary(
-            "/kvmesh.v1.KVCache/BatchPut", request_serializer=wire.identity,
+            "/kvmesh.v1.KVCache/BatchPut",
+            request_serializer=wire.identity,
             response_deserializer=pb.BatchPutResponse.FromString,
         )
         self.batch_get = self.channel.unary_stream(
-            "/kvmesh.v1.KVCache/BatchGet", request_serializer=pb.BatchGetRequest.SerializeToString,
+            "/kvmesh.v1.KVCache/BatchGet",
+            request_serializer=pb.BatchGetRequest.SerializeToString,
             response_deserializer=wire.decode_get_chunk,
         )
 
-    def ops(self, size: int) -> tuple[Op, Op]:
+    def ops(self, size: int, batch: int) -> tuple[Op, Op]:
         value = memoryview(os.urandom(size))
         chunk = self.chunk
 
         async def put(i: int) -> None:
-            key = f"{size}-{i % 64}".encode()
+            keys = batch_keys(size, batch, i)
 
             async def chunks() -> AsyncIterator[bytes]:
-                for offset in range(0, size, chunk):
-                    yield wire.encode_put_chunk("b", key, size, offset, value[offset : offset + chunk])
+                for key in keys:
+                    for offset in range(0, size, chunk):
+                        yield wire.encode_put_chunk("", key, size, offset, value[offset : offset + chunk])
 
             resp = await self.batch_put(chunks())
-            assert resp.stored == 1, resp
+            assert resp.stored == batch, resp
 
         async def get(i: int) -> None:
             got = 0
-            async for c in self.batch_get(pb.BatchGetRequest(namespace="b", keys=[f"{size}-{i % 64}".encode()])):
+            async for c in self.batch_get(pb.BatchGetRequest(namespace="", keys=batch_keys(size, batch, i))):
                 got += len(c.data)
-            assert got == size, (got, size)
+            assert got == size * batch, (got, size)
 
         return put, get
 
@@ -136,24 +196,33 @@ class GrpcSystem(System):
 
 
 class RedisSystem(System):
-    """redis-server through redis-py's asyncio client (hiredis parser), one pool."""
+    """redis-server through redis-py's asyncio client (hiredis parser), one pool, batches pipelined."""
 
     name = "redis"
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, pid: int) -> None:
         import redis.asyncio as aioredis
 
-        self.client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=IN_FLIGHT * 2)
+        self.client = aioredis.Redis(host="127.0.0.1", port=port, max_connections=64, socket_timeout=600)
+        self.pid = pid
 
-    def ops(self, size: int) -> tuple[Op, Op]:
+    def ops(self, size: int, batch: int) -> tuple[Op, Op]:
         value = os.urandom(size)
 
         async def put(i: int) -> None:
-            await self.client.set(f"{size}-{i % 64}", value)
+            keys = batch_keys(size, batch, i)
+            if batch == 1:
+                await self.client.set(keys[0], value)
+                return
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(key, value)
+                await pipe.execute()
 
         async def get(i: int) -> None:
-            got = await self.client.get(f"{size}-{i % 64}")
-            assert got is not None and len(got) == size
+            keys = batch_keys(size, batch, i)
+            got = [await self.client.get(keys[0])] if batch == 1 else await self.client.mget(keys)
+            assert all(v is not None and len(v) == size for v in got)
 
         return put, get
 
@@ -161,31 +230,187 @@ class RedisSystem(System):
         await self.client.aclose()
 
 
-async def compare(systems: list[System], quick: bool) -> list[Result]:
+async def compare(systems: list[System], sizes: list[int], quick: bool, between: Callable[[], None]) -> list[Result]:
     """Interleaves the systems round by round (rotating who goes first), so load changes on a
-    shared machine hit all of them alike; GB/s is the median of the rounds."""
+    shared machine hit all of them alike; GB/s is the median of the rounds. `between` runs
+    before each size (the iperf3 samples, spread over the run the same way)."""
     rounds = 3 if quick else 5
     out: list[Result] = []
-    for size in SIZES:
-        ops = {s.name: s.ops(size) for s in systems}
-        count = ops_per_round(size, quick)
-        for system in systems:  # warm-up, and the keys the gets read
-            await drive(ops[system.name][0], IN_FLIGHT * 4)
-            await drive(ops[system.name][1], IN_FLIGHT)
-        for op_index, op in enumerate(("put", "get")):
-            rates: dict[str, list[float]] = {s.name: [] for s in systems}
-            latencies: dict[str, list[float]] = {s.name: [] for s in systems}
-            for r in range(rounds):
-                for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
-                    seconds, lat = await drive(ops[system.name][op_index], count)
-                    rates[system.name].append(count * size / seconds / 1e9)
-                    latencies[system.name] += lat
-            for system in systems:
-                lat = sorted(latencies[system.name])
-                p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-                gbps = statistics.median(rates[system.name])
-                out.append(Result(system.name, op, size, gbps, statistics.median(lat) * 1e3, p99 * 1e3))
+    for size in sizes:
+        between()
+        for batch in BATCHES:
+            in_flight = IN_FLIGHT[batch]
+            ops = {s.name: s.ops(size, batch) for s in systems}
+            count = ops_per_round(size, batch, quick)
+            for system in systems:  # warm-up, and the keys the gets read
+                await drive(ops[system.name][0], in_flight * 2, in_flight)
+                await drive(ops[system.name][1], in_flight, in_flight)
+            for op_index, op in enumerate(("put", "get")):
+                rates: dict[str, list[float]] = {s.name: [] for s in systems}
+                latencies: dict[str, list[float]] = {s.name: [] for s in systems}
+                cpu: dict[str, float] = {s.name: 0.0 for s in systems}
+                for r in range(rounds):
+                    for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+                        cpu0 = cpu_seconds(system.pid)
+                        seconds, lat = await drive(ops[system.name][op_index], count, in_flight)
+                        cpu[system.name] += cpu_seconds(system.pid) - cpu0
+                        rates[system.name].append(count * size * batch / seconds / 1e9)
+                        latencies[system.name] += lat
+                moved_mib = rounds * count * size * batch / MiB
+                for system in systems:
+                    lat = sorted(latencies[system.name])
+                    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+                    gbps = statistics.median(rates[system.name])
+                    result = Result(
+                        system.name,
+                        op,
+                        size,
+                        batch,
+                        gbps,
+                        statistics.median(lat) * 1e3,
+                        p99 * 1e3,
+                        cpu[system.name] * 1e3 / moved_mib,
+                    )
+                    out.append(result)
+                    print(f"  {format_row(result)}", flush=True)
     return out
+
+
+# -- references ------------------------------------------------------------------------
+
+
+class Iperf:
+    """`iperf3 -l 1M` on loopback, both directions, sampled between sizes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.samples: dict[str, list[float]] = {"put": [], "get": []}  # client→server, server→client
+        self.cpu: dict[str, list[float]] = {"put": [], "get": []}  # the server's CPU ms per MiB
+        self.why = "" if shutil.which("iperf3") else "iperf3 is not installed (scripts/bootstrap.sh installs it)"
+        self.installed = not self.why
+
+    def sample(self) -> None:
+        """One measurement per direction (a failed one is reported and skipped)."""
+        if shutil.which("iperf3") is None:
+            return
+        port = free_port()
+        server = subprocess.Popen(
+            ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            for op, extra in (("put", []), ("get", ["-R"])):
+                for attempt in range(20):  # no probe connection: iperf3's server takes one client at a time
+                    try:
+                        run = subprocess.run(
+                            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-l", "1M", "-t", str(self.seconds),
+                             "-J", *extra],
+                            capture_output=True, text=True, timeout=60,
+                        )
+                        end = json.loads(run.stdout)["end"]
+                        moved = end["sum_received"]["bytes"]
+                        seconds = end["sum_received"]["seconds"]
+                        server_cpu = end["cpu_utilization_percent"]["remote_total"] / 100 * seconds
+                    except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+                        self.why = f"iperf3 failed once: {exc!r}"
+                        time.sleep(0.1 * (attempt + 1))
+                        continue
+                    self.samples[op].append(moved / seconds / 1e9)
+                    # The iperf3 server's CPU per MiB: what the kernel's loopback copies cost one side.
+                    self.cpu[op].append(server_cpu * 1e3 / (moved / MiB))
+                    break
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    def gbps(self, op: str) -> float:
+        return statistics.median(self.samples[op]) if self.samples[op] else float("nan")
+
+
+def redis_benchmark(port: int, sizes: list[int], quick: bool) -> tuple[dict[tuple[str, int, int], float], str]:
+    """redis-benchmark (C) GB/s per (op, size, batch): same value sizes, -P batch pipelining."""
+    if shutil.which("redis-benchmark") is None:
+        return {}, "redis-benchmark is not installed"
+    out: dict[tuple[str, int, int], float] = {}
+    for size in sizes:
+        for batch in BATCHES:
+            requests = max(64, (64 if quick else 256) * MiB // size)
+            clients = IN_FLIGHT[batch]
+            run = subprocess.run(
+                [
+                    "redis-benchmark",
+                    "-p",
+                    str(port),
+                    "-t",
+                    "set,get",
+                    "-d",
+                    str(size),
+                    "-n",
+                    str(requests),
+                    "-c",
+                    str(clients),
+                    "-P",
+                    str(batch),
+                    "-r",
+                    "64",
+                    "-q",
+                    "--csv",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            for line in run.stdout.splitlines():
+                cells = [c.strip('"') for c in line.split(",")]
+                if len(cells) >= 2 and cells[0] in ("SET", "GET"):
+                    op = "put" if cells[0] == "SET" else "get"
+                    out[(op, size, batch)] = float(cells[1]) * size / 1e9
+    return out, ""
+
+
+def openssl_aes_gcm() -> tuple[float, str]:
+    """`openssl speed` AES-256-GCM at 16 KiB records, one core: the TLS ceiling of this machine now."""
+    if shutil.which("openssl") is None:
+        return float("nan"), "openssl is not installed"
+    run = subprocess.run(
+        ["openssl", "speed", "-elapsed", "-seconds", "2", "-evp", "aes-256-gcm"],
+        capture_output=True, text=True, timeout=120,
+    )
+    for line in run.stdout.splitlines():
+        if line.startswith("AES-256-GCM"):
+            return float(line.split()[-1].rstrip("k")) * 1e3 / 1e9, ""
+    return float("nan"), f"no figure in its output (exit {run.returncode})"
+
+
+def mooncake(sizes: list[int], quick: bool) -> tuple[dict[tuple[str, int, int], float], str]:
+    """Mooncake's transfer engine over TCP, raw, inside a private network namespace."""
+    if shutil.which("unshare") is None:
+        return {}, "unshare is not available"
+    inner = (
+        f"ip link set lo up && exec {sys.executable} -m bench.mooncake_tcp --sizes {','.join(map(str, sizes))} "
+        f"--batches {','.join(map(str, BATCHES))} --rounds {3 if quick else 5} --bytes-per-round {64 * MiB}"
+    )
+    try:
+        run = subprocess.run(
+            ["unshare", "-n", "sh", "-c", inner],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+            env=kvmesh_env({"MC_TCP_BIND_ADDRESS": "127.0.0.1"}),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {}, f"cannot run it: {exc}"
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode != 0 or not lines:
+        return {}, f"it failed (exit {run.returncode}): {(run.stderr or run.stdout).strip()[-300:]}"
+    out = {}
+    for key, gbps in json.loads(lines[-1]).items():
+        size, batch, op = key.split(",")
+        out[(op, int(size), int(batch))] = float(gbps)
+    return out, ""
+
+
+# -- the no-op gRPC server -------------------------------------------------------------
 
 
 class NoopServicer(cachenode_pb2_grpc.KVCacheServicer):
@@ -219,77 +444,210 @@ async def serve_noop(port: int, chunk: int) -> None:
     await server.wait_for_termination()
 
 
+# -- report ----------------------------------------------------------------------------
+
+
 def print_table(results: list[Result]) -> None:
-    print(f"\n{'system':8} {'op':4} {'size':>9} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
-    for r in sorted(results, key=lambda r: (r.size, r.op, r.system)):
-        print(f"{r.system:8} {r.op:4} {format_size(r.size):>9} {r.gbps:7.2f} {r.p50_ms:8.2f} {r.p99_ms:8.2f}")
+    head = f"{'system':8} {'op':4} {'size':>9} {'batch':>5} {'GB/s':>7} {'p50 ms':>8} {'p99 ms':>8}"
+    print(f"\n{head} {'node CPU ms/MiB':>16}")
+    for r in sorted(results, key=lambda r: (r.size, r.batch, r.op, r.system)):
+        print(format_row(r))
 
 
-def print_ratios(results: list[Result]) -> None:
-    by = {(r.system, r.op, r.size): r.gbps for r in results}
-    print("\nratios (kvmesh vs redis, kvmesh vs no-op gRPC)")
-    for size in SIZES:
+def format_row(r: Result) -> str:
+    return (
+        f"{r.system:8} {r.op:4} {format_size(r.size):>9} {r.batch:>5} {r.gbps:7.2f} {r.p50_ms:8.2f} "
+        f"{r.p99_ms:8.2f} {r.cpu_ms_per_mib:16.3f}"
+    )
+
+
+def print_references(
+    sizes: list[int],
+    iperf: Iperf,
+    rb: dict[tuple[str, int, int], float],
+    rb_why: str,
+    mc: dict[tuple[str, int, int], float],
+    mc_why: str,
+) -> None:
+    print("\nreferences (GB/s)")
+    if not iperf.samples["put"] or not iperf.samples["get"]:
+        print(f"  iperf3: not measured: {iperf.why}")
+    else:
+        cpu = {op: statistics.median(iperf.cpu[op]) for op in ("put", "get")}
+        each = {op: ", ".join(f"{g:.2f}" for g in iperf.samples[op]) for op in ("put", "get")}
+        print(
+            f"  iperf3 -l 1M loopback: client->server {iperf.gbps('put'):.2f}, server->client {iperf.gbps('get'):.2f}"
+            f" (medians of samples {each['put']} / {each['get']});"
+            f" iperf3 server CPU ms/MiB {cpu['put']:.3f} receiving, {cpu['get']:.3f} sending"
+            f" (the kernel's share of any TCP transfer)"
+        )
+        if iperf.why:
+            print(f"  ({iperf.why})")
+    if rb_why:
+        print(f"  redis-benchmark: not measured: {rb_why}")
+    if mc_why:
+        print(f"  mooncake TCP: not measured: {mc_why}")
+    print(f"  {'size':>9} {'batch':>5}  {'redis-benchmark set/get':>24}  {'mooncake tcp write/read':>24}")
+    def pair(d: dict[tuple[str, int, int], float], size: int, batch: int) -> str:
+        put, get = d.get(("put", size, batch)), d.get(("get", size, batch))
+        return "-" if put is None or get is None else f"{put:.2f} / {get:.2f}"
+
+    for size in sizes:
+        for batch in BATCHES:
+            print(f"  {format_size(size):>9} {batch:>5}  {pair(rb, size, batch):>24}  {pair(mc, size, batch):>24}")
+
+
+def print_targets(results: list[Result], sizes: list[int], iperf: Iperf) -> bool:
+    by = {(r.system, r.op, r.size, r.batch): r for r in results}
+    rows: list[tuple[str, float, float]] = []
+    for size in sizes:
+        for batch in BATCHES:
+            for op, goal in (("get", 2.0), ("put", 1.0)):
+                ratio = by[("dp", op, size, batch)].gbps / by[("redis", op, size, batch)].gbps
+                rows.append((f"{format_size(size)} x{batch} {op}: dp / redis-py >= {goal:.0f}x", ratio, goal))
+    for size in (s for s in sizes if s >= 2 * MiB):
         for op in ("put", "get"):
-            k, r, n = by[("kvmesh", op, size)], by[("redis", op, size)], by[("noop", op, size)]
-            print(f"  {format_size(size):>9} {op}: {k / r:5.2f}x redis   {k / n * 100:5.1f}% of no-op")
-    mib = 1024**2
-    targets = [
-        ("1 MiB put >= 1.0x redis", by[("kvmesh", "put", mib)] / by[("redis", "put", mib)], 1.0),
-        ("1 MiB get >= 2.0x redis", by[("kvmesh", "get", mib)] / by[("redis", "get", mib)], 2.0),
-        ("1 MiB put >= 85% of no-op", by[("kvmesh", "put", mib)] / by[("noop", "put", mib)], 0.85),
-        ("1 MiB get >= 85% of no-op", by[("kvmesh", "get", mib)] / by[("noop", "get", mib)], 0.85),
-    ]
+            ratio = by[("dp", op, size, 32)].gbps / iperf.gbps(op)
+            rows.append((f"{format_size(size)} x32 {op}: dp / iperf3 -l 1M >= 70%", ratio, 0.70))
+    for size in sizes:
+        for batch in BATCHES:
+            for op in ("put", "get"):
+                cpu = by[("dp", op, size, batch)].cpu_ms_per_mib
+                rows.append((f"{format_size(size)} x{batch} {op}: node CPU ms/MiB <= 0.3", cpu, -0.3))
+    two = 2 * MiB if 2 * MiB in sizes else sizes[0]
+    for op in ("put", "get"):  # the earlier figures: the gRPC path against the transport ceiling
+        ratio = by[("grpc", op, two, 1)].gbps / by[("noop", op, two, 1)].gbps
+        rows.append((f"{format_size(two)} x1 {op}: grpc / no-op gRPC (info)", ratio, 0.0))
+        ratio = by[("dp-tls", op, two, 32)].gbps / by[("dp", op, two, 32)].gbps
+        rows.append((f"{format_size(two)} x32 {op}: dp-tls / dp (info)", ratio, 0.0))
     print("\ntargets")
-    for name, value, goal in targets:
-        print(f"  {name:28} {value:6.2f}  {'met' if value >= goal else 'MISSED'}")
+    missed = 0
+    for name, value, goal in rows:
+        if goal < 0:
+            met = value <= -goal
+        elif goal == 0:
+            print(f"  {name:48} {value:7.2f}")
+            continue
+        else:
+            met = value >= goal
+        missed += not met
+        print(f"  {name:48} {value:7.2f}  {'met' if met else 'MISSED'}")
+    print(f"\n{sum(1 for *_, g in rows if g != 0) - missed} of {sum(1 for *_, g in rows if g != 0)} targets met")
+    return missed == 0
 
 
-async def measure(node_address: str, noop_address: str, redis_port: int, quick: bool, chunk: int) -> None:
-    sizes = ", ".join(format_size(s) for s in SIZES)
-    print(f"values {sizes}; {IN_FLIGHT} in flight; chunk {format_size(chunk)}")
+# -- run -------------------------------------------------------------------------------
+
+
+async def measure(
+    node: KvmeshProcess,
+    tls_node: KvmeshProcess,
+    ca: Path,
+    noop_address: str,
+    noop_pid: int,
+    redis_port: int,
+    redis_pid: int,
+    sizes: list[int],
+    quick: bool,
+    chunk: int,
+    iperf: Iperf,
+) -> list[Result]:
+    print(
+        f"values {', '.join(format_size(s) for s in sizes)}; batches {BATCHES}; in flight {IN_FLIGHT}; "
+        f"gRPC chunk {format_size(chunk)}; {os.cpu_count()} CPUs"
+    )
+    assert node.address and tls_node.address
+    plain = [NodeInfo("node", node.address, data_endpoint=node.ready["data_endpoint"])]
+    tls = [NodeInfo("node", tls_node.address, data_endpoint=tls_node.ready["data_endpoint"])]
     systems: list[System] = [
-        GrpcSystem("kvmesh", node_address, chunk), RedisSystem(redis_port), GrpcSystem("noop", noop_address, chunk)
+        DataPlaneSystem("dp", await CacheClient.from_nodes(plain, local="never"), node.pid),
+        DataPlaneSystem(
+            "dp-tls",
+            await CacheClient.from_nodes(tls, local="never", data_ssl=client_ssl_context(str(ca))),
+            tls_node.pid,
+        ),
+        GrpcSystem("grpc", node.address, chunk, node.pid),
+        RedisSystem(redis_port, redis_pid),
+        GrpcSystem("noop", noop_address, chunk, noop_pid),
     ]
     try:
-        results = await compare(systems, quick)
+        return await compare(systems, sizes, quick, iperf.sample)
     finally:
         for system in systems:
             await system.close()
-    print_table(results)
-    print_ratios(results)
 
 
-def run(quick: bool, chunk: int) -> None:
-    """Starts the three servers as processes, measures, stops them."""
+def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
+    """Starts the servers as processes, measures, stops them."""
     import uvloop
 
-    node = KvmeshProcess(
-        ["cachenode", "--standalone", "--listen", "127.0.0.1:0", "--storage", "memory://?capacity=2GiB",
-         "--chunk-bytes", str(chunk), "--log-level", "warning"],
-        name="cachenode",
-    )
-    noop_port = free_port()
-    noop = subprocess.Popen(
-        [sys.executable, "-m", "bench.cachenode", "--serve-noop", str(noop_port), "--chunk-bytes", str(chunk)],
-        env=kvmesh_env(), cwd=ROOT,
-    )
-    with tempfile.TemporaryDirectory(prefix="kvmesh-bench-redis-") as tmp:
+    common = [
+        "cachenode",
+        "--standalone",
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        "memory://?capacity=2GiB",
+        "--chunk-bytes",
+        str(chunk),
+        "--log-level",
+        "warning",
+    ]
+    with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp:
+        files = make_tls_files(Path(tmp))
+        node = KvmeshProcess(common, name="cachenode")
+        tls_node = KvmeshProcess(
+            [*common, "--data-tls-cert", str(files.cert), "--data-tls-key", str(files.key)], name="cachenode-tls"
+        )
+        noop_port = free_port()
+        noop = subprocess.Popen(
+            [sys.executable, "-m", "bench.cachenode", "--serve-noop", str(noop_port), "--chunk-bytes", str(chunk)],
+            env=kvmesh_env(),
+            cwd=ROOT,
+        )
         redis = start_redis(Path(tmp))
+        iperf = Iperf(1.0 if quick else 2.0)
         try:
-            address = node.wait_ready(30)
+            node.wait_ready(30)
+            tls_node.wait_ready(30)
             wait_port("127.0.0.1", noop_port, 30)
-            uvloop.run(measure(address, f"127.0.0.1:{noop_port}", redis.port, quick, chunk))
+            assert redis.process is not None
+            results = uvloop.run(
+                measure(
+                    node,
+                    tls_node,
+                    files.ca,
+                    f"127.0.0.1:{noop_port}",
+                    noop.pid,
+                    redis.port,
+                    redis.process.pid,
+                    sizes,
+                    quick,
+                    chunk,
+                    iperf,
+                )
+            )
+            iperf.sample()
+            rb, rb_why = redis_benchmark(redis.port, sizes, quick)
         finally:
             redis.stop()
             node.terminate()
+            tls_node.terminate()
             noop.terminate()
             noop.wait(10)
+    mc, mc_why = mooncake(sizes, quick)
+    aes, aes_why = openssl_aes_gcm()
+    print_table(results)
+    print_references(sizes, iperf, rb, rb_why, mc, mc_why)
+    print(f"  openssl speed aes-256-gcm (16 KiB, one core): {aes:.2f} GB/s {aes_why}".rstrip())
+    return print_targets(results, sizes, iperf)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 64 MiB per case instead of 5 of 256 MiB")
-    parser.add_argument("--chunk-bytes", default="4MiB", help="data per stream message (both directions)")
+    parser.add_argument("--chunk-bytes", default="4MiB", help="gRPC: data per stream message (both directions)")
+    parser.add_argument("--sizes", default=",".join(format_size(s).replace(" ", "") for s in SIZES))
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     chunk = parse_size(args.chunk_bytes)
@@ -298,7 +656,8 @@ def main() -> int:
     if args.serve_noop:
         uvloop.run(serve_noop(args.serve_noop, chunk))
         return 0
-    run(args.quick, chunk)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    run(args.quick, chunk, sizes)
     return 0
 
 

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 ldconfig -p 2>/dev/null | grep -q libibverbs.so.1 || need_apt+=(libibverbs1)
 if [ ${#need_apt[@]} -gt 0 ]; then

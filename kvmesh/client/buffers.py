@@ -56,3 +56,8 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray | memoryview]]) -> None:
     """Several copies in one call (one thread hop for a whole batch)."""
     for dst, src in pairs:
         copy(dst, src)
+
+
+def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
+    """`as_bytes` as a memoryview (what socket reads and writes take); same errors."""
+    return memoryview(as_bytes(buf, writable=writable))

@@ -6,16 +6,22 @@ per node, fans batches out to the nodes concurrently (values chunked over BatchP
 BatchGet streams), and retries transient failures with full-jitter backoff under a
 deadline. A node that is down or dies mid-call turns into cache misses (and failed puts),
 never into an exception for the caller: a cache must never fail the inference it speeds up.
+
+Values take the fastest path a node offers: the shared-memory path to a co-located node
+(local.py), else the node's bulk data plane (dataplane.py, advertised as the member label
+`data-endpoint`), else gRPC. `get_into`/`put_from` and their batched forms read into and
+write from the caller's own buffers (numpy arrays, CPU torch tensors, memoryviews).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -23,6 +29,15 @@ import numpy as np
 from kvmesh import wire
 from kvmesh.backoff import Backoff
 from kvmesh.blocks import BlockHasher
+from kvmesh.client.buffers import byte_view
+from kvmesh.client.dataplane import (
+    MISS,
+    TOO_SMALL,
+    DataPlaneConnecting,
+    DataPlanePool,
+    DataPlaneRefused,
+    DataPlaneUnavailable,
+)
 from kvmesh.client.hashring import HashRing
 from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable
 from kvmesh.membership import MembershipChange, MembershipWatcher
@@ -32,9 +47,13 @@ from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
 log = logging.getLogger("kvmesh.client")
 
 T = TypeVar("T")
+# A value to store: bytes, or a byte view of a caller's buffer.
+Value = bytes | bytearray | memoryview
 
 # Worth retrying on the same node; anything else (INVALID_ARGUMENT...) is final.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+# After the data plane of a node failed to connect or broke, gRPC carries its values this long.
+DATA_PLANE_RETRY_S = 5.0
 
 
 class _Retry:
@@ -62,13 +81,16 @@ class NodeInfo:
     id: str
     address: str
     capacity_bytes: int = 0
+    data_endpoint: str = ""  # host:port of its bulk data plane ("" when it offers none)
 
 
 class _Node:
     """One node's pooled channel and stub (a gRPC channel multiplexes all calls over HTTP/2)."""
 
-    def __init__(self, info: NodeInfo, max_message_bytes: int) -> None:
+    def __init__(self, info: NodeInfo, max_message_bytes: int, data: DataPlanePool | None = None) -> None:
         self.info = info
+        self.data = data
+        self.data_down_until = 0.0
         self.channel = open_channel(info.address, max_message_bytes)
         self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
         # The value-carrying streams use hand-coded messages (kvmesh.wire): fewer copies.
@@ -84,6 +106,8 @@ class _Node:
         )
 
     async def close(self) -> None:
+        if self.data is not None:
+            await self.data.close()
         await self.channel.close()
 
 
@@ -102,6 +126,9 @@ class CacheClient:
         backoff: Backoff | None = None,
         hasher: BlockHasher | None = None,
         local: str = "auto",
+        data_plane: str = "auto",
+        data_ssl: ssl.SSLContext | None = None,
+        data_connections: int = 2,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -122,6 +149,13 @@ class CacheClient:
         # (the default) detects them and falls back to gRPC for the others, "always" is
         # --local, "never" keeps every byte on gRPC.
         self._local = LocalPaths(local)
+        # Bulk data plane (kvmesh/client/dataplane.py): "auto" uses it where a node advertises
+        # one, "never" keeps values on gRPC. `data_ssl` makes its connections TLS.
+        if data_plane not in ("auto", "never"):
+            raise ValueError("data_plane must be 'auto' or 'never'")
+        self.data_plane = data_plane
+        self.data_ssl = data_ssl
+        self.data_connections = data_connections
 
     # -- construction --------------------------------------------------------------------
 
@@ -154,18 +188,37 @@ class CacheClient:
         wanted = {n.id: n for n in nodes}
         for node_id in list(self._nodes):
             node = self._nodes[node_id]
-            if node_id not in wanted or wanted[node_id].address != node.info.address:
+            if (
+                node_id not in wanted
+                or wanted[node_id].address != node.info.address
+                or wanted[node_id].data_endpoint != node.info.data_endpoint
+            ):
                 self._close_later(self._nodes.pop(node_id))
         for node_id, info in wanted.items():
             if node_id in self._nodes:
                 self._nodes[node_id].info = info
             else:
-                self._nodes[node_id] = _Node(info, self.max_message_bytes)
+                self._nodes[node_id] = _Node(info, self.max_message_bytes, self._data_pool_for(info))
         self.ring = HashRing({n.id: n.capacity_bytes for n in wanted.values()})
+
+    def _data_pool_for(self, info: NodeInfo) -> DataPlanePool | None:
+        if self.data_plane == "never" or not info.data_endpoint:
+            return None
+        return DataPlanePool(
+            info.data_endpoint,
+            ssl_context=self.data_ssl,
+            connections=self.data_connections,
+            call_timeout_s=self.call_timeout_s,
+            retry_after_s=DATA_PLANE_RETRY_S,
+        )
 
     def _close_later(self, node: _Node) -> None:
         # Calls in flight on a departing node finish or fail on their own; the channel is
         # closed with a grace period, tracked so close() can wait for it.
+        if node.data is not None:
+            data_close = asyncio.get_running_loop().create_task(node.data.close(), name="kvmesh-client-close-data")
+            self._closing.add(data_close)
+            data_close.add_done_callback(self._closing.discard)
         task = asyncio.get_running_loop().create_task(node.channel.close(grace=1.0), name="kvmesh-client-close")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -173,7 +226,13 @@ class CacheClient:
     def _on_change(self, change: MembershipChange) -> None:
         assert self._watcher is not None
         members = self._watcher.members.values()
-        self.set_nodes([NodeInfo(m.id, m.address, m.capacity_bytes) for m in members if m.address])
+        self.set_nodes(
+            [
+                NodeInfo(m.id, m.address, m.capacity_bytes, m.labels.get("data-endpoint", ""))
+                for m in members
+                if m.address
+            ]
+        )
         log.info(
             "cache nodes changed",
             extra={"nodes": len(self._nodes), "joined": len(change.joined), "left": len(change.left)},
@@ -230,7 +289,7 @@ class CacheClient:
 
     # -- single keys ---------------------------------------------------------------------
 
-    async def put(self, key: bytes, value: bytes, ttl_seconds: int = 0) -> bool:
+    async def put(self, key: bytes, value: Value, ttl_seconds: int = 0) -> bool:
         """Stores on every replica; True when at least one node stored it."""
         return (await self.put_many([(key, value)], ttl_seconds)) == 1
 
@@ -247,14 +306,14 @@ class CacheClient:
 
     # -- batches -------------------------------------------------------------------------
 
-    def _put_chunks(self, items: Sequence[tuple[bytes, bytes]], ttl: int) -> Callable[[], AsyncIterator[bytes]]:
+    def _put_chunks(self, items: Sequence[tuple[bytes, Value]], ttl: int) -> Callable[[], AsyncIterator[bytes]]:
         step = self.chunk_bytes
         namespace = self.namespace
 
         async def chunks() -> AsyncIterator[bytes]:
             for key, value in items:
-                size = len(value)
                 view = memoryview(value)
+                size = view.nbytes
                 for offset in range(0, max(size, 1), step):
                     yield wire.encode_put_chunk(namespace, key, size, offset, view[offset : offset + step], ttl)
 
@@ -264,7 +323,22 @@ class CacheClient:
         node = self._nodes.get(node_id)
         return None if node is None else await self._local.for_node(node_id, node.info.address, node.stub)
 
-    async def _batch_put_node(self, node_id: str, items: list[tuple[bytes, bytes]], ttl: int) -> set[bytes]:
+    def _data_pool(self, node_id: str) -> DataPlanePool | None:
+        """The node's data plane, unless it has none or failed a moment ago."""
+        node = self._nodes.get(node_id)
+        if node is None or node.data is None or time.monotonic() < node.data_down_until:
+            return None
+        return node.data
+
+    def _data_failed(self, node_id: str, exc: Exception) -> None:
+        node = self._nodes.get(node_id)
+        if isinstance(exc, DataPlaneConnecting):  # not a failure: the next call will find it ready
+            return
+        if node is not None:
+            node.data_down_until = time.monotonic() + DATA_PLANE_RETRY_S
+        log.debug("data plane of %s failed (%s): using gRPC for %.0f s", node_id, exc, DATA_PLANE_RETRY_S)
+
+    async def _batch_put_node(self, node_id: str, items: Sequence[tuple[bytes, Value]], ttl: int) -> set[bytes]:
         """Keys the node acknowledged."""
         local = await self._local_path(node_id)
         if local is not None:
@@ -273,6 +347,16 @@ class CacheClient:
                 return {k for k, _ in items}
             except (LocalPathUnavailable, grpc.aio.AioRpcError) as exc:
                 log.debug("local path to %s failed (%s): using gRPC", node_id, exc)
+        pool = self._data_pool(node_id)
+        if pool is not None:
+            try:
+                codes = await pool.put(self.namespace, [k for k, _ in items], [memoryview(v) for _, v in items], ttl)
+                return {k for (k, _), code in zip(items, codes, strict=True) if code == 0}
+            except DataPlaneRefused as exc:
+                log.warning("cache node %s refused a put: %s", node_id, exc)
+                return set()
+            except DataPlaneUnavailable as exc:
+                self._data_failed(node_id, exc)
         make = self._put_chunks(items, ttl)
 
         async def op(stub: cachenode_pb2_grpc.KVCacheStub) -> cachenode_pb2.BatchPutResponse:
@@ -288,16 +372,16 @@ class CacheClient:
             log.debug("node %s did not store a key: %s %s", node_id, err.code, err.message)
         return {k for k, _ in items if k not in failed}
 
-    async def put_many(self, items: Sequence[tuple[bytes, bytes]], ttl_seconds: int = 0) -> int:
+    async def put_many(self, items: Sequence[tuple[bytes, Value]], ttl_seconds: int = 0) -> int:
         """Stores values on their replicas, one stream per node, all nodes at once.
 
         Returns how many keys at least one node stored.
         """
-        by_node: dict[str, list[tuple[bytes, bytes]]] = {}
+        by_node: dict[str, list[tuple[bytes, Value]]] = {}
         for key, value in items:
             for node_id in self.placement(key):
                 by_node.setdefault(node_id, []).append((key, value))
-        results = await asyncio.gather(*(self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()))
+        results = await _all([self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()])
         stored: set[bytes] = set().union(*results) if results else set()
         return sum(1 for key, _ in items if key in stored)
 
@@ -309,6 +393,18 @@ class CacheClient:
                 return await local.get_many(self.namespace, keys)
             except (LocalPathUnavailable, grpc.aio.AioRpcError) as exc:
                 log.debug("local path to %s failed (%s): using gRPC", node_id, exc)
+        pool = self._data_pool(node_id)
+        if pool is not None:
+            try:
+                return [None if v is None else bytes(v) for v in await pool.get(self.namespace, keys)]
+            except DataPlaneRefused as exc:
+                log.warning("cache node %s refused a get: %s", node_id, exc)
+                return [None] * len(keys)
+            except DataPlaneUnavailable as exc:
+                self._data_failed(node_id, exc)
+        return await self._grpc_get_node(node_id, keys)
+
+    async def _grpc_get_node(self, node_id: str, keys: list[bytes]) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(keys)
         buffers: dict[int, bytearray] = {}
         request = cachenode_pb2.BatchGetRequest(namespace=self.namespace, keys=keys)
@@ -340,6 +436,14 @@ class CacheClient:
                 if not await retry.wait():
                     return out
 
+    def _by_rank(self, places: list[list[str]], rank: int, pending: Callable[[int], bool]) -> dict[str, list[int]]:
+        """Indexes still `pending`, grouped by the node of the given replica rank."""
+        by_node: dict[str, list[int]] = {}
+        for i, nodes in enumerate(places):
+            if pending(i) and rank < len(nodes):
+                by_node.setdefault(nodes[rank], []).append(i)
+        return by_node
+
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Values in order (None = miss). Each key is read from its primary; misses caused by
         a node failure are read again from the next replica."""
@@ -347,20 +451,95 @@ class CacheClient:
         found: list[bytes | None] = [None] * len(keys)
         places = [self.placement(k) for k in keys]
         for rank in range(self.replicas):
-            by_node: dict[str, list[int]] = {}
-            for i, nodes in enumerate(places):
-                if found[i] is None and rank < len(nodes):
-                    by_node.setdefault(nodes[rank], []).append(i)
+            by_node = self._by_rank(places, rank, lambda i: found[i] is None)
             if not by_node:
                 break
-            results = await asyncio.gather(
-                *(self._batch_get_node(n, [keys[i] for i in idx]) for n, idx in by_node.items())
-            )
+            results = await _all([self._batch_get_node(n, [keys[i] for i in idx]) for n, idx in by_node.items()])
             for idx, values in zip(by_node.values(), results, strict=True):
                 for i, value in zip(idx, values, strict=True):
                     if value is not None:
                         found[i] = value
         return found
+
+    # -- caller-provided buffers -----------------------------------------------------------
+
+    async def get_into(self, key: bytes, buffer: object) -> int:
+        """Reads a value into `buffer`; returns its size, MISS (-1) or TOO_SMALL (-2)."""
+        return (await self.batch_get_into([key], [buffer]))[0]
+
+    async def batch_get_into(self, keys: Sequence[bytes], buffers: Sequence[object]) -> list[int]:
+        """Reads each value into its buffer (memoryview, bytearray, numpy array, CPU torch tensor).
+
+        Per key: the value's size, MISS (-1) or TOO_SMALL (-2, the buffer was left unspecified).
+        Over the data plane the bytes land straight in the buffers, with no copy in between.
+        """
+        keys = list(keys)
+        if len(buffers) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [byte_view(b, writable=True) for b in buffers]
+        sizes = [MISS] * len(keys)
+        places = [self.placement(k) for k in keys]
+        for rank in range(self.replicas):
+            by_node = self._by_rank(places, rank, lambda i: sizes[i] == MISS)
+            if not by_node:
+                break
+            results = await _all(
+                [self._get_into_node(n, [keys[i] for i in idx], [views[i] for i in idx]) for n, idx in by_node.items()]
+            )
+            for idx, got in zip(by_node.values(), results, strict=True):
+                for i, size in zip(idx, got, strict=True):
+                    sizes[i] = size
+        return sizes
+
+    async def _get_into_node(self, node_id: str, keys: list[bytes], views: list[memoryview]) -> list[int]:
+        local = await self._local_path(node_id)
+        if local is not None:
+            # The shared-memory path copies straight from the node's memory (one Acquire for
+            # the batch). A value larger than its buffer fails the whole batch there before
+            # anything is copied; the copy below then reports TOO_SMALL for that key alone.
+            try:
+                got = await local.batch_get_into(self.namespace, keys, views)
+                return [MISS if size is None else size for size in got]
+            except ValueError:
+                pass
+            except (LocalPathUnavailable, grpc.aio.AioRpcError) as exc:
+                log.debug("local path to %s failed (%s): using gRPC", node_id, exc)
+        else:
+            pool = self._data_pool(node_id)
+            if pool is not None:
+                try:
+                    return await pool.get_into(self.namespace, keys, views)
+                except DataPlaneRefused as exc:
+                    log.warning("cache node %s refused a get: %s", node_id, exc)
+                    return [MISS] * len(keys)
+                except DataPlaneUnavailable as exc:
+                    self._data_failed(node_id, exc)
+        values = await self._batch_get_node(node_id, keys)
+        return [_copy_into(view, value) for view, value in zip(views, values, strict=True)]
+
+    async def put_from(self, key: bytes, buffer: object, ttl_seconds: int = 0) -> bool:
+        """Stores the bytes of `buffer` (see batch_put_from); True when a node stored them."""
+        return (await self.batch_put_from([key], [buffer], ttl_seconds))[0]
+
+    async def batch_put_from(
+        self, keys: Sequence[bytes], buffers: Sequence[object], ttl_seconds: int = 0
+    ) -> list[bool]:
+        """Stores each buffer's bytes under its key, sent straight from the buffers.
+
+        Per key: whether at least one replica stored it. The buffers must not change until
+        this returns.
+        """
+        keys = list(keys)
+        if len(buffers) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        items = [(key, byte_view(b, writable=False)) for key, b in zip(keys, buffers, strict=True)]
+        by_node: dict[str, list[tuple[bytes, Value]]] = {}
+        for key, view in items:
+            for node_id in self.placement(key):
+                by_node.setdefault(node_id, []).append((key, view))
+        results = await _all([self._batch_put_node(n, its, ttl_seconds) for n, its in by_node.items()])
+        stored: set[bytes] = set().union(*results) if results else set()
+        return [key in stored for key in keys]
 
     async def exists(self, keys: Sequence[bytes]) -> list[bool]:
         """Presence of each key anywhere in its replica set."""
@@ -376,6 +555,15 @@ class CacheClient:
                 break
 
             async def ask(node_id: str, idx: list[int]) -> list[bool]:
+                pool = self._data_pool(node_id)
+                if pool is not None:
+                    try:
+                        return await pool.exists(self.namespace, [keys[i] for i in idx])
+                    except DataPlaneRefused as exc:
+                        log.warning("cache node %s refused exists: %s", node_id, exc)
+                        return [False] * len(idx)
+                    except DataPlaneUnavailable as exc:
+                        self._data_failed(node_id, exc)
                 request = cachenode_pb2.ExistsRequest(namespace=self.namespace, keys=[keys[i] for i in idx])
                 resp = await self._call(node_id, lambda stub: stub.Exists(request, timeout=self.call_timeout_s))
                 return list(resp.present) if resp is not None else [False] * len(idx)
@@ -433,6 +621,23 @@ class CacheClient:
             return node_id, list(resp.engines) if resp is not None else []
 
         return dict(await asyncio.gather(*(one(n) for n in list(self._nodes))))
+
+
+async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """`asyncio.gather`, without its task when there is one call (a batch on one node)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    return list(await asyncio.gather(*calls))
+
+
+def _copy_into(view: memoryview, value: bytes | None) -> int:
+    """Copies a value fetched whole into a caller's buffer (the gRPC and local fallbacks)."""
+    if value is None:
+        return MISS
+    if len(value) > view.nbytes:
+        return TOO_SMALL
+    view[: len(value)] = value
+    return len(value)
 
 
 def node_infos(nodes: Mapping[str, str]) -> list[NodeInfo]:

@@ -50,6 +50,10 @@ class Service:
     async def close(self) -> None:
         """Called after the server stopped: close backends and background tasks here."""
 
+    def ready_fields(self) -> dict[str, str]:
+        """Extra `key=value` fields of the ready line (e.g. a further listener's address)."""
+        return {}
+
 
 def advertised_address(listen: str, bound_port: int, advertise: str | None) -> str:
     """The address other members dial: --advertise, else the listen host (a real one) and bound port."""
@@ -151,7 +155,8 @@ async def serve_until_signalled(service: Service, settings: ServiceSettings) -> 
         await runtime.stop()
         return 1
     # One line on stdout that tools (kvmesh up, tests) can wait for.
-    print(f"KVMESH_READY service={service.name} address={runtime.address}", flush=True)
+    extra = "".join(f" {key}={value}" for key, value in service.ready_fields().items())
+    print(f"KVMESH_READY service={service.name} address={runtime.address}{extra}", flush=True)
     await stop.wait()
     await runtime.stop()
     return 0

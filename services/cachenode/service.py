@@ -1,4 +1,4 @@
-"""The cache node as a kvmesh `Service`: storage lifecycle and membership.
+"""The cache node as a kvmesh `Service`: storage lifecycle, membership and the bulk data plane.
 
 The storage is built once the server listens (storage URIs are validated by then: a bad one
 stops the node with a clear message), then the node registers as ROLE_CACHENODE with its
@@ -17,6 +17,8 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
+from kvmesh.services.cachenode.dataplane.limits import DataPlaneLimits
+from kvmesh.services.cachenode.dataplane.server import DataPlaneServer, server_ssl_context
 from kvmesh.services.cachenode.kvcache_api import KVCacheApi
 from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
 from kvmesh.services.cachenode.limits import Limits
@@ -66,6 +68,8 @@ class CacheNodeService(Service):
         self.session: MemberSession | None = None
         self._load_watch: asyncio.Task[None] | None = None
         self._zerocopy: ZeroCopyApi | None = None
+        self.dataplane: DataPlaneServer | None = None
+        self.data_endpoint = ""  # host:port advertised as the `data-endpoint` label ("" when off)
 
     @property
     def storage(self) -> Storage | None:
@@ -105,6 +109,9 @@ class CacheNodeService(Service):
             if self._zerocopy is not None:
                 await self._zerocopy.start()
                 self.servicer.zerocopy = self._zerocopy
+        labels = {"storage": storage.name}
+        if self.settings.data_listen != "off":
+            labels.update(await self._start_dataplane(address))
         if self.settings.standalone:
             return
         member = common_pb2.Member(
@@ -113,13 +120,51 @@ class CacheNodeService(Service):
             address=address,
             zone=self.settings.zone,
             capacity_bytes=storage.capacity_bytes,
-            labels={"storage": storage.name},
+            labels=labels,
         )
         self.session = MemberSession(
             self.settings.metadata_addresses, member, ttl_seconds=self.settings.ttl_seconds, load_fn=self.load
         )
         await self.session.start()
         self._load_watch = asyncio.create_task(self._report_load_changes(), name="cachenode-load-watch")
+
+    async def _start_dataplane(self, address: str) -> dict[str, str]:
+        """Starts the bulk data plane (docs/dataplane.md); returns the labels that advertise it."""
+        settings = self.settings
+        grpc_host = address.rpartition(":")[0]
+        if settings.data_listen == "auto":
+            host, port = settings.listen.rpartition(":")[0], 0
+        else:
+            host, _, port_text = settings.data_listen.rpartition(":")
+            port = int(port_text)
+        ssl_context = None
+        if settings.data_tls_cert and settings.data_tls_key:
+            ssl_context = server_ssl_context(settings.data_tls_cert, settings.data_tls_key, settings.data_tls_client_ca)
+        self.dataplane = DataPlaneServer(
+            lambda: self.servicer.storage,
+            self.servicer.limits,
+            DataPlaneLimits(
+                max_batch_keys=settings.data_max_batch_keys,
+                max_frame_bytes=settings.data_max_frame_bytes,
+                max_inflight_bytes=settings.data_max_inflight_bytes,
+                stall_timeout_s=settings.data_stall_timeout_s,
+                min_rate_bytes=settings.data_min_rate_bytes,
+                idle_timeout_s=settings.data_idle_timeout_s,
+            ),
+            ssl_context,
+        )
+        bound = await self.dataplane.start(host.strip("[]"), port)
+        # `auto` and wildcard hosts are reached where the gRPC address is (--advertise included).
+        wildcard = settings.data_listen == "auto" or host in ("0.0.0.0", "::", "[::]", "")
+        advertised_host = grpc_host if wildcard else host
+        self.data_endpoint = f"{advertised_host}:{bound}"
+        labels = {"data-endpoint": self.data_endpoint}
+        if ssl_context is not None:
+            labels["data-tls"] = "1"
+        return labels
+
+    def ready_fields(self) -> dict[str, str]:
+        return {"data_endpoint": self.data_endpoint} if self.data_endpoint else {}
 
     async def _report_load_changes(self) -> None:
         """Sends a heartbeat early when used bytes moved by 1% of capacity (or 64 MiB), so the
@@ -148,6 +193,8 @@ class CacheNodeService(Service):
             await cancel_and_wait(task)
 
     async def drain(self) -> None:
+        if self.dataplane is not None:
+            self.dataplane.stop_accepting()
         if self._zerocopy is not None:  # data-path streams never end by themselves: end them now
             self._zerocopy.drain()
         await self._stop_load_watch()
@@ -163,6 +210,9 @@ class CacheNodeService(Service):
         if self._zerocopy is not None:
             await self._zerocopy.close()
             self._zerocopy = None
+        if self.dataplane is not None:  # before the storage: open writes are aborted into it
+            await self.dataplane.close()
+            self.dataplane = None
         storage, self.servicer.storage = self.servicer.storage, None
         if storage is not None:
             await storage.close()

@@ -56,6 +56,30 @@ class CacheNodeSettings(MemberSettings):
         30.0, gt=0, le=3600, description="a BatchPut stream that sends no chunk for this long is ended"
     )
 
+    data_listen: str = Field(
+        "auto",
+        description="HOST:PORT of the bulk data plane (docs/dataplane.md); auto: --listen's host, a free port; off",
+    )
+    data_max_batch_keys: int = Field(4096, ge=1, le=1_000_000, description="data plane: keys in one request frame")
+    data_max_frame_bytes: int = Field(
+        1024**3, ge=1024, description="data plane: values in one PUT frame (accepts 1GiB)"
+    )
+    data_max_inflight_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="data plane: PUT values being received by all connections at once"
+    )
+    data_stall_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="data plane: cut a busy connection slower than --data-min-rate-bytes this long"
+    )
+    data_min_rate_bytes: int = Field(
+        64 * 1024, ge=0, description="data plane: bytes per second a connection sending or reading a frame must move"
+    )
+    data_idle_timeout_s: float = Field(300.0, gt=0, description="data plane: idle connections are closed after this")
+    data_tls_cert: str | None = Field(None, description="data plane: PEM certificate (with --data-tls-key: TLS)")
+    data_tls_key: str | None = Field(None, description="data plane: PEM private key of --data-tls-cert")
+    data_tls_client_ca: str | None = Field(
+        None, description="data plane: PEM CA that client certificates must chain to (mutual TLS)"
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _engine_is_storage(cls, data: Any) -> Any:
@@ -64,7 +88,32 @@ class CacheNodeSettings(MemberSettings):
             return {**data, "storage": data["engine"]}
         return data
 
-    @field_validator("max_value_bytes", "chunk_bytes", "max_write_peer_bytes", "max_write_total_bytes", mode="before")
+    @field_validator("data_listen")
+    @classmethod
+    def _check_data_listen(cls, value: str) -> str:
+        if value in ("auto", "off"):
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"expected HOST:PORT, auto or off, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> CacheNodeSettings:
+        if bool(self.data_tls_cert) != bool(self.data_tls_key):
+            raise ValueError("--data-tls-cert and --data-tls-key go together")
+        return self
+
+    @field_validator(
+        "max_value_bytes",
+        "chunk_bytes",
+        "max_write_peer_bytes",
+        "max_write_total_bytes",
+        "data_max_frame_bytes",
+        "data_max_inflight_bytes",
+        "data_min_rate_bytes",
+        mode="before",
+    )
     @classmethod
     def _sizes(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value

@@ -1,0 +1,1 @@
+"""The cache node's bulk data plane: binary frames on persistent TCP connections (kvmesh.frames)."""
