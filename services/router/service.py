@@ -14,12 +14,14 @@ import socket
 
 import grpc
 
-from kvmesh.membership import MemberSession, MembershipWatcher
+from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.server import Service
 from kvmesh.services.router.core import RouterCore
+from kvmesh.services.router.kv_events.subscriber import KvEventSubscriber
 from kvmesh.services.router.metrics import register_router_metrics
 from kvmesh.services.router.router_api import RouterApi
 from kvmesh.services.router.settings import RouterSettings
+from kvmesh.services.router.tokenize import Tokenizers
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
 
@@ -33,7 +35,9 @@ class RouterService(Service):
     def __init__(self, settings: RouterSettings, follow_membership: bool = True) -> None:
         self.settings = settings
         self.core = RouterCore(settings.policy, settings)
-        self.servicer = RouterApi(self.core)
+        tokenizers = Tokenizers(settings.tokenizer_paths) if settings.tokenizer else None
+        self.kv_events = KvEventSubscriber(self.core, settings)
+        self.servicer = RouterApi(self.core, tokenizers, self.kv_events)
         register_router_metrics(self.core)
         self._follow = follow_membership
         self.watcher: MembershipWatcher | None = None
@@ -47,8 +51,9 @@ class RouterService(Service):
         if self._sweeper is not None:
             return
         s = self.settings
+        await self.kv_events.start()
         if self._follow:
-            self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.core.update_pods)
+            self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.update_pod_set)
             await self.watcher.start()
             if s.register_self:
                 member = common_pb2.Member(
@@ -60,6 +65,11 @@ class RouterService(Service):
                 self.session = MemberSession(s.metadata_addresses, member, s.ttl_seconds)
                 await self.session.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+
+    def update_pod_set(self, change: MembershipChange) -> None:
+        """One membership diff: the tree first, then the KV-event subscriptions (both synchronous)."""
+        self.core.update_pods(change)
+        self.kv_events.update_pods(change)
 
     async def _sweep(self) -> None:
         """Expires approximate blocks and never-released requests, one pod per loop turn."""
@@ -84,3 +94,4 @@ class RouterService(Service):
         if self.watcher is not None:
             await self.watcher.close()
             self.watcher = None
+        await self.kv_events.close()

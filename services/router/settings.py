@@ -59,9 +59,64 @@ class RouterSettings(MemberSettings):
     random_seed: int | None = Field(
         default=None, ge=0, description="seed of the policies' random choices (default: random)"
     )
+    event_slice_blocks: int = Field(
+        4096,
+        ge=16,
+        le=1 << 20,
+        description="KV events are applied in slices of about this many blocks, one per event-loop turn",
+    )
     register_self: bool = Field(
         default=True, description="register the router itself with the metadata service (ROLE_ROUTER)"
     )
+
+    # ---- vLLM KV events over ZMQ (docs/router.md, "KV events") --------------------------------
+    kv_events_listen: str = Field(
+        "", description="central mode: bind one ZMQ SUB here (tcp://127.0.0.1:PORT) that every vLLM connects to"
+    )
+    kv_events_connect: bool = Field(
+        True, description="per-pod mode: subscribe to each engine member's `kv-events` label endpoint"
+    )
+    kv_events_queue: int = Field(
+        1024, ge=1, le=1_000_000, description="KV-event batches queued before new ones are dropped (then replayed)"
+    )
+    kv_events_max_message_bytes: int = Field(
+        4 << 20, ge=1024, le=1 << 30, description="largest ZMQ KV-event message accepted (larger: dropped by ZMQ)"
+    )
+    kv_events_max_blocks_per_pod: int = Field(
+        1_000_000, ge=16, le=100_000_000, description="engine block hashes remembered per pod (oldest dropped beyond)"
+    )
+    kv_events_slice_blocks: int = Field(
+        512, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+    )
+    kv_events_replay_timeout_seconds: float = Field(
+        2.0, gt=0, le=600, description="wait for each reply of an engine's replay endpoint"
+    )
+    kv_events_replay_max_batches: int = Field(
+        100_000, ge=1, le=10_000_000, description="batches read from one replay before it stops"
+    )
+    tokenizer: str = Field(
+        "", description="MODEL=PATH[,MODEL=PATH]: local tokenizer.json used to tokenize text requests for MODEL"
+    )
+    tokenize_inline_chars: int = Field(
+        2048, ge=0, le=1 << 30, description="text prompts longer than this are tokenized in a worker thread"
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_pairs(cls, value: str) -> str:
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            model, sep, path = item.partition("=")
+            if not sep or not model or not path:
+                raise ValueError(f"{item!r} is not MODEL=PATH")
+        return value
+
+    @property
+    def tokenizer_paths(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.tokenizer.split(","))):
+            model, _, path = item.partition("=")
+            out[model.strip()] = path.strip()
+        return out
 
     @field_validator("policy")
     @classmethod
