@@ -127,7 +127,12 @@ class RouterApi(router_pb2_grpc.RouterServicer):
             if not batch.member_id:
                 raise InvalidArgument(f"batch {out.batches}: member_id is required")
             # Convert the whole batch first: a malformed batch changes nothing.
-            events = [from_proto(i, e) for i, e in enumerate(batch.events)]
+            events: list[KvEvent] = []
+            step = self.core.settings.event_slice_blocks
+            for i, e in enumerate(batch.events):
+                events.append(from_proto(i, e))
+                if i % step == step - 1:
+                    await asyncio.sleep(0)  # converting a huge batch is sliced too
             out.batches += 1
             # One slice of about --event-slice-blocks blocks per loop turn: a huge batch (or a
             # huge stored run) never holds routing for longer than one slice takes.
