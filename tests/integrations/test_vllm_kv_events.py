@@ -148,7 +148,7 @@ def test_router_holds_the_blocks_of_a_request(scene: Scene) -> None:
     assert scene.matched(tokens) == 0
     scene.vllm.complete(tokens, max_tokens=4)
     wait_for(lambda: scene.matched(tokens) == 3, 30, "the request's 3 blocks in the tree")
-    by_text = scene.route(text=words(tokens + [7, 8]))  # the router's tokenizer: same blocks
+    by_text = scene.route(text=words([*tokens, 7, 8]))  # the router's tokenizer: same blocks
     assert (by_text.member_id, by_text.matched_blocks, by_text.total_blocks) == (MEMBER, 3, 3)
     assert scene.stats().kv_event_blocks >= 3
 

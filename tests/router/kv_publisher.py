@@ -2,7 +2,7 @@
 
 Frames and payloads follow vLLM's wire format: `[topic, seq (8 bytes big-endian), msgpack([ts,
 [events], dp_rank])]`, events as tagged maps or positional arrays; the replay socket answers
-`[b"", start_seq]` with `[b"", topic, seq, payload]` per batch and an end marker of 8×0xff.
+`[b"", start_seq]` with `[b"", topic, seq, payload]` per batch and an end marker of 8 bytes of 0xff.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ async def test_tokenizer_lets_text_match_event_blocks(mesh_factory: Callable[...
         await join(mesh, "e2", {})
         pub.batch([stored([1, 2], None, tokens(0, 2), BS)])
         await until_matched(mesh, tokens(0, 2), "e1", 2)
-        text = " ".join(f"w{i}" for i in tokens(0, 2) + [50, 51])
+        text = " ".join(f"w{i}" for i in [*tokens(0, 2), 50, 51])
         r = await mesh.stub.Route(router_pb2.RouteRequest(model=MODEL, text=text))
         assert (r.member_id, r.matched_blocks, r.total_blocks) == ("e1", 2, 2)
         other = await mesh.stub.Route(router_pb2.RouteRequest(model="other", text=text))
