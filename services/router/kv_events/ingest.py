@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from array import array
 from itertools import islice
+
+import numpy as np
 
 from kvmesh.blocks import block_id
 from kvmesh.services.router.core import Cleared, KvEvent, Removed, RouterCore, Stored
@@ -26,8 +29,14 @@ from kvmesh.services.router.kv_events.decode import (
 )
 
 _ROOT_KEY = b"\x00" * 16
-_MEDIUM_BITS = {"GPU": 1, "CPU": 2}
+_GPU = 1
+_MEDIUM_BITS = {"GPU": _GPU, "CPU": 2}
 _OTHER_MEDIUM = 4
+
+
+def own_ids(keys: list[bytes]) -> list[int]:
+    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), vectorised."""
+    return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist() if keys else []
 
 
 def medium_bit(medium: str) -> int:
@@ -48,7 +57,7 @@ class PodStream:
 
     member_id: str
     keys: dict[EngineHash, bytes] = field(default_factory=dict)  # engine hash → own 16-byte key
-    media: dict[EngineHash, int] = field(default_factory=dict)  # engine hash → medium bits
+    media: dict[EngineHash, int] = field(default_factory=dict)  # medium bits, when not GPU only
     seq: int = -1
     ts: float = 0.0
     synced: bool = False  # caught up with the engine's replay buffer once (warm)
@@ -164,28 +173,38 @@ class EventIngest:
                         self._ignore("stored chain with an unknown parent")
                         continue
                     parent_key = found
-                own = hasher.token_keys(event.token_ids, parent_key)
+                try:
+                    # array('q') converts the decoded list in C (np.asarray over Python ints is slow).
+                    tokens = np.frombuffer(array("q", event.token_ids), dtype=np.int64)
+                    own = hasher.token_keys(tokens, parent_key)
+                except (ValueError, OverflowError, TypeError):
+                    self._ignore("stored event with token ids out of range")
+                    continue
                 if len(own) != len(event.hashes):
                     self._ignore("stored event whose token_ids do not fill its blocks")
                     continue
                 bit = medium_bit(event.medium)
-                for h, key in zip(event.hashes, own, strict=True):
-                    keys[h] = key
-                    media[h] = media.get(h, 0) | bit
-                out.append(Stored(0 if event.parent is None else block_id(parent_key), [block_id(k) for k in own]))
+                if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
+                    for h in event.hashes:
+                        held = media.get(h, _GPU if h in keys else 0) | bit
+                        if held == _GPU:
+                            media.pop(h, None)
+                        else:
+                            media[h] = held
+                keys.update(zip(event.hashes, own, strict=True))
+                out.append(Stored(0 if event.parent is None else block_id(parent_key), own_ids(own)))
                 self.counters.stored_blocks += len(own)
             elif isinstance(event, EngineRemoved):
                 bit = medium_bit(event.medium)
                 gone: list[int] = []
                 for h in event.hashes:
-                    held = media.get(h)
-                    if held is None:
+                    if h not in keys:
                         continue
-                    held &= ~bit
+                    held = media.get(h, _GPU) & ~bit
                     if held:
                         media[h] = held  # still on another medium: still a hit
                         continue
-                    del media[h]
+                    media.pop(h, None)
                     gone.append(block_id(keys.pop(h)))
                 if gone:
                     out.append(Removed(gone))
