@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,11 +26,12 @@ from kvmesh.tools.testing.ports import free_port
 from kvmesh.tools.testing.vllm import BLOCK_SIZE, MODEL_NAME, VllmServer, start_vllm, tiny_model, words
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc, router_pb2, router_pb2_grpc
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 T = TypeVar("T")
 MEMBER = "engine-1"
 TTL = 5
+VLLM_READY_S = 600  # a loaded 2-core machine takes minutes to start vLLM
 
 
 def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -45,6 +47,10 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+
+
+def held(scene: Scene, tokens: list[int], blocks: int) -> bool:
+    return scene.matched(tokens) == blocks
 
 
 def prompt(start: int, blocks: int = 3) -> list[int]:
@@ -92,7 +98,13 @@ class Scene:
                   "endpoint": f"tcp://127.0.0.1:{self.events_port}",
                   "replay_endpoint": f"tcp://127.0.0.1:{self.replay_port}",
                   "topic": f"kv@{MEMBER}@{MODEL_NAME}"}
-        return start_vllm(self.workdir, "--kv-events-config", json.dumps(config), port=port)
+        server = start_vllm(self.workdir, "--kv-events-config", json.dumps(config), port=port, wait=False)
+        try:
+            server.wait_healthy(VLLM_READY_S)
+        except BaseException:
+            server.kill()
+            raise
+        return server
 
 
 def start(args: list[str], name: str, timeout: float = 60) -> KvmeshProcess:
@@ -182,7 +194,7 @@ def test_events_while_the_router_is_down_come_back_by_replay(scene: Scene) -> No
     wait_for(lambda: scene.stats().members == 1, 30, "the new router to see the pod")
     wait_for(lambda: scene.stats().warm, 30, "the new router to be warm")
     for tokens in burst:
-        wait_for(lambda t=tokens: scene.matched(t) == 2, 30, "blocks stored while the router was down")
+        wait_for(partial(held, scene, tokens, 2), 30, "blocks stored while the router was down")
     assert scene.stats().kv_event_replays >= 1
 
 

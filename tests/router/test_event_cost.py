@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kvmesh.services.router.core import Removed, RouterCore, Stored, event_slices
+from kvmesh.services.router.core import KvEvent, Removed, RouterCore, Stored, event_slices
 from kvmesh.services.router.tree import MAX_RUN, PrefixTree
 from kvmesh.v1 import router_pb2
 from tests.router.conftest import Mesh
@@ -34,7 +34,7 @@ def test_small_events_inside_a_long_run_touch_short_nodes() -> None:
     for i in range(800):
         parent = run[(i * 997) % RUN]
         assert router.apply_events("a", [Stored(parent, [10_000_000 + i])]).applied == 1
-    router.apply_events("a", [Removed(run[5_000:5_010] + run[-3:])])
+    router.apply_events("a", [Removed([*run[5_000:5_010], *run[-3:]])])
     assert longest_label(router.tree) <= MAX_RUN
     assert router.tree.pod_blocks(router.pods.get("a").slot) == RUN + 800 - 13  # type: ignore[union-attr]
     # Evicting a few blocks trims one short leaf, never re-copies the run.
@@ -45,7 +45,7 @@ def test_small_events_inside_a_long_run_touch_short_nodes() -> None:
 
 
 def test_event_slices_keep_order_and_chain_long_runs() -> None:
-    events = [Stored(0, list(range(1, 10_001))), Removed([5]), Stored(10_000, [20_000])]
+    events: list[KvEvent] = [Stored(0, list(range(1, 10_001))), Removed([5]), Stored(10_000, [20_000])]
     pieces = list(event_slices(events, 4096))
     assert all(sum(len(e.ids) for e in p if isinstance(e, Stored | Removed)) <= 4096 for p in pieces)
     flat = [e for p in pieces for e in p]
