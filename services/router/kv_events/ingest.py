@@ -10,10 +10,10 @@ engine (its sequence went back with a newer timestamp: drop its blocks and resyn
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from array import array
 from itertools import islice
 
 import numpy as np
