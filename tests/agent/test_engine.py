@@ -41,4 +41,4 @@ def test_settings() -> None:
     for bad in ({"engine_url": "10.0.0.5:8000"}, {"engine_url": "http://host"}, {"kv_events": "5557"},
                 {"unhealthy_after": 0}):
         with pytest.raises(ValidationError):
-            AgentSettings(**bad)  # type: ignore[arg-type]
+            AgentSettings(**bad)

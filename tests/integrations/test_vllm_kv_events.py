@@ -160,8 +160,13 @@ def test_router_holds_the_blocks_of_a_request(scene: Scene) -> None:
     assert scene.matched(tokens) == 0
     scene.vllm.complete(tokens, max_tokens=4)
     wait_for(lambda: scene.matched(tokens) == 3, 30, "the request's 3 blocks in the tree")
-    by_text = scene.route(text=words([*tokens, 7, 8]))  # the router's tokenizer: same blocks
-    assert (by_text.member_id, by_text.matched_blocks, by_text.total_blocks) == (MEMBER, 3, 3)
+    # A gateway without a tokenizer sends text to both: the router tokenizes it with the model's
+    # tokenizer.json (--tokenizer) exactly as vLLM does, so the text route matches vLLM's blocks.
+    text = words(list(range(500, 600)))
+    scene.vllm.complete(text, max_tokens=4)
+    wait_for(lambda: scene.route(text=text).matched_blocks >= 3, 30, "the text's blocks")
+    by_text = scene.route(text=text)
+    assert by_text.member_id == MEMBER and by_text.matched_blocks == by_text.total_blocks
     assert scene.stats().kv_event_blocks >= 3
 
 
