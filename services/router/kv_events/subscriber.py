@@ -233,8 +233,10 @@ class KvEventSubscriber:
         stream.batches += 1
 
     async def _sync(self, member_id: str) -> None:
-        stream = self.ingest.streams.get(member_id) or self.ingest.stream(member_id)
-        if member_id in self.core.pods and not stream.synced:
+        if member_id not in self.core.pods:
+            return  # left before its turn came: nothing to keep for it
+        stream = self.ingest.stream(member_id)
+        if not stream.synced:
             await self._replay(member_id, stream, stream.seq + 1)
 
     async def _replay(self, member_id: str, stream: PodStream, start: int) -> bool:
