@@ -42,7 +42,10 @@ from kvmesh.v1 import common_pb2
 
 BLOCK = 32  # vLLM's block size on CPU
 EVENT_BLOCKS = 16  # blocks per stored event (one prefill's worth)
-TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+_TRACE_NAME = Path("shared") / "traces" / "mooncake_conversation_trace.jsonl"
+# The checkout's parent holds shared/ (a worktree under wt/ has it one level higher).
+TRACE = next((p / _TRACE_NAME for p in Path(__file__).resolve().parents[1:4] if (p / _TRACE_NAME).exists()),
+             Path(__file__).resolve().parents[2] / _TRACE_NAME)
 
 
 def make_core(max_blocks: int) -> RouterCore:
@@ -195,11 +198,11 @@ class OracleRouter:
         self.held[member_id].difference_update(blocks)
 
 
-def quality(limit: int) -> None:
-    if not TRACE.exists():
-        print(f"3. routing quality: trace {TRACE} not found, skipped")
+def quality(limit: int, trace: Path = TRACE) -> None:
+    if not trace.exists():
+        print(f"3. routing quality: trace {trace} not found, skipped")
         return
-    requests = load_trace(TRACE, limit=limit)
+    requests = load_trace(trace, limit=limit)
     config = ReplayConfig(engines=8, capacity_blocks=1000)
     prefix = replay_in_process(requests, CoreRouter("prefix"), "prefix", config).summary()
     oracle = replay_in_process(requests, OracleRouter(), "oracle", config).summary()
@@ -216,11 +219,16 @@ def quality(limit: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--trace", type=Path, default=TRACE, help="Mooncake-format trace for part 3")
+    parser.add_argument("--only", choices=("ingestion", "storm", "quality"), help="run one part")
     args = parser.parse_args()
     blocks = 100_000 if args.quick else 400_000
-    ingestion(3, blocks)
-    asyncio.run(storm(blocks))
-    quality(2000 if args.quick else 8000)
+    if args.only in (None, "ingestion"):
+        ingestion(3, blocks)
+    if args.only in (None, "storm"):
+        asyncio.run(storm(blocks))
+    if args.only in (None, "quality"):
+        quality(2000 if args.quick else 8000, args.trace)
     return 0
 
 
