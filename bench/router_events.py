@@ -6,6 +6,8 @@
 1. Ingestion on one core (interleaved rounds, medians): stored blocks per second
    - through `RouterCore.apply_events` (ids given, the `ReportEvents` path), and
    - through the vLLM path: msgpack decode + own keys from 32-token blocks + tree (`EventIngest`).
+   Rates are per CPU second of the benchmark's thread (`time.thread_time`), so time other
+   processes take the core does not count against them.
    Target: >= 1,000,000 stored blocks/s.
 2. Storm: a real ZMQ PUB (another thread) floods the router's `KvEventSubscriber` (central mode)
    while a probe on the router's event loop routes every millisecond; prints how late each probe
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import statistics
 import threading
 import time
@@ -80,20 +83,20 @@ def rate_tree(blocks: int) -> float:
     core = make_core(blocks + 1)
     chains = [list(range(i, i + 64)) for i in range(1, blocks, 64)]
     gc.collect()
-    t = time.perf_counter()
+    t = time.thread_time()
     for chain in chains:
         core.apply_events("e", [Stored(0, chain)])
-    return blocks / (time.perf_counter() - t)
+    return blocks / (time.thread_time() - t)
 
 
 def rate_vllm(payloads: list[bytes]) -> float:
     core = make_core(len(payloads) * EVENT_BLOCKS + 1)
     ingest = EventIngest(core, 10_000_000)
     gc.collect()
-    t = time.perf_counter()
+    t = time.thread_time()
     for p in payloads:
         ingest.apply("e", decode_batch(p).events)
-    return len(payloads) * EVENT_BLOCKS / (time.perf_counter() - t)
+    return len(payloads) * EVENT_BLOCKS / (time.thread_time() - t)
 
 
 def ingestion(rounds: int, blocks: int) -> None:
@@ -104,11 +107,29 @@ def ingestion(rounds: int, blocks: int) -> None:
         tree.append(rate_tree(blocks))
         vllm.append(rate_vllm(payloads))
     t, v = statistics.median(tree), statistics.median(vllm)
-    print(f"1. ingestion, {blocks:,} blocks x {rounds} rounds (median):")
+    print(f"1. ingestion, {blocks:,} blocks x {rounds} rounds (median, per CPU second of this thread; "
+          f"load average {os.getloadavg()[0]:.1f}):")
     print(f"   ReportEvents path (ids given)          {t / 1e6:6.2f} M blocks/s   target >= 1.00  "
           f"{'met' if t >= 1e6 else 'NOT met'}")
     print(f"   vLLM path (decode + hash 32 tokens)    {v / 1e6:6.2f} M blocks/s   target >= 1.00  "
           f"{'met' if v >= 1e6 else 'NOT met'}")
+
+
+async def probe_lags(seconds: float) -> list[float]:
+    """How late a 1 ms timer fires on a quiet loop: the machine's own noise, for comparison."""
+    lags: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        expected = time.perf_counter() + 0.001
+        await asyncio.sleep(0.001)
+        lags.append(max(0.0, time.perf_counter() - expected))
+    return sorted(lags)
+
+
+def lag_figures(lags: list[float]) -> str:
+    p99 = lags[int(len(lags) * 0.99)] if lags else 0.0
+    return (f"p50 {statistics.median(lags) * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, "
+            f"max {lags[-1] * 1e3:.2f} ms" if lags else "no samples")
 
 
 async def storm(blocks: int) -> None:
@@ -150,11 +171,13 @@ async def storm(blocks: int) -> None:
     await sub.close()
     got = sub.ingest.counters.stored_blocks
     lags.sort()
-    p99 = lags[int(len(lags) * 0.99)] if lags else 0.0
-    print(f"2. storm: {got:,} blocks in {len(payloads):,} ZMQ batches, {got / took / 1e6:.2f} M blocks/s end to end "
-          f"(dropped {sub.stats.dropped}); a route every 1 ms waited: p50 {statistics.median(lags) * 1e3:.2f} ms, "
-          f"p99 {p99 * 1e3:.2f} ms, max {lags[-1] * 1e3:.2f} ms   target max <= 5 ms  "
-          f"{'met' if lags[-1] <= 0.005 else 'NOT met'}")
+    quiet = await probe_lags(min(took, 5.0))
+    print(f"2. storm: {got:,} blocks in {len(payloads):,} ZMQ batches in {took:.1f} s, "
+          f"{got / took / 1e6:.2f} M blocks/s end to end (dropped {sub.stats.dropped}; load average "
+          f"{os.getloadavg()[0]:.1f})")
+    print(f"   a route every 1 ms, during the storm waited: {lag_figures(lags)}   target max <= 5 ms  "
+          f"{'met' if lags and lags[-1] <= 0.005 else 'NOT met'}")
+    print(f"   the same probe on a quiet loop (machine noise):  {lag_figures(quiet)}")
 
 
 class OracleRouter:

@@ -73,6 +73,8 @@ def _hash(value: Any) -> EngineHash:
 def _hashes(value: Any) -> list[EngineHash]:
     if not isinstance(value, list):
         raise DecodeError("block_hashes is not a list")
+    if all(type(v) is int for v in value):  # the usual case (uint64 hashes), checked in one pass
+        return value
     return [_hash(v) for v in value]
 
 

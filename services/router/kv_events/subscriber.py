@@ -37,7 +37,8 @@ log = logging.getLogger("kvmesh.router.kv_events")
 EVENTS_LABEL = "kv-events"
 REPLAY_LABEL = "kv-events-replay"
 END_OF_REPLAY = b"\xff" * 8
-_SYNC = -1  # queue item: catch this pod up through its replay endpoint
+_SYNC = -1
+_YIELD_EVERY = 16  # messages received between two yields to the event loop  # queue item: catch this pod up through its replay endpoint
 
 
 def member_of_topic(topic: bytes) -> str | None:
@@ -163,6 +164,10 @@ class KvEventSubscriber:
             while True:
                 frames = await sock.recv_multipart()
                 stats.received += 1
+                if stats.received % _YIELD_EVERY == 0:
+                    # A ready message is returned without suspending: yield now and then, or a
+                    # flood of queued messages would hold the loop while they are received.
+                    await asyncio.sleep(0)
                 if len(frames) != 3 or len(frames[1]) != 8:
                     stats.malformed += 1
                     continue
