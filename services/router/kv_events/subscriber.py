@@ -37,8 +37,8 @@ log = logging.getLogger("kvmesh.router.kv_events")
 EVENTS_LABEL = "kv-events"
 REPLAY_LABEL = "kv-events-replay"
 END_OF_REPLAY = b"\xff" * 8
-_SYNC = -1
-_YIELD_EVERY = 16  # messages received between two yields to the event loop  # queue item: catch this pod up through its replay endpoint
+_SYNC = -1  # queue item: catch this pod up through its replay endpoint
+_YIELD_EVERY = 16  # messages received between two yields to the event loop
 
 
 def member_of_topic(topic: bytes) -> str | None:
