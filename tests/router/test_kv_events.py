@@ -92,6 +92,20 @@ async def until_matched(mesh: Mesh, toks: list[int], member_id: str, blocks: int
     await eventually(check, timeout=10, interval=0.05, what=f"{member_id} matching {blocks} blocks")
 
 
+async def connected(mesh: Mesh, pub: Publisher) -> None:
+    """Publishes empty batches until the router receives one: a PUB drops what it sends before
+    the subscriber's subscription reaches it (a lost batch is otherwise only noticed at the next)."""
+    kv = mesh.service.kv_events
+
+    async def check() -> bool:
+        if kv.stats.received:
+            return True
+        pub.batch([])
+        return False
+
+    await eventually(check, timeout=10, interval=0.05, what="the router to receive from the publisher")
+
+
 @pytest.fixture
 async def central(mesh_factory: Callable[..., Any]) -> Mesh:
     port = free_port()
@@ -108,6 +122,7 @@ async def test_central_mode_keeps_the_tree_exact(central: Mesh, zctx: zmq.asynci
     try:
         await join(central, "e1", {"kv-events-replay": pub.replay_endpoint})
         await join(central, "e2", {})
+        await connected(central, pub)
         pub.batch([stored(hashes[:2], None, tokens(0, 2), BS, encoding)])
         pub.batch([stored(hashes[2:], hashes[1], tokens(8, 1), BS, encoding)])
         prompt = tokens(0, 3) + [999] * BS
@@ -127,6 +142,7 @@ async def test_gap_is_replayed_and_restart_drops_old_blocks(central: Mesh, zctx:
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)
     try:
         await join(central, "e1", {"kv-events-replay": pub.replay_endpoint})
+        await connected(central, pub)
         pub.batch([stored([1], None, tokens(0, 1), BS)])
         await until_matched(central, tokens(0, 1), "e1", 1)
         pub.batch([stored([2], 1, tokens(4, 1), BS)], send=False)  # lost on the way
@@ -155,6 +171,7 @@ async def test_engine_that_leaves_is_forgotten_and_mediums_count(central: Mesh, 
     try:
         await join(central, "e1", {"kv-events-replay": pub.replay_endpoint})
         await join(central, "e2", {})
+        await connected(central, pub)
         pub.batch([stored([1, 2], None, tokens(0, 2), BS, medium="GPU")])
         pub.batch([stored([1, 2], None, tokens(0, 2), BS, medium="CPU")])
         pub.batch([removed([2], medium="GPU")])
@@ -176,12 +193,12 @@ async def test_bad_frames_are_counted_and_nothing_breaks(central: Mesh, zctx: zm
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)
     try:
         await join(central, "e1", {})
+        await connected(central, pub)
         pub.raw([b"kv@e1@m", b"short", b"x"])
         pub.raw([b"no-member", (0).to_bytes(8, "big"), b"x"])
         pub.raw([b"kv@e1@m", (0).to_bytes(8, "big"), b"\xc1 not msgpack"])
         pub.raw([b"kv@e1@m", (1).to_bytes(8, "big"), msgpack.packb({"ts": 1})])
         pub.raw([b"kv@ghost@m", (0).to_bytes(8, "big"), msgpack.packb([1.0, [], 0])])
-        pub.seq = 2
         pub.batch([stored([1], None, tokens(0, 1), BS), stored([5], 404, tokens(4, 1), BS),
                    stored([6], None, [1, 2, 3], BS), stored([7], None, tokens(0, 2), 2 * BS)])
         await until_matched(central, tokens(0, 1), "e1", 1)
@@ -227,6 +244,7 @@ async def test_tokenizer_lets_text_match_event_blocks(mesh_factory: Callable[...
     try:
         await join(mesh, "e1", {"kv-events-replay": pub.replay_endpoint})
         await join(mesh, "e2", {})
+        await connected(mesh, pub)
         pub.batch([stored([1, 2], None, tokens(0, 2), BS)])
         await until_matched(mesh, tokens(0, 2), "e1", 2)
         text = " ".join(f"w{i}" for i in [*tokens(0, 2), 50, 51])
