@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 
 from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
@@ -108,6 +110,9 @@ class RouterSettings(MemberSettings):
             model, sep, path = item.partition("=")
             if not sep or not model or not path:
                 raise ValueError(f"{item!r} is not MODEL=PATH")
+            file = Path(path.strip())
+            if not (file / "tokenizer.json" if file.is_dir() else file).is_file():
+                raise ValueError(f"{path.strip()!r}: no tokenizer.json there")
         return value
 
     @property

@@ -256,3 +256,16 @@ async def test_tokenizer_lets_text_match_event_blocks(mesh_factory: Callable[...
         await pub.close()
         with contextlib.suppress(Exception):
             await mesh.stub.Stats(router_pb2.RouterStatsRequest())
+
+
+def test_tokenizer_flag_is_checked_at_startup(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from kvmesh.services.router.settings import RouterSettings
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert RouterSettings(tokenizer=f"a={tmp_path}, b={tmp_path / 'tokenizer.json'}").tokenizer_paths == {
+        "a": str(tmp_path), "b": str(tmp_path / "tokenizer.json")}
+    for bad in ("no-equals", "=path", f"m={tmp_path / 'missing'}"):
+        with pytest.raises(ValidationError):
+            RouterSettings(tokenizer=bad)
