@@ -13,6 +13,7 @@ import logging
 import socket
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.server import Service
@@ -26,6 +27,8 @@ from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
 
 log = logging.getLogger("kvmesh.router")
+
+WARM_HEALTH_NAME = "kvmesh.v1.Router.warm"  # grpc.health.v1 name: SERVING once the index is warm
 
 
 class RouterService(Service):
@@ -43,6 +46,7 @@ class RouterService(Service):
         self.watcher: MembershipWatcher | None = None
         self.session: MemberSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
@@ -71,6 +75,20 @@ class RouterService(Service):
         self.core.update_pods(change)
         self.kv_events.update_pods(change)
 
+    async def health_ready(self, servicer: health.aio.HealthServicer) -> None:
+        """Readiness of the index: `kvmesh.v1.Router.warm` is SERVING once the KV-event view is warm."""
+        self._warm_task = asyncio.create_task(self._publish_warm(servicer), name="router-warm")
+
+    async def _publish_warm(self, servicer: health.aio.HealthServicer) -> None:
+        shown: bool | None = None
+        while True:
+            warm = self.kv_events.warm()
+            if warm != shown:
+                status = health_pb2.HealthCheckResponse.SERVING if warm else health_pb2.HealthCheckResponse.NOT_SERVING
+                await servicer.set(WARM_HEALTH_NAME, status)
+                shown = warm
+            await asyncio.sleep(self.settings.warm_check_interval_seconds)
+
     async def _sweep(self) -> None:
         """Expires approximate blocks and never-released requests, one pod per loop turn."""
         core = self.core
@@ -91,6 +109,9 @@ class RouterService(Service):
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
+        if self._warm_task is not None:
+            await cancel_and_wait(self._warm_task)
+            self._warm_task = None
         if self.watcher is not None:
             await self.watcher.close()
             self.watcher = None

@@ -96,6 +96,9 @@ class RouterSettings(MemberSettings):
     kv_events_replay_max_batches: int = Field(
         100_000, ge=1, le=10_000_000, description="batches read from one replay before it stops"
     )
+    warm_check_interval_seconds: float = Field(
+        0.5, gt=0, le=60, description="how often the `kvmesh.v1.Router.warm` health status is brought up to date"
+    )
     tokenizer: str = Field(
         "", description="MODEL=PATH[,MODEL=PATH]: local tokenizer.json used to tokenize text requests for MODEL"
     )

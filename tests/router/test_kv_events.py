@@ -13,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.services.router.kv_events.decode import EngineCleared, EngineRemoved, EngineStored, decode_batch
@@ -223,6 +224,13 @@ async def test_per_pod_mode_and_a_new_router_warms_up_from_replay(mesh_factory: 
         await until_matched(mesh, tokens(0, 3), "e1", 3)
         stats = await mesh.stub.Stats(router_pb2.RouterStatsRequest())
         assert stats.warm and stats.kv_event_replays >= 1
+        health = health_pb2_grpc.HealthStub(mesh.handle.channel(mesh.router_address))
+
+        async def ready() -> bool:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="kvmesh.v1.Router.warm"))
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await eventually(ready, timeout=10, interval=0.1, what="readiness kvmesh.v1.Router.warm")
         await asyncio.sleep(0.3)  # let the SUB connection settle, then live events flow too
         pub.batch([stored([4], 3, tokens(12, 1), BS)])
         await until_matched(mesh, tokens(0, 4), "e1", 4)
