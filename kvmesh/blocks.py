@@ -76,6 +76,16 @@ class BlockHasher:
         step = self.block_size * 4
         return self._chain([raw[i : i + step] for i in range(0, len(raw), step)], parent)
 
+    def packed_keys(self, raw: bytes, parent: bytes = _ROOT) -> list[bytes]:
+        """16-byte keys of each full block of token ids already packed as little-endian uint32.
+
+        The same keys as `token_keys` on the unpacked ids; for callers that pack ids themselves
+        (`struct.pack` of a decoded list is several times faster than going through numpy).
+        """
+        step = self.block_size * 4
+        full = (len(raw) // step) * step
+        return self._chain([raw[i : i + step] for i in range(0, full, step)], parent)
+
     def text_keys(self, text: str, parent: bytes = _ROOT) -> list[bytes]:
         """16-byte keys of each full block of `text_block_bytes` UTF-8 bytes."""
         raw = text.encode("utf-8")

@@ -60,3 +60,15 @@ def test_bad_parameters_rejected() -> None:
         BlockHasher(block_size=0)
     with pytest.raises(ValueError):
         BlockHasher().id_keys([2**64])
+
+
+def test_packed_keys_equal_token_keys() -> None:
+    import struct
+
+    from kvmesh.blocks import BlockHasher
+
+    h = BlockHasher(model="m", block_size=4)
+    tokens = list(range(10, 23))  # three full blocks and one partial
+    parent = b"p" * 16
+    assert h.packed_keys(struct.pack("<13I", *tokens), parent) == h.token_keys(tokens, parent)
+    assert len(h.packed_keys(struct.pack("<13I", *tokens))) == 3

@@ -44,6 +44,9 @@ class Service:
     async def start(self, address: str) -> None:
         """Called once the server listens on `address` (the advertised host:port)."""
 
+    async def health_ready(self, servicer: health.aio.HealthServicer) -> None:
+        """Called once serving, with the health servicer: a service may publish extra statuses."""
+
     async def drain(self) -> None:
         """Called when stopping, before the server stops: deregister from the mesh here."""
 
@@ -105,6 +108,7 @@ class ServerRuntime:
         await self.service.start(self.address)
         for name in ("", *self.service.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.service.health_ready(self.health)
         log.info("%s serving", self.service.name, extra={"address": self.address})
         return self.address
 

@@ -345,6 +345,13 @@ class RouterStatsResponse(_message.Message):
     EVENTS_IGNORED_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_STALE_FIELD_NUMBER: _builtins.int
     MEMBERS_IN_GRACE_FIELD_NUMBER: _builtins.int
+    WARM_FIELD_NUMBER: _builtins.int
+    KV_EVENT_PODS_FIELD_NUMBER: _builtins.int
+    KV_EVENT_BATCHES_FIELD_NUMBER: _builtins.int
+    KV_EVENT_DROPPED_FIELD_NUMBER: _builtins.int
+    KV_EVENT_REPLAYS_FIELD_NUMBER: _builtins.int
+    KV_EVENT_RESTARTS_FIELD_NUMBER: _builtins.int
+    KV_EVENT_BLOCKS_FIELD_NUMBER: _builtins.int
     members: _builtins.int
     tree_nodes: _builtins.int
     routed: _builtins.int
@@ -357,6 +364,22 @@ class RouterStatsResponse(_message.Message):
     """The metadata watch is broken: the router routes over the last membership it knew."""
     members_in_grace: _builtins.int
     """Members that left but are kept (tree and all) while they may rejoin (--rejoin-grace-seconds)."""
+    warm: _builtins.bool
+    """vLLM KV events over ZMQ (22+).
+    every engine with a replay endpoint has been caught up once
+    """
+    kv_event_pods: _builtins.int
+    """engines whose KV-event stream the router follows"""
+    kv_event_batches: _builtins.int
+    """batches received over ZMQ"""
+    kv_event_dropped: _builtins.int
+    """batches dropped (queue full), recovered by replay"""
+    kv_event_replays: _builtins.int
+    """replays completed"""
+    kv_event_restarts: _builtins.int
+    """engine restarts detected (sequence went back)"""
+    kv_event_blocks: _builtins.int
+    """blocks stored by KV events"""
     def __init__(
         self,
         *,
@@ -370,10 +393,17 @@ class RouterStatsResponse(_message.Message):
         events_ignored: _builtins.int = ...,
         membership_stale: _builtins.bool = ...,
         members_in_grace: _builtins.int = ...,
+        warm: _builtins.bool = ...,
+        kv_event_pods: _builtins.int = ...,
+        kv_event_batches: _builtins.int = ...,
+        kv_event_dropped: _builtins.int = ...,
+        kv_event_replays: _builtins.int = ...,
+        kv_event_restarts: _builtins.int = ...,
+        kv_event_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_applied", b"events_applied", "events_ignored", b"events_ignored", "evicted_blocks", b"evicted_blocks", "inflight", b"inflight", "members", b"members", "members_in_grace", b"members_in_grace", "membership_stale", b"membership_stale", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_applied", b"events_applied", "events_ignored", b"events_ignored", "evicted_blocks", b"evicted_blocks", "inflight", b"inflight", "kv_event_batches", b"kv_event_batches", "kv_event_blocks", b"kv_event_blocks", "kv_event_dropped", b"kv_event_dropped", "kv_event_pods", b"kv_event_pods", "kv_event_replays", b"kv_event_replays", "kv_event_restarts", b"kv_event_restarts", "members", b"members", "members_in_grace", b"members_in_grace", "membership_stale", b"membership_stale", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes", "warm", b"warm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

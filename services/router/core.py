@@ -12,7 +12,7 @@ import random
 import secrets
 import time
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -78,6 +78,38 @@ class Cleared:
 
 
 KvEvent = Stored | Removed | Cleared
+
+
+def event_slices(events: Sequence[KvEvent], budget: int) -> Iterator[list[KvEvent]]:
+    """Cuts `events` into slices of about `budget` blocks each, in order.
+
+    A `stored` chain longer than the budget is cut into pieces that chain on from each other
+    (each piece's parent is the previous piece's last id), so applying the slices one per
+    event-loop turn does the same as applying the events at once, and no slice holds the loop
+    for longer than its `budget` blocks take.
+    """
+    piece: list[KvEvent] = []
+    used = 0
+    for event in events:
+        if isinstance(event, Stored) and len(event.ids) > budget:
+            parent, ids = event.parent_id, event.ids
+            for start in range(0, len(ids), budget):
+                part = ids[start : start + budget]
+                if piece and used + len(part) > budget:
+                    yield piece
+                    piece, used = [], 0
+                piece.append(Stored(parent, part))
+                used += len(part)
+                parent = part[-1]
+            continue
+        cost = len(event.ids) if isinstance(event, Stored | Removed) else 1
+        if piece and used + cost > budget:
+            yield piece
+            piece, used = [], 0
+        piece.append(event)
+        used += max(cost, 1)
+    if piece:
+        yield piece
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,16 @@ error response for that one request) and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from kvmesh.runtime.errors import InvalidArgument, KvmeshError, guard, status_for
-from kvmesh.services.router.core import Cleared, Decision, KvEvent, Removed, RouterCore, Stored
+from kvmesh.services.router.core import Cleared, Decision, KvEvent, Removed, RouterCore, Stored, event_slices
+from kvmesh.services.router.kv_events.subscriber import KvEventSubscriber
+from kvmesh.services.router.tokenize import Tokenizers
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("kvmesh.router")
@@ -29,6 +32,22 @@ def decide(core: RouterCore, request: router_pb2.RouteRequest) -> Decision:
     if kind == "text":
         return core.route_text(request.text, request.model, request.request_id)
     return core.route((), request.model, request.request_id, checked=True)
+
+
+async def decide_async(
+    core: RouterCore, request: router_pb2.RouteRequest, tokenizers: Tokenizers | None, inline_chars: int
+) -> Decision:
+    """`decide`, tokenizing text first for models given with --tokenizer (long texts in a thread)."""
+    if tokenizers and request.WhichOneof("prompt") == "text" and request.model in tokenizers:
+        text = request.text
+        if len(text) >= (core.settings.max_prompt_blocks + 1) * core.settings.block_size * 64:
+            raise InvalidArgument("text prompt is over --max-prompt-blocks")
+        if len(text) > inline_chars:
+            tokens = await asyncio.to_thread(tokenizers.encode, request.model, text)
+        else:
+            tokens = tokenizers.encode(request.model, text)
+        return core.route_tokens(tokens, request.model, request.request_id)
+    return decide(core, request)
 
 
 def to_response(decision: Decision) -> router_pb2.RouteResponse:
@@ -54,22 +73,34 @@ def from_proto(index: int, event: router_pb2.KvEvent) -> KvEvent:
 
 
 class RouterApi(router_pb2_grpc.RouterServicer):
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(
+        self, core: RouterCore, tokenizers: Tokenizers | None = None, kv_events: KvEventSubscriber | None = None
+    ) -> None:
         self.core = core
+        self.tokenizers = tokenizers
+        self.kv_events = kv_events
 
     @guard
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
+        if self.tokenizers:
+            decision = await decide_async(self.core, request, self.tokenizers, self.core.settings.tokenize_inline_chars)
+            return to_response(decision)
         return to_response(decide(self.core, request))
 
     async def RouteStream(
         self, request_iterator: AsyncIterator[router_pb2.RouteRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.RouteResponse]:
         core = self.core
+        tokenizers = self.tokenizers
+        inline = core.settings.tokenize_inline_chars
         async for request in request_iterator:
             try:
-                yield to_response(decide(core, request))
+                if tokenizers:
+                    yield to_response(await decide_async(core, request, tokenizers, inline))
+                else:
+                    yield to_response(decide(core, request))
             except (KvmeshError, ValueError) as exc:
                 code, message = status_for(exc)
                 yield router_pb2.RouteResponse(request_id=request.request_id, error_code=code.value[0], error=message)
@@ -99,13 +130,22 @@ class RouterApi(router_pb2_grpc.RouterServicer):
             if not batch.member_id:
                 raise InvalidArgument(f"batch {out.batches}: member_id is required")
             # Convert the whole batch first: a malformed batch changes nothing.
-            events = [from_proto(i, e) for i, e in enumerate(batch.events)]
-            result = self.core.apply_events(batch.member_id, events)
+            events: list[KvEvent] = []
+            step = self.core.settings.event_slice_blocks
+            for i, e in enumerate(batch.events):
+                events.append(from_proto(i, e))
+                if i % step == step - 1:
+                    await asyncio.sleep(0)  # converting a huge batch is sliced too
             out.batches += 1
-            out.applied_events += result.applied
-            out.ignored_events += result.ignored
-            if result.reason:
-                out.last_ignored_reason = result.reason
+            # One slice of about --event-slice-blocks blocks per loop turn: a huge batch (or a
+            # huge stored run) never holds routing for longer than one slice takes.
+            for piece in event_slices(events, self.core.settings.event_slice_blocks):
+                result = self.core.apply_events(batch.member_id, piece)
+                out.applied_events += result.applied
+                out.ignored_events += result.ignored
+                if result.reason:
+                    out.last_ignored_reason = result.reason
+                await asyncio.sleep(0)
         return out
 
     @guard
@@ -113,15 +153,28 @@ class RouterApi(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RouterStatsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouterStatsResponse:
         s = self.core.stats()
-        return router_pb2.RouterStatsResponse(
-            members=s.members,
-            tree_nodes=s.tree_nodes,
-            routed=s.routed,
-            policy=s.policy,
-            inflight=s.inflight,
-            evicted_blocks=s.evicted_blocks,
-            events_applied=s.events_applied,
-            events_ignored=s.events_ignored,
-            membership_stale=s.membership_stale,
-            members_in_grace=s.members_in_grace,
+        out = router_pb2.RouterStatsResponse(warm=True)
+        kv = self.kv_events
+        if kv is not None:
+            out.warm = kv.warm()
+            out.kv_event_pods = len(kv.ingest.streams)
+            out.kv_event_batches = kv.stats.received
+            out.kv_event_dropped = kv.stats.dropped
+            out.kv_event_replays = kv.stats.replays
+            out.kv_event_restarts = kv.stats.restarts
+            out.kv_event_blocks = kv.ingest.counters.stored_blocks
+        out.MergeFrom(
+            router_pb2.RouterStatsResponse(
+                members=s.members,
+                tree_nodes=s.tree_nodes,
+                routed=s.routed,
+                policy=s.policy,
+                inflight=s.inflight,
+                evicted_blocks=s.evicted_blocks,
+                events_applied=s.events_applied,
+                events_ignored=s.events_ignored,
+                membership_stale=s.membership_stale,
+                members_in_grace=s.members_in_grace,
+            )
         )
+        return out

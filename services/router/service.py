@@ -13,17 +13,22 @@ import logging
 import socket
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
-from kvmesh.membership import MemberSession, MembershipWatcher
+from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.server import Service
 from kvmesh.services.router.core import RouterCore
+from kvmesh.services.router.kv_events.subscriber import KvEventSubscriber
 from kvmesh.services.router.metrics import register_router_metrics
 from kvmesh.services.router.router_api import RouterApi
 from kvmesh.services.router.settings import RouterSettings
+from kvmesh.services.router.tokenize import Tokenizers
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
 
 log = logging.getLogger("kvmesh.router")
+
+WARM_HEALTH_NAME = "kvmesh.v1.Router.warm"  # grpc.health.v1 name: SERVING once the index is warm
 
 
 class RouterService(Service):
@@ -33,12 +38,15 @@ class RouterService(Service):
     def __init__(self, settings: RouterSettings, follow_membership: bool = True) -> None:
         self.settings = settings
         self.core = RouterCore(settings.policy, settings)
-        self.servicer = RouterApi(self.core)
+        tokenizers = Tokenizers(settings.tokenizer_paths) if settings.tokenizer else None
+        self.kv_events = KvEventSubscriber(self.core, settings)
+        self.servicer = RouterApi(self.core, tokenizers, self.kv_events)
         register_router_metrics(self.core)
         self._follow = follow_membership
         self.watcher: MembershipWatcher | None = None
         self.session: MemberSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
@@ -47,8 +55,9 @@ class RouterService(Service):
         if self._sweeper is not None:
             return
         s = self.settings
+        await self.kv_events.start()
         if self._follow:
-            self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.core.update_pods)
+            self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.update_pod_set)
             watcher = self.watcher
             self.core.membership_stale = lambda: watcher.stale
             await self.watcher.start()
@@ -62,6 +71,25 @@ class RouterService(Service):
                 self.session = MemberSession(s.metadata_addresses, member, s.ttl_seconds)
                 await self.session.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+
+    def update_pod_set(self, change: MembershipChange) -> None:
+        """One membership diff: the tree first, then the KV-event subscriptions (both synchronous)."""
+        self.core.update_pods(change)
+        self.kv_events.update_pods(change)
+
+    async def health_ready(self, servicer: health.aio.HealthServicer) -> None:
+        """Readiness of the index: `kvmesh.v1.Router.warm` is SERVING once the KV-event view is warm."""
+        self._warm_task = asyncio.create_task(self._publish_warm(servicer), name="router-warm")
+
+    async def _publish_warm(self, servicer: health.aio.HealthServicer) -> None:
+        shown: bool | None = None
+        while True:
+            warm = self.kv_events.warm()
+            if warm != shown:
+                status = health_pb2.HealthCheckResponse.SERVING if warm else health_pb2.HealthCheckResponse.NOT_SERVING
+                await servicer.set(WARM_HEALTH_NAME, status)
+                shown = warm
+            await asyncio.sleep(self.settings.warm_check_interval_seconds)
 
     async def _sweep(self) -> None:
         """Expires approximate blocks and never-released requests, one pod per loop turn."""
@@ -84,6 +112,10 @@ class RouterService(Service):
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
+        if self._warm_task is not None:
+            await cancel_and_wait(self._warm_task)
+            self._warm_task = None
         if self.watcher is not None:
             await self.watcher.close()
             self.watcher = None
+        await self.kv_events.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 
 from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
@@ -70,9 +72,70 @@ class RouterSettings(MemberSettings):
         30.0, ge=0, le=86400,
         description="an engine that left keeps its prefix tree this long in case it rejoins (0: dropped at once)",
     )
+    event_slice_blocks: int = Field(
+        4096,
+        ge=16,
+        le=1 << 20,
+        description="KV events are applied in slices of about this many blocks, one per event-loop turn",
+    )
     register_self: bool = Field(
         default=True, description="register the router itself with the metadata service (ROLE_ROUTER)"
     )
+
+    # ---- vLLM KV events over ZMQ (docs/router.md, "KV events") --------------------------------
+    kv_events_listen: str = Field(
+        "", description="central mode: bind one ZMQ SUB here (tcp://127.0.0.1:PORT) that every vLLM connects to"
+    )
+    kv_events_connect: bool = Field(
+        True, description="per-pod mode: subscribe to each engine member's `kv-events` label endpoint"
+    )
+    kv_events_queue: int = Field(
+        1024, ge=1, le=1_000_000, description="KV-event batches queued before new ones are dropped (then replayed)"
+    )
+    kv_events_max_message_bytes: int = Field(
+        4 << 20, ge=1024, le=1 << 30, description="largest ZMQ KV-event message accepted (larger: dropped by ZMQ)"
+    )
+    kv_events_max_blocks_per_pod: int = Field(
+        1_000_000, ge=16, le=100_000_000, description="engine block hashes remembered per pod (oldest dropped beyond)"
+    )
+    kv_events_slice_blocks: int = Field(
+        512, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+    )
+    kv_events_replay_timeout_seconds: float = Field(
+        2.0, gt=0, le=600, description="wait for each reply of an engine's replay endpoint"
+    )
+    kv_events_replay_max_batches: int = Field(
+        100_000, ge=1, le=10_000_000, description="batches read from one replay before it stops"
+    )
+    warm_check_interval_seconds: float = Field(
+        0.5, gt=0, le=60, description="how often the `kvmesh.v1.Router.warm` health status is brought up to date"
+    )
+    tokenizer: str = Field(
+        "", description="MODEL=PATH[,MODEL=PATH]: local tokenizer.json used to tokenize text requests for MODEL"
+    )
+    tokenize_inline_chars: int = Field(
+        2048, ge=0, le=1 << 30, description="text prompts longer than this are tokenized in a worker thread"
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_pairs(cls, value: str) -> str:
+        for item in filter(None, (p.strip() for p in value.split(","))):
+            model, sep, path = item.partition("=")
+            if not sep or not model or not path:
+                raise ValueError(f"{item!r} is not MODEL=PATH")
+            file = Path(path.strip())
+            if not (file / "tokenizer.json" if file.is_dir() else file).is_file():
+                raise ValueError(f"{path.strip()!r}: no tokenizer.json there")
+        return value
+
+    @property
+    def tokenizer_paths(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.tokenizer.split(","))):
+            model, _, path = item.partition("=")
+            out[model.strip()] = path.strip()
+        return out
 
     @field_validator("policy")
     @classmethod

@@ -15,6 +15,11 @@ label, so "which pods hold this block, and when each last used it" is always exa
   hundred blocks, and two hash-table writes per block were most of its cost at a million
   blocks. Matching never uses the index; it follows the chain from the root. Chained ids are
   unique; on a (2^-64) collision the index points at the latest placement.
+- Runs are at most `MAX_RUN` blocks: a long chain is a line of nodes. Splitting a node
+  (a `stored` event branching off mid-run, a `removed` id inside it) and trimming an evicted
+  tail then copy and re-index at most `MAX_RUN` ids, so every event costs time in proportion
+  to its own size, never to the run it lands in (a storm of small events against one
+  300k-block run used to copy the whole run each time).
 - Eviction is LRU approximated by CLOCK (second chance) over nodes: a FIFO in creation order and
   a `ref` flag that every use sets. The evictor takes a leaf whose flag is clear (trimming its
   tail when fewer blocks are needed), and with it every ancestor that becomes an unused leaf;
@@ -27,6 +32,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import repeat
+
+MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
 
 
 class Node:
@@ -238,16 +245,20 @@ class PrefixTree:
         self._live += 1
         return tail
 
-    def _new_leaf(self, parent: Node, ids: tuple[int, ...]) -> Node:
-        """A new leaf for `ids` under `parent`."""
-        leaf = Node(ids, parent)
+    def _new_leaves(self, parent: Node, ids: tuple[int, ...], out: list[Node]) -> None:
+        """New nodes for `ids` under `parent`, a line of runs of at most MAX_RUN ids (into `out`)."""
+        clock = self._clock
+        for start in range(0, len(ids), MAX_RUN):
+            run = ids[start : start + MAX_RUN]
+            leaf = Node(run, parent)
+            if parent.children is None:
+                parent.children = {}
+            parent.children[run[0]] = leaf
+            clock.append(leaf)
+            out.append(leaf)
+            parent = leaf
         self._size += len(ids)
-        if parent.children is None:
-            parent.children = {}
-        parent.children[ids[0]] = leaf
-        self._clock.append(leaf)
-        self._live += 1
-        return leaf
+        self._live += (len(ids) + MAX_RUN - 1) // MAX_RUN
 
     def _descend(self, node: Node, offset: int, ids: tuple[int, ...], create: bool) -> list[Node]:
         """The nodes covering exactly `ids` from position (`node`, after its first `offset` ids).
@@ -265,7 +276,7 @@ class PrefixTree:
             child = children.get(ids[pos]) if children is not None else None
             if child is None:
                 if create:
-                    out.append(self._new_leaf(node, ids[pos:]))
+                    self._new_leaves(node, ids[pos:], out)
                 break
             label = child.ids
             size = len(label)
@@ -278,7 +289,7 @@ class PrefixTree:
             node = child
             if step < size and pos < n:
                 if create:
-                    out.append(self._new_leaf(node, ids[pos:]))
+                    self._new_leaves(node, ids[pos:], out)
                 break
         return out
 

@@ -21,7 +21,7 @@ from tests.deploy.k8s import (
     validate_cli,
 )
 
-OVERLAYS = ("etcd", "byo-etcd", "byo-redis", "demo")
+OVERLAYS = ("etcd", "byo-etcd", "byo-redis", "demo", "vllm")
 KVMESH_PORTS = {"metadata": 7400, "cachenode": 7500, "router": 7600, "enginesim": 7700}
 
 
@@ -84,13 +84,22 @@ def test_shape_of_the_mesh(rendered, overlay: str) -> None:
         exposed |= {p["containerPort"] for spec in targets for c in spec["containers"] for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
             assert port.get("targetPort", port["port"]) in exposed, (name, port)
-    if overlay in ("etcd", "demo"):
+    if overlay in ("etcd", "demo", "vllm"):
         assert statefulsets["kvmesh-etcd"]["spec"]["replicas"] == 3
     else:
         assert "kvmesh-etcd" not in statefulsets
     if overlay == "demo":
         assert deployments["kvmesh-enginesim"]["spec"]["replicas"] == 2
         assert by_kind(objs, "Job")["kvmesh-bench"]["spec"]["template"]["spec"]["containers"][0]["args"][0] == "bench"
+    if overlay == "vllm":  # every vLLM pod carries the agent sidecar, announcing its KV-event sockets
+        spec = pod_spec(deployments["kvmesh-vllm"])
+        agent = next(c for c in spec["containers"] if c["name"] == "agent")
+        assert agent["args"] == ["agent"]
+        env = _env(agent)
+        assert env["KVMESH_ENGINE_URL"] == "http://127.0.0.1:8000"
+        assert env["KVMESH_KV_EVENTS"].startswith("tcp://$(POD_IP):")
+        assert by_kind(objs, "ConfigMap")[pod_spec(deployments["kvmesh-router"])["containers"][0]["envFrom"][-1]
+                                          ["configMapRef"]["name"]]["data"]["KVMESH_BLOCK_SIZE"] == "16"
 
 
 @pytest.mark.parametrize(

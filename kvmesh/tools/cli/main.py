@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "router": ("kvmesh.services.router.cli", "run the prefix-aware router"),
     "enginesim": ("kvmesh.services.enginesim.cli", "run an engine simulator (a stand-in for an inference pod)"),
     "operator": ("kvmesh.services.operator.cli", "run the KVCachePool Kubernetes operator"),
+    "agent": ("kvmesh.services.agent.cli", "run the sidecar that brings a vLLM pod into the mesh"),
     "up": ("kvmesh.tools.cli.up", "run the whole mesh on this machine as separate processes"),
     "members": ("kvmesh.tools.cli.members", "list (or --watch) the members of a mesh"),
     "route": ("kvmesh.tools.cli.route", "ask a router where a prompt should go"),

@@ -1,0 +1,231 @@
+"""Turns one engine's decoded KV events into the router's own block ids and applies them.
+
+vLLM names blocks by its own hash (which depends on its hash seed and algorithm), so the
+router computes its own chained key from each stored block's `token_ids` with
+`kvmesh.blocks` (the same keys a `Route` by tokens computes) and remembers engine hash → own
+key per pod. A block is held while any medium (GPU, CPU, ...) holds it; the pod's last
+sequence number and batch timestamp tell a gap (replay), a duplicate (skip) and a restarted
+engine (its sequence went back with a newer timestamp: drop its blocks and resync) apart.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
+from itertools import islice
+
+import numpy as np
+
+from kvmesh.blocks import block_id
+from kvmesh.services.router.core import Cleared, KvEvent, Removed, RouterCore, Stored
+from kvmesh.services.router.kv_events.decode import (
+    EngineCleared,
+    EngineEvent,
+    EngineHash,
+    EngineRemoved,
+    EngineStored,
+)
+
+_ROOT_KEY = b"\x00" * 16
+_GPU = 1
+_MEDIUM_BITS = {"GPU": _GPU, "CPU": 2}
+_OTHER_MEDIUM = 4
+
+
+@lru_cache(maxsize=64)
+def _u32(count: int) -> struct.Struct:
+    """The packer of `count` little-endian uint32 token ids (events repeat a few sizes)."""
+    return struct.Struct(f"<{count}I")
+
+
+def own_ids(keys: list[bytes]) -> list[int]:
+    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), vectorised."""
+    return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist() if keys else []
+
+
+def medium_bit(medium: str) -> int:
+    return _MEDIUM_BITS.get(medium.upper(), _OTHER_MEDIUM)
+
+
+class Verdict(Enum):
+    NEXT = "next"  # the expected next batch
+    FIRST = "first"  # first batch seen from this pod
+    GAP = "gap"  # batches were missed: replay them
+    DUPLICATE = "duplicate"  # already applied (seen again after a replay)
+    RESTART = "restart"  # the engine restarted: its sequence starts again
+
+
+@dataclass
+class PodStream:
+    """What the router knows of one engine's event stream."""
+
+    member_id: str
+    keys: dict[EngineHash, bytes] = field(default_factory=dict)  # engine hash → own 16-byte key
+    media: dict[EngineHash, int] = field(default_factory=dict)  # medium bits, when not GPU only
+    seq: int = -1
+    ts: float = 0.0
+    synced: bool = False  # caught up with the engine's replay buffer once (warm)
+    batches: int = 0
+    replays: int = 0
+    restarts: int = 0
+
+    def verdict(self, seq: int, ts: float) -> Verdict:
+        if self.seq < 0:
+            return Verdict.FIRST
+        if seq == self.seq + 1:
+            return Verdict.NEXT
+        if seq > self.seq:
+            return Verdict.GAP
+        # Sequence went back: a replayed batch seen again, or a restarted engine (newer time).
+        if ts > self.ts or (ts == 0.0 and seq == 0):
+            return Verdict.RESTART
+        return Verdict.DUPLICATE
+
+    def reset(self) -> None:
+        self.keys.clear()
+        self.media.clear()
+        self.seq = -1
+        self.ts = 0.0
+
+
+def engine_slices(events: list[EngineEvent], budget: int) -> Iterator[list[EngineEvent]]:
+    """Cuts events into slices of about `budget` blocks; long stored runs are cut into chained pieces."""
+    piece: list[EngineEvent] = []
+    used = 0
+    for event in events:
+        if isinstance(event, EngineStored) and len(event.hashes) > budget and event.block_size > 0:
+            parent, bs = event.parent, event.block_size
+            for start in range(0, len(event.hashes), budget):
+                part = event.hashes[start : start + budget]
+                if piece:
+                    yield piece
+                    piece, used = [], 0
+                tokens = event.token_ids[start * bs : (start + len(part)) * bs]
+                yield [EngineStored(part, parent, tokens, bs, event.medium)]
+                parent = part[-1]
+            continue
+        cost = len(event.hashes) if isinstance(event, EngineStored | EngineRemoved) else 1
+        if piece and used + cost > budget:
+            yield piece
+            piece, used = [], 0
+        piece.append(event)
+        used += max(cost, 1)
+    if piece:
+        yield piece
+
+
+@dataclass
+class IngestCounters:
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    ignored: int = 0
+    last_ignored: str = ""
+
+
+class EventIngest:
+    """Applies engine events to a `RouterCore`, keeping each pod's hash map within bounds."""
+
+    def __init__(self, core: RouterCore, max_blocks_per_pod: int) -> None:
+        self.core = core
+        self.max_blocks_per_pod = max_blocks_per_pod
+        self.streams: dict[str, PodStream] = {}
+        self.counters = IngestCounters()
+
+    def stream(self, member_id: str) -> PodStream:
+        s = self.streams.get(member_id)
+        if s is None:
+            s = self.streams[member_id] = PodStream(member_id)
+        return s
+
+    def forget(self, member_id: str) -> None:
+        self.streams.pop(member_id, None)
+
+    def _ignore(self, why: str) -> None:
+        self.counters.ignored += 1
+        self.counters.last_ignored = why
+
+    def restart(self, member_id: str) -> None:
+        """The engine restarted: everything it held is gone."""
+        s = self.stream(member_id)
+        s.reset()
+        s.restarts += 1
+        s.synced = False
+        if member_id in self.core.pods:
+            self.core.apply_events(member_id, [Cleared()])
+
+    def apply(self, member_id: str, events: list[EngineEvent]) -> None:
+        """Applies one slice of events (the caller keeps slices small)."""
+        pod = self.core.pods.get(member_id)
+        if pod is None:
+            self._ignore(f"events of unknown engine {member_id!r}")
+            return
+        s = self.stream(member_id)
+        hasher = self.core.hasher(pod.model)
+        block_size = self.core.settings.block_size
+        out: list[KvEvent] = []
+        keys, media = s.keys, s.media
+        for event in events:
+            if isinstance(event, EngineStored):
+                if event.block_size != block_size:
+                    self._ignore(f"block_size {event.block_size} is not the router's --block-size {block_size}")
+                    continue
+                if event.parent is None:
+                    parent_key = _ROOT_KEY
+                else:
+                    found = keys.get(event.parent)
+                    if found is None:
+                        self._ignore("stored chain with an unknown parent")
+                        continue
+                    parent_key = found
+                try:
+                    # struct packs the decoded list as uint32 in one C loop (and refuses ids out
+                    # of range); numpy conversion of Python ints costs several times more.
+                    own = hasher.packed_keys(_u32(len(event.token_ids)).pack(*event.token_ids), parent_key)
+                except struct.error:
+                    self._ignore("stored event with token ids out of range")
+                    continue
+                if len(own) != len(event.hashes):
+                    self._ignore("stored event whose token_ids do not fill its blocks")
+                    continue
+                bit = medium_bit(event.medium)
+                if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
+                    for h in event.hashes:
+                        held = media.get(h, _GPU if h in keys else 0) | bit
+                        if held == _GPU:
+                            media.pop(h, None)
+                        else:
+                            media[h] = held
+                keys.update(zip(event.hashes, own, strict=True))
+                out.append(Stored(0 if event.parent is None else block_id(parent_key), own_ids(own)))
+                self.counters.stored_blocks += len(own)
+            elif isinstance(event, EngineRemoved):
+                bit = medium_bit(event.medium)
+                gone: list[int] = []
+                for h in event.hashes:
+                    if h not in keys:
+                        continue
+                    held = media.get(h, _GPU) & ~bit
+                    if held:
+                        media[h] = held  # still on another medium: still a hit
+                        continue
+                    media.pop(h, None)
+                    gone.append(block_id(keys.pop(h)))
+                if gone:
+                    out.append(Removed(gone))
+                    self.counters.removed_blocks += len(gone)
+            elif isinstance(event, EngineCleared):
+                keys.clear()
+                media.clear()
+                out.append(Cleared())
+        over = len(keys) - self.max_blocks_per_pod
+        if over > 0:  # bounded: forget the oldest blocks (events were missed, or the bound is low)
+            dropped: list[int] = []
+            for h in list(islice(keys, over)):
+                dropped.append(block_id(keys.pop(h)))
+                media.pop(h, None)
+            out.append(Removed(dropped))
+        if out:
+            self.core.apply_events(member_id, out)
