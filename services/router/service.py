@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,6 +23,9 @@ from kvmesh.services.router.router_api import RouterApi
 from kvmesh.services.router.settings import RouterSettings
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
+
+if TYPE_CHECKING:
+    from kvmesh.services.router.ext_proc.server import ExtProcServer
 
 log = logging.getLogger("kvmesh.router")
 
@@ -39,6 +43,11 @@ class RouterService(Service):
         self.watcher: MembershipWatcher | None = None
         self.session: MemberSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.ext_proc: ExtProcServer | None = None
+        if settings.ext_proc_listen:
+            from kvmesh.services.router.ext_proc.server import ExtProcServer  # only with the flag: imports xds-protos
+
+            self.ext_proc = ExtProcServer(self.core, settings)
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
@@ -60,6 +69,8 @@ class RouterService(Service):
                 self.session = MemberSession(s.metadata_addresses, member, s.ttl_seconds)
                 await self.session.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+        if self.ext_proc is not None:
+            await self.ext_proc.start()
 
     async def _sweep(self) -> None:
         """Expires approximate blocks and never-released requests, one pod per loop turn."""
@@ -72,12 +83,16 @@ class RouterService(Service):
                 await asyncio.sleep(0)
 
     async def drain(self) -> None:
+        if self.ext_proc is not None:
+            await self.ext_proc.drain()
         if self.session is not None:
             await self.session.close(deregister=True)
             self.session = None
 
     async def close(self) -> None:
         await self.drain()
+        if self.ext_proc is not None:
+            await self.ext_proc.close(self.settings.grace_seconds)
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
