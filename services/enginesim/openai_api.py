@@ -21,6 +21,7 @@ one more thing to get right.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -152,10 +153,29 @@ class OpenAIFace:
             input_tokens=input_tokens,
             output_tokens=output,
         )
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        first_token: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if spec.stream:
+            self.service.first_tokens[sim.request_id] = first_token
+        work = asyncio.ensure_future(self.service.generate(sim))
+        response: web.StreamResponse | None = None
         try:
-            done = await self.service.generate(sim)
+            if spec.stream:
+                # The stream opens at the first token, as a real engine's does; the rest follows
+                # when the simulated decode finishes.
+                await asyncio.wait([work, first_token], return_when=asyncio.FIRST_COMPLETED)
+                if first_token.done():
+                    response = await self._open_stream(request, chat, model, cid, created)
+            done = await work
         except KvmeshError as exc:
+            if response is not None:
+                raise
             return _error(400 if exc.code.name == "INVALID_ARGUMENT" else 503, str(exc), "engine_error")
+        finally:
+            self.service.first_tokens.pop(sim.request_id, None)
+            if not work.done():
+                work.cancel()
         cached_tokens = min(input_tokens, (done.local_hit_blocks + done.pool_hit_blocks) * self.settings.block_tokens)
         usage = {
             "prompt_tokens": input_tokens,
@@ -173,12 +193,10 @@ class OpenAIFace:
             "e2e_ms": round(done.e2e_ms, 3),
         }
         headers = {
-            "x-kvmesh-engine": done.member_id,
+            "x-kvmesh-engine": self.service.member_id,
             "x-kvmesh-prompt-blocks": str(done.prompt_blocks),
             "x-kvmesh-hit-blocks": str(done.local_hit_blocks + done.pool_hit_blocks),
         }
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
         text = "".join(f" w{i % 1000}" for i in range(output))
         if not spec.stream:
             if chat:
@@ -189,9 +207,8 @@ class OpenAIFace:
             body = {"id": cid, "object": "chat.completion" if chat else "text_completion", "created": created,
                     "model": model, "choices": [choice], "usage": usage, "kvmesh": info}
             return web.json_response(body, headers=headers)
-        response = web.StreamResponse(headers={**headers, "content-type": "text/event-stream",
-                                               "cache-control": "no-cache"})
-        await response.prepare(request)
+        if response is None:
+            response = await self._open_stream(request, chat, model, cid, created)
         kind = "chat.completion.chunk" if chat else "text_completion"
         for i in range(output):
             piece = f" w{i % 1000}"
@@ -209,6 +226,22 @@ class OpenAIFace:
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+        return response
+
+    async def _open_stream(
+        self, request: web.Request, chat: bool, model: str, cid: str, created: int
+    ) -> web.StreamResponse:
+        """Sends the headers and a first, empty chunk (the assistant role, for chat)."""
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                                               "x-kvmesh-engine": self.service.member_id})
+        await response.prepare(request)
+        delta: dict[str, Any] = (
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} if chat
+            else {"index": 0, "text": "", "finish_reason": None}
+        )
+        chunk = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                 "model": model, "choices": [delta]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         return response
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -80,6 +80,8 @@ class EngineSimService(Service):
         self.router_watcher: MembershipWatcher | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.completed = 0
+        # request id → future resolved at the request's first token (streaming HTTP answers).
+        self.first_tokens: dict[str, asyncio.Future[None]] = {}
         self.http: OpenAIFace | None = None
         if settings.http_listen:
             from kvmesh.services.enginesim.openai_api import OpenAIFace  # only with the flag: imports aiohttp
@@ -235,6 +237,10 @@ class EngineSimService(Service):
         return now_local, covered - now_local
 
     def _on_event(self, event: EngineEvent) -> None:
+        if event.kind is EventKind.FIRST_TOKEN and event.request is not None:
+            waiter = self.first_tokens.pop(event.request.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         if event.kind is EventKind.STORED:
             self.reporter.stored(event.blocks)
         elif event.kind is EventKind.REMOVED:
