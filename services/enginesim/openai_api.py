@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import socket
@@ -75,7 +76,7 @@ class OpenAIFace:
     async def start(self, listen: str) -> str:
         """Serves on `listen` (HOST:PORT, port 0 picks one); returns the bound HOST:PORT."""
         if self._runner is not None:
-            return self.address(listen)
+            return await self.address(listen)
         host, _, port = listen.rpartition(":")
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -85,16 +86,22 @@ class OpenAIFace:
         server = site._server  # the asyncio server: the only way to read back port 0's choice
         assert server is not None and server.sockets
         self.port = int(server.sockets[0].getsockname()[1])
-        return self.address(listen)
+        return await self.address(listen)
 
-    def address(self, listen: str) -> str:
-        """The `ip:port` a gateway dials: Envoy's ORIGINAL_DST cluster takes IP literals only, so a
-        wildcard listen host advertises --advertise's host, else this host's own address."""
+    async def address(self, listen: str) -> str:
+        """The `ip:port` a gateway dials: --advertise's host, else the listen host (this host's name
+        for a wildcard), resolved once at start-up, since Envoy's ORIGINAL_DST cluster takes IP
+        literals only (a compose service name would not do)."""
         host = listen.rpartition(":")[0]
         if self.settings.advertise:
             host = self.settings.advertise.rpartition(":")[0]
         elif host in ("0.0.0.0", "::", "[::]", ""):
-            host = socket.gethostbyname(socket.gethostname())  # once, at start-up
+            host = socket.gethostname()
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+            host = str(infos[0][4][0])
         return f"{host}:{self.port}"
 
     async def close(self) -> None:

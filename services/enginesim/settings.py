@@ -28,7 +28,7 @@ class EngineSimSettings(MemberSettings):
         "", description="namespace mixed into token-prompt block ids (must match the router's --hash-namespace)"
     )
     http_listen: str | None = Field(
-        None, description="HOST:PORT of the OpenAI-compatible HTTP face (default: off); advertised as label openai-address"
+        None, description="HOST:PORT of the OpenAI HTTP face (default: off); advertised as label openai-address"
     )
     http_max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="HTTP face: largest request body (larger: 413)"

@@ -139,7 +139,7 @@ async def test_no_engine_is_503_and_malformed_bodies_are_4xx(tmp_path: Path) -> 
             assert got == status, (raw, doc)
             assert words in doc["error"]["message"], doc
         # The router kept serving through all of that.
-        status, headers, doc = await gw.post("/v1/completions", {"model": MODEL, "prompt": "still here " * 10})
+        status, _, doc = await gw.post("/v1/completions", {"model": MODEL, "prompt": "still here " * 10})
         assert status == 200, doc
         assert await gw.inflight() == 0
         # No engine left: the picker answers 503 itself.

@@ -161,10 +161,15 @@ class EnvoyGateway:
 
 
 def start_envoy(workdir: Path, picker: str, failure_mode_allow: bool = False) -> EnvoyGateway:
-    """Starts Envoy on free 127.0.0.1 ports and waits until its listener is ready."""
+    """Starts Envoy with `envoy_config` on free 127.0.0.1 ports and waits until it is ready."""
     port, admin = free_port(), free_port()
+    return run_envoy(workdir, envoy_config(picker, f"127.0.0.1:{port}", admin, failure_mode_allow), port, admin)
+
+
+def run_envoy(workdir: Path, config_text: str, port: int, admin_port: int) -> EnvoyGateway:
+    """Starts Envoy with a config (listening on `port`, admin on `admin_port`); waits for /ready."""
     config = workdir / f"envoy-{port}.yaml"
-    config.write_text(envoy_config(picker, f"127.0.0.1:{port}", admin, failure_mode_allow))
+    config.write_text(config_text)
     log_path = workdir / f"envoy-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -172,15 +177,15 @@ def start_envoy(workdir: Path, picker: str, failure_mode_allow: bool = False) ->
              "--concurrency", "2", "--disable-hot-restart"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ),
         )
-    gateway = EnvoyGateway(process, port, admin, log_path)
+    gateway = EnvoyGateway(process, port, admin_port, log_path)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"envoy exited with {process.returncode}:\n{gateway.log()[-4000:]}")
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return gateway
+        with (contextlib.suppress(OSError, urllib.error.URLError),
+              urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=2) as r):
+            if r.status == 200:
+                return gateway
         time.sleep(0.1)
     gateway.stop()
     raise TimeoutError(f"envoy not ready in {READY_TIMEOUT_S}s:\n{gateway.log()[-4000:]}")

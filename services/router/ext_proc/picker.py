@@ -29,9 +29,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from kvmesh.openai_prompt import BadBody, PromptSpec, parse_body
 from kvmesh.runtime.errors import InvalidArgument, Unavailable
 from kvmesh.services.router.core import Decision, RouterCore
-from kvmesh.openai_prompt import BadBody, PromptSpec, parse_body
 
 log = logging.getLogger("kvmesh.router.ext_proc")
 
