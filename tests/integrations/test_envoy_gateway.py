@@ -18,8 +18,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
-from kvmesh.tools.testing.envoy import EnvoyGateway, start_envoy
+from kvmesh.tools.testing.envoy import EnvoyGateway, envoy_config, start_envoy, validate_config
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
@@ -195,3 +196,25 @@ async def test_router_down_fails_closed(tmp_path: Path) -> None:
             return True
 
         await eventually(flows, timeout=20, interval=0.2, what="requests through the restarted picker")
+
+
+def test_shipped_gateway_configs_are_current_and_envoy_accepts_them(tmp_path: Path) -> None:
+    """deploy/compose/envoy.yaml and the demo overlay's ConfigMap are the documented config."""
+    root = Path(__file__).resolve().parents[2]
+    compose = (root / "deploy" / "compose" / "envoy.yaml").read_text()
+    body = "".join(line + "\n" for line in compose.splitlines() if not line.startswith("# Generated")
+                   and not line.startswith("# tests/integrations"))
+    assert body == envoy_config("router:9002", "0.0.0.0:8080", 9901)
+    manifests = list(yaml.safe_load_all((root / "deploy" / "k8s" / "overlays" / "demo" / "gateway.yaml").read_text()))
+    configmap = next(m for m in manifests if m["kind"] == "ConfigMap")
+    k8s = configmap["data"]["envoy.yaml"]
+    assert k8s == envoy_config("kvmesh-router:9002", "0.0.0.0:8080", 9901)
+    for name, text in (("compose", compose), ("k8s", k8s)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        done = validate_config(path)
+        assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+    # The check has teeth: a misspelt field is refused.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(k8s.replace("use_http_header", "use_http_headers"))
+    assert validate_config(broken).returncode != 0
