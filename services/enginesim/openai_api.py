@@ -83,9 +83,7 @@ class OpenAIFace:
         site = web.TCPSite(runner, host, int(port), ssl_context=self._ssl)
         await site.start()
         self._runner = runner
-        server = site._server  # the asyncio server: the only way to read back port 0's choice
-        assert server is not None and server.sockets
-        self.port = int(server.sockets[0].getsockname()[1])
+        self.port = int(runner.addresses[0][1])  # port 0's choice
         return await self.address(listen)
 
     async def address(self, listen: str) -> str:
@@ -171,7 +169,8 @@ class OpenAIFace:
             if spec.stream:
                 # The stream opens at the first token, as a real engine's does; the rest follows
                 # when the simulated decode finishes.
-                await asyncio.wait([work, first_token], return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {work, first_token}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if first_token.done():
                     response = await self._open_stream(request, chat, model, cid, created)
             done = await work

@@ -55,7 +55,7 @@ def immediate(status: int, kind: str, message: str) -> ep.ProcessingResponse:
     body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type,unused-ignore]
             headers=ep.HeaderMutation(set_headers=[_JSON]),
             body=body,
             details=f"kvmesh_{kind}",
