@@ -35,7 +35,8 @@ async def test_envoy_routes_openai_requests_to_real_vllm_servers(tmp_path: Path)
     servers = [start_vllm(tmp_path / f"v{i}", wait=False, name=f"vllm{i}") for i in range(2)]
     sessions: list[MemberSession] = []
     try:
-        await asyncio.gather(*(asyncio.to_thread(s.wait_healthy) for s in servers))
+        # Two servers starting together on a small, busy machine: give them longer than one alone.
+        await asyncio.gather(*(asyncio.to_thread(s.wait_healthy, 600) for s in servers))
         picker = f"127.0.0.1:{free_port()}"
         async with process_mesh(routers=1, router_settings={"ext_proc_listen": picker, "policy": "prefix"},
                                 timeout=None) as mesh:
