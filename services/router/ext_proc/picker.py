@@ -181,24 +181,21 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
                     else:
                         yield ep.ProcessingResponse(request_body=ep.BodyResponse())
                 elif kind == "request_trailers":
-                    if not routed:
-                        response, routed = self._answer(bytes(body), request_id, "body")
-                        if not routed:
-                            yield response
-                            continue
+                    # The body's end of stream came first (BUFFERED mode): nothing to decide here.
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+                # The load drops before the answer goes out, so whoever sees the answer sees it dropped.
                 elif kind == "response_headers":
-                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
                     if message.response_headers.end_of_stream and routed:
                         routed = not self.core.release(request_id)
+                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
                 elif kind == "response_body":
-                    yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                     if message.response_body.end_of_stream and routed:
                         routed = not self.core.release(request_id)
+                    yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif kind == "response_trailers":
-                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                     if routed:
                         routed = not self.core.release(request_id)
+                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                 else:
                     # Observability-only or unknown messages need no answer.
                     continue
