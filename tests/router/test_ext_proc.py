@@ -101,8 +101,8 @@ async def test_body_routes_to_the_pods_openai_address_and_the_response_end_relea
 
 
 async def test_same_prefix_same_endpoint_and_chat_is_routed(picker: Picker) -> None:
-    chat = {"model": MODEL, "messages": [{"role": "system", "content": "tools " * 40},
-                                         {"role": "user", "content": "hi"}]}
+    chat: dict[str, Any] = {"model": MODEL, "messages": [{"role": "system", "content": "tools " * 40},
+                                                         {"role": "user", "content": "hi"}]}
     first = destination_of((await picker.exchange(headers(), body(chat)))[1])
     for turn in range(3):
         chat["messages"].append({"role": "user", "content": f"turn {turn}"})
