@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from kvmesh.security.settings import SecuritySettings
 from kvmesh.units import parse_size
 
 DEFAULT_METADATA_ADDRESS = "127.0.0.1:7400"
@@ -29,8 +30,8 @@ def split_addresses(value: str) -> list[str]:
     return out
 
 
-class ServiceSettings(BaseSettings):
-    """Flags every service takes."""
+class ServiceSettings(SecuritySettings):
+    """Flags every service takes (the TLS, token and policy flags come from `SecuritySettings`)."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_", frozen=True, extra="ignore")
 

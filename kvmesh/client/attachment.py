@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from kvmesh.client.control import Control, GrpcControl
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.attachment")
@@ -70,13 +71,10 @@ class DeferredReleases:
     read; the delay bounds how long an idle client keeps values pinned.
     """
 
-    def __init__(
-        self, stub: cachenode_pb2_grpc.KVCacheStub, session_id: str, delay_s: float, rpc_timeout: float
-    ) -> None:
-        self._stub = stub
+    def __init__(self, control: Control, session_id: str, delay_s: float) -> None:
+        self._control = control
         self._session_id = session_id
         self._delay_s = delay_s
-        self._timeout = rpc_timeout
         self._ids: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -102,8 +100,8 @@ class DeferredReleases:
         if not ids:
             return
         try:
-            await self._stub.ReleaseViews(
-                cachenode_pb2.ReleaseViewsRequest(session_id=self._session_id, view_ids=ids), timeout=self._timeout
+            await self._control.release_views(
+                cachenode_pb2.ReleaseViewsRequest(session_id=self._session_id, view_ids=ids)
             )
         except grpc.aio.AioRpcError as exc:  # the session is gone: the node released them with it
             log.debug("deferred release of %d views failed: %s", len(ids), exc.code().name)
@@ -141,15 +139,19 @@ class Attachment(ABC):
         attached: cachenode_pb2.AttachResponse,
         rpc_timeout: float,
         release_delay_s: float,
+        control: Control | None = None,
     ) -> None:
         self._stub = stub
         self._call = call
+        # How Allocate/Seal/Acquire/ReleaseViews travel: gRPC, or the node's local control socket.
+        self._control: Control = control or GrpcControl(stub, rpc_timeout)
         self.session_id = attached.session_id
         self.allocation_timeout_ms = attached.allocation_timeout_ms
+        self.view_lease_ms = attached.view_lease_ms  # 0: the node releases views only at session end
         self._timeout = rpc_timeout
         # Views that reads are done with: released with the next Acquire (one round trip
         # instead of two per read) or, when no read follows, after a short delay.
-        self._releases = DeferredReleases(stub, attached.session_id, release_delay_s, rpc_timeout)
+        self._releases = DeferredReleases(self._control, attached.session_id, release_delay_s)
         self._detached = False
         self._follower: asyncio.Task[None] | None = asyncio.create_task(self._follow(), name=self.task_name)
 
@@ -198,7 +200,7 @@ class Attachment(ABC):
             request.items.extend(
                 cachenode_pb2.AllocateItem(key=key, size=len(src)) for (key, _), src in zip(items, sources, strict=True)
             )
-        response = await self._stub.Allocate(request, timeout=self._timeout)
+        response = await self._control.allocate(request)
         allocations = (
             [cachenode_pb2.Allocation(allocation_id=response.allocation_id, region=response.region)]
             if single
@@ -210,16 +212,13 @@ class Attachment(ABC):
             if len(allocations) != len(items):
                 raise self.unavailable(f"node answered {len(allocations)} allocations for {len(items)} values")
             await self._fill(allocations, sources)
-            await self._stub.Seal(
-                cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids), timeout=self._timeout
-            )
+            await self._control.seal(cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids))
             sealed = True
         finally:
             if not sealed and ids:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-                    await self._stub.Seal(
-                        cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids, abort=True),
-                        timeout=self._timeout,
+                    await self._control.seal(
+                        cachenode_pb2.SealRequest(session_id=self.session_id, allocation_ids=ids, abort=True)
                     )
 
     @abstractmethod
@@ -231,14 +230,13 @@ class Attachment(ABC):
     async def _acquire_views(self, namespace: str, keys: Sequence[bytes]) -> list[cachenode_pb2.View]:
         """Pins the values on the node (views found or not, in order), releasing finished reads first."""
         self._check()
-        response = await self._stub.Acquire(
+        response = await self._control.acquire(
             cachenode_pb2.AcquireRequest(
                 session_id=self.session_id,
                 namespace=namespace,
                 keys=list(keys),
                 release_view_ids=self._releases.take(),
-            ),
-            timeout=self._timeout,
+            )
         )
         return list(response.views)
 

@@ -7,6 +7,13 @@ The node keeps the reference counts (a held view is never evicted or overwritten
 place) and releases everything when this client's Attach stream breaks, so a client that
 dies leaks nothing.
 
+Every operation costs one control exchange per batch, whatever the batch's size: a put of
+N values is one Allocate and one Seal, a get of N values one Acquire (the views' release
+rides on the next Acquire, or leaves on its own after a few milliseconds). `get_into` /
+`put_from` and their batch forms copy straight between the shared segment and the caller's
+own buffers (bytearray, memoryview, numpy arrays, CPU or pinned torch tensors): one memcpy
+per value, no intermediate bytes.
+
 `LocalDataPath.open(stub)` raises `LocalPathUnavailable` when the node is on another host
 or keeps no shared memory; the client library then uses the ordinary gRPC path.
 """
@@ -19,12 +26,16 @@ import logging
 import mmap
 import os
 import socket
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from kvmesh.client.attachment import Attachment, attach, default_client_id
+from kvmesh.client.buffers import Buffer, as_bytes, copy_all
+from kvmesh.client.control import GrpcControl, PreferSocket, SocketControl
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 log = logging.getLogger("kvmesh.client.local")
@@ -80,7 +91,7 @@ class SegmentMapping:
     memory when this client exits.
     """
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, populate: bool = False) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise LocalPathUnavailable(f"bad shared-memory segment name {name!r}")
         try:
@@ -91,12 +102,15 @@ class SegmentMapping:
             actual = os.fstat(fd).st_size
             if actual < size:
                 raise LocalPathUnavailable(f"segment {name} is {actual} bytes, the node announced {size}")
-            self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # populate: map every page now (MAP_POPULATE), not at its first copy (a page fault per 4 KiB).
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            self._map: mmap.mmap | None = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         self.name = name
         self.size = size
         self._buffer = memoryview(self._map)
+        self._array: np.ndarray | None = np.frombuffer(self._buffer, dtype=np.uint8)
 
     def view(self, offset: int, size: int) -> memoryview:
         if self._map is None:
@@ -105,10 +119,20 @@ class SegmentMapping:
             raise ValueError(f"region ({offset}, {size}) lies outside segment {self.name} of {self.size} bytes")
         return self._buffer[offset : offset + size]
 
+    def array(self, offset: int, size: int) -> np.ndarray:
+        """The region as a flat uint8 array over the mapping (no copy)."""
+        if self._array is None:
+            raise LocalPathUnavailable(f"segment {self.name} is unmapped")
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"region ({offset}, {size}) lies outside segment {self.name} of {self.size} bytes")
+        return self._array[offset : offset + size]
+
     def close(self) -> None:
         if self._map is None:
             return
-        self._buffer.release()
+        self._array = None
+        with contextlib.suppress(BufferError):  # an array slice is still alive somewhere
+            self._buffer.release()
         with contextlib.suppress(BufferError):  # a view is still held: the mapping goes with it
             self._map.close()
         self._map = None
@@ -118,15 +142,17 @@ class LocalView:
     """A read-only view of a stored value in the node's memory, valid until released.
 
     Arrays built on `view` (e.g. `numpy.frombuffer`) must not outlive `release()`: the node
-    may reuse the bytes afterwards.
+    may reuse the bytes afterwards. Nor may they outlive the node's view lease (`--view-lease-ms`,
+    60 s by default): past it the node releases the view itself, and `view` raises ViewReleased.
     """
 
-    __slots__ = ("_view", "key", "size", "view_id")
+    __slots__ = ("_view", "expires", "key", "size", "view_id")
 
-    def __init__(self, key: bytes, view_id: int, view: memoryview) -> None:
+    def __init__(self, key: bytes, view_id: int, view: memoryview, expires: float = 0.0) -> None:
         self.key = key
         self.view_id = view_id
         self.size = len(view)
+        self.expires = expires  # monotonic end of the node's lease, 0 = none
         self._view: memoryview | None = view
 
     @property
@@ -137,6 +163,9 @@ class LocalView:
     def view(self) -> memoryview:
         if self._view is None:
             raise ViewReleased(f"view {self.view_id} of key {self.key.hex()} was released")
+        if self.expires and time.monotonic() >= self.expires:
+            self._drop()
+            raise ViewReleased(f"view {self.view_id} of key {self.key.hex()} outlived the node's view lease")
         return self._view
 
     def tobytes(self) -> bytes:
@@ -169,11 +198,18 @@ class LocalDataPath(Attachment):
         offload_bytes: int,
         rpc_timeout: float,
         release_delay_s: float = 0.01,
+        socket: SocketControl | None = None,
     ) -> None:
         self._mapping = mapping
         self._offload_bytes = offload_bytes
         self._held: dict[int, LocalView] = {}
-        super().__init__(stub, call, attached, rpc_timeout, release_delay_s)
+        self._prefer = PreferSocket(socket, GrpcControl(stub, rpc_timeout))
+        super().__init__(stub, call, attached, rpc_timeout, release_delay_s, self._prefer)
+
+    @property
+    def over_socket(self) -> bool:
+        """Whether the calls currently go over the node's local control socket (else gRPC)."""
+        return self._prefer.socket is not None and not self._prefer.socket.broken
 
     @classmethod
     async def open(
@@ -184,44 +220,123 @@ class LocalDataPath(Attachment):
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
         rpc_timeout: float = 10.0,
         release_delay_s: float = 0.01,
+        control_socket: bool = True,
+        populate: bool = False,
     ) -> LocalDataPath:
-        """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us."""
+        """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us.
+
+        With `control_socket` (default) the calls go over the node's local control socket
+        when it offers one, else over gRPC. `populate` maps the whole segment at once (about
+        0.1-0.3 s per GiB, in a worker thread), so that no copy later pays page faults; for
+        long-lived clients such as an inference engine.
+        """
         request = cachenode_pb2.AttachRequest(
             client_id=client_id or default_client_id(), transport=cachenode_pb2.TRANSPORT_SHM
         )
         call, attached = await attach(stub, request, rpc_timeout, LocalPathUnavailable, "shared-memory path")
         try:
-            mapping = SegmentMapping(attached.segment, attached.segment_size)
+            if populate:
+                mapping = await asyncio.to_thread(SegmentMapping, attached.segment, attached.segment_size, True)
+            else:
+                mapping = SegmentMapping(attached.segment, attached.segment_size)
         except BaseException:
             call.cancel()
             raise
-        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s)
+        socket = None
+        if control_socket and attached.control_socket:
+            try:
+                socket = await SocketControl.connect(attached.control_socket, attached.session_id, rpc_timeout)
+            except (OSError, TimeoutError, grpc.aio.AioRpcError) as exc:
+                log.info("node's control socket unreachable (%s): data-path calls go over gRPC", exc)
+            except BaseException:
+                call.cancel()
+                mapping.close()
+                raise
+        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s, socket)
 
-    async def _copy(self, dst: memoryview, src: bytes | bytearray | memoryview) -> None:
-        if len(dst) >= self._offload_bytes:
-            await asyncio.to_thread(dst.__setitem__, slice(None), src)
+    async def _copy_all(self, pairs: list[tuple[np.ndarray, np.ndarray | memoryview]], total: int) -> None:
+        """The copies of one batch: inline when small, else in one worker thread (numpy releases the GIL)."""
+        if total >= self._offload_bytes:
+            await asyncio.to_thread(copy_all, pairs)
         else:
-            dst[:] = src
+            copy_all(pairs)
 
     async def _fill(self, allocations: Sequence[cachenode_pb2.Allocation], sources: Sequence[memoryview]) -> None:
-        for allocation, src in zip(allocations, sources, strict=True):
-            dst = self._mapping.view(allocation.region.offset, len(src))
-            try:
-                await self._copy(dst, src)
-            finally:
-                dst.release()
+        pairs: list[tuple[np.ndarray, np.ndarray | memoryview]] = [
+            (self._mapping.array(a.region.offset, len(src)), src) for a, src in zip(allocations, sources, strict=True)
+        ]
+        await self._copy_all(pairs, sum(len(src) for src in sources))
+
+    # -- caller-owned buffers ------------------------------------------------------------
+
+    async def put_from(self, namespace: str, key: bytes, buf: Buffer, ttl_seconds: int = 0) -> int:
+        """Stores the bytes of `buf` (bytes-like, numpy array, CPU/pinned torch tensor) as one value.
+
+        One copy, from `buf` into the slot the node allocated; one Allocate and one Seal.
+        Returns the value's size in bytes.
+        """
+        return (await self.batch_put_from(namespace, [key], [buf], ttl_seconds))[0]
+
+    async def batch_put_from(
+        self, namespace: str, keys: Sequence[bytes], bufs: Sequence[Buffer], ttl_seconds: int = 0
+    ) -> list[int]:
+        """Stores `bufs[i]` under `keys[i]` with one Allocate and one Seal for the whole batch.
+
+        All values become visible together, or none (any failure aborts every allocation).
+        Returns each value's size in bytes.
+        """
+        if len(keys) != len(bufs):
+            raise ValueError(f"{len(keys)} keys for {len(bufs)} buffers")
+        arrays = [as_bytes(buf, writable=False) for buf in bufs]
+        await self.put_many(namespace, [(k, a.data) for k, a in zip(keys, arrays, strict=True)], ttl_seconds)
+        return [a.nbytes for a in arrays]
+
+    async def batch_get_into(self, namespace: str, keys: Sequence[bytes], bufs: Sequence[Buffer]) -> list[int | None]:
+        """Copies the value of `keys[i]` into the start of `bufs[i]`; one Acquire for the batch.
+
+        Buffers are bytearrays, writable memoryviews, numpy arrays or CPU/pinned torch tensors
+        (any dtype; the value's bytes land at the start). Returns each value's size, None for
+        a miss (its buffer is untouched). A value larger than its buffer raises ValueError
+        before anything is copied.
+        """
+        if len(keys) != len(bufs):
+            raise ValueError(f"{len(keys)} keys for {len(bufs)} buffers")
+        arrays = [as_bytes(buf, writable=True) for buf in bufs]
+        views = await self._acquire_views(namespace, keys)
+        try:
+            if len(views) != len(keys):
+                raise LocalPathUnavailable(f"node answered {len(views)} views for {len(keys)} keys")
+            sizes: list[int | None] = []
+            pairs: list[tuple[np.ndarray, np.ndarray | memoryview]] = []
+            for key, view, dst in zip(keys, views, arrays, strict=True):
+                if not view.found:
+                    sizes.append(None)
+                    continue
+                size = view.region.size
+                if size > dst.nbytes:
+                    raise ValueError(f"value {key.hex()} of {size} bytes does not fit a buffer of {dst.nbytes}")
+                pairs.append((dst, self._mapping.array(view.region.offset, size)))
+                sizes.append(size)
+            await self._copy_all(pairs, sum(len(src) for _, src in pairs))
+            return sizes
+        finally:
+            if not self._detached:
+                self._releases.add([v.view_id for v in views if v.found])
 
     # -- reads ---------------------------------------------------------------------------
 
     async def acquire(self, namespace: str, keys: Sequence[bytes]) -> list[LocalView | None]:
         """Read-only views of the values (None for a miss); each holds its value until released."""
+        lease_s = self.view_lease_ms / 1000
+        expires = time.monotonic() + lease_s if lease_s else 0.0  # taken before asking: errs on the safe side
         views = await self._acquire_views(namespace, keys)
         out: list[LocalView | None] = []
         for key, view in zip(keys, views, strict=True):
             if not view.found:
                 out.append(None)
                 continue
-            local = LocalView(key, view.view_id, self._mapping.view(view.region.offset, view.region.size).toreadonly())
+            region = self._mapping.view(view.region.offset, view.region.size).toreadonly()
+            local = LocalView(key, view.view_id, region, expires)
             self._held[view.view_id] = local
             out.append(local)
         return out
@@ -235,8 +350,8 @@ class LocalDataPath(Attachment):
                 self._held.pop(v.view_id, None)
         if not ids or self._detached:
             return 0
-        response = await self._stub.ReleaseViews(
-            cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids), timeout=self._timeout
+        response = await self._control.release_views(
+            cachenode_pb2.ReleaseViewsRequest(session_id=self.session_id, view_ids=ids)
         )
         return int(response.released)
 
@@ -274,18 +389,9 @@ class LocalDataPath(Attachment):
         finally:
             self._release_later(views)
 
-    async def get_into(self, namespace: str, key: bytes, out: memoryview) -> int | None:
-        """Copies one value into a caller's buffer (no intermediate bytes); returns its size or None."""
-        (view,) = await self.acquire(namespace, [key])
-        if view is None:
-            return None
-        try:
-            if view.size > len(out):
-                raise ValueError(f"value of {view.size} bytes does not fit a buffer of {len(out)}")
-            await self._copy(out[: view.size], view.view)
-            return view.size
-        finally:
-            self._release_later([view])
+    async def get_into(self, namespace: str, key: bytes, buf: Buffer) -> int | None:
+        """Copies one value into the start of a caller's buffer (see `batch_get_into`); its size, or None."""
+        return (await self.batch_get_into(namespace, [key], [buf]))[0]
 
     async def close(self) -> None:
         """Ends the session: the node releases whatever this client still held."""
@@ -293,6 +399,7 @@ class LocalDataPath(Attachment):
             view._drop()
         self._held.clear()
         await self._end()
+        self._prefer.close()
         self._mapping.close()
 
 

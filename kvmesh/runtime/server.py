@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.logs import setup_logging
 from kvmesh.runtime.channels import channel_options
+from kvmesh.security.client import configure_clients
+from kvmesh.security.server import add_port, auth_interceptors
 from kvmesh.settings import ServiceSettings
 from kvmesh.telemetry import Telemetry, setup_telemetry
 
@@ -78,6 +80,7 @@ class ServerRuntime:
         if self.server is not None:
             return self.address
         interceptors = self.telemetry.server_interceptors() if self.telemetry else []
+        interceptors += auth_interceptors(self.settings)  # innermost: after tracing
         server = grpc.aio.server(
             options=channel_options(self.settings.max_message_bytes), interceptors=interceptors
         )
@@ -85,7 +88,7 @@ class ServerRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self.service.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(self.settings.listen)
+        self.port = add_port(server, self.settings.listen, self.settings)  # TLS when --tls-cert is set
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
         self.server = server
@@ -153,6 +156,7 @@ async def serve_until_signalled(service: Service, settings: ServiceSettings) -> 
 def run_service(service: Service, settings: ServiceSettings) -> int:
     """Entry point for `kvmesh <service>`: logging, uvloop, serve."""
     setup_logging(settings.log_level, settings.log_format)
+    configure_clients(settings)  # this process's channels use its TLS files and token
     try:
         import uvloop
 

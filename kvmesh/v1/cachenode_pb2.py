@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/cachenode.proto\x12\tkvmesh.v1\"P\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"\r\n\x0bPutResponse\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"/\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"0\n\rExistsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"8\n\x0e\x45xistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"q\n\x08PutChunk\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\"6\n\x08KeyError\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"G\n\x10\x42\x61tchPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12#\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x13.kvmesh.v1.KeyError\"N\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x1a\n\x12stop_at_first_miss\x18\x03 \x01(\x08\"g\n\x08GetChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\x0e\n\x0cStatsRequest\"\x95\x01\n\x0b\x45ngineStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\r\n\x05items\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"8\n\rStatsResponse\x12\'\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.EngineStats\"c\n\rAttachRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\'\n\ttransport\x18\x02 \x01(\x0e\x32\x14.kvmesh.v1.Transport\x12\x16\n\x0e\x63lient_segment\x18\x03 \x01(\t\"\xa9\x01\n\x0e\x41ttachResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\ttransport\x18\x02 \x01(\x0e\x32\x14.kvmesh.v1.Transport\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x14\n\x0csegment_size\x18\x04 \x01(\x04\x12\x14\n\x0c\x62\x61se_address\x18\x05 \x01(\x04\x12\x1d\n\x15\x61llocation_timeout_ms\x18\x06 \x01(\r\"7\n\x06Region\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x90\x01\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12&\n\x05items\x18\x06 \x03(\x0b\x32\x17.kvmesh.v1.AllocateItem\")\n\x0c\x41llocateItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\"F\n\nAllocation\x12\x15\n\rallocation_id\x18\x01 \x01(\x04\x12!\n\x06region\x18\x02 \x01(\x0b\x32\x11.kvmesh.v1.Region\"x\n\x10\x41llocateResponse\x12\x15\n\rallocation_id\x18\x01 \x01(\x04\x12!\n\x06region\x18\x02 \x01(\x0b\x32\x11.kvmesh.v1.Region\x12*\n\x0b\x61llocations\x18\x03 \x03(\x0b\x32\x15.kvmesh.v1.Allocation\"_\n\x0bSealRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rallocation_id\x18\x02 \x01(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x16\n\x0e\x61llocation_ids\x18\x04 \x03(\x04\"\x0e\n\x0cSealResponse\"_\n\x0e\x41\x63quireRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x18\n\x10release_view_ids\x18\x04 \x03(\x04\"I\n\x04View\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07view_id\x18\x02 \x01(\x04\x12!\n\x06region\x18\x03 \x01(\x0b\x32\x11.kvmesh.v1.Region\"1\n\x0f\x41\x63quireResponse\x12\x1e\n\x05views\x18\x01 \x03(\x0b\x32\x0f.kvmesh.v1.View\";\n\x13ReleaseViewsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08view_ids\x18\x02 \x03(\x04\"(\n\x14ReleaseViewsResponse\x12\x10\n\x08released\x18\x01 \x01(\r*M\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x11\n\rTRANSPORT_SHM\x10\x01\x12\x12\n\x0eTRANSPORT_RDMA\x10\x02\x32\x80\x06\n\x07KVCache\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x34\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.GetResponse\x12=\n\x06\x44\x65lete\x12\x18.kvmesh.v1.DeleteRequest\x1a\x19.kvmesh.v1.DeleteResponse\x12=\n\x06\x45xists\x12\x18.kvmesh.v1.ExistsRequest\x1a\x19.kvmesh.v1.ExistsResponse\x12>\n\x08\x42\x61tchPut\x12\x13.kvmesh.v1.PutChunk\x1a\x1b.kvmesh.v1.BatchPutResponse(\x01\x12=\n\x08\x42\x61tchGet\x12\x1a.kvmesh.v1.BatchGetRequest\x1a\x13.kvmesh.v1.GetChunk0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12?\n\x06\x41ttach\x12\x18.kvmesh.v1.AttachRequest\x1a\x19.kvmesh.v1.AttachResponse0\x01\x12\x43\n\x08\x41llocate\x12\x1a.kvmesh.v1.AllocateRequest\x1a\x1b.kvmesh.v1.AllocateResponse\x12\x37\n\x04Seal\x12\x16.kvmesh.v1.SealRequest\x1a\x17.kvmesh.v1.SealResponse\x12@\n\x07\x41\x63quire\x12\x19.kvmesh.v1.AcquireRequest\x1a\x1a.kvmesh.v1.AcquireResponse\x12O\n\x0cReleaseViews\x12\x1e.kvmesh.v1.ReleaseViewsRequest\x1a\x1f.kvmesh.v1.ReleaseViewsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/cachenode.proto\x12\tkvmesh.v1\"P\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"\r\n\x0bPutResponse\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"/\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"0\n\rExistsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"8\n\x0e\x45xistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x15\n\rprefix_length\x18\x02 \x01(\r\"q\n\x08PutChunk\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\"6\n\x08KeyError\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"G\n\x10\x42\x61tchPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12#\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x13.kvmesh.v1.KeyError\"N\n\x0f\x42\x61tchGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x1a\n\x12stop_at_first_miss\x18\x03 \x01(\x08\"g\n\x08GetChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\x0e\n\x0cStatsRequest\"\x95\x01\n\x0b\x45ngineStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\r\n\x05items\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"8\n\rStatsResponse\x12\'\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.EngineStats\"c\n\rAttachRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\'\n\ttransport\x18\x02 \x01(\x0e\x32\x14.kvmesh.v1.Transport\x12\x16\n\x0e\x63lient_segment\x18\x03 \x01(\t\"\xd8\x01\n\x0e\x41ttachResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\ttransport\x18\x02 \x01(\x0e\x32\x14.kvmesh.v1.Transport\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x14\n\x0csegment_size\x18\x04 \x01(\x04\x12\x14\n\x0c\x62\x61se_address\x18\x05 \x01(\x04\x12\x1d\n\x15\x61llocation_timeout_ms\x18\x06 \x01(\r\x12\x15\n\rview_lease_ms\x18\x07 \x01(\r\x12\x16\n\x0e\x63ontrol_socket\x18\x08 \x01(\t\"7\n\x06Region\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x90\x01\n\x0f\x41llocateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12&\n\x05items\x18\x06 \x03(\x0b\x32\x17.kvmesh.v1.AllocateItem\")\n\x0c\x41llocateItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\"F\n\nAllocation\x12\x15\n\rallocation_id\x18\x01 \x01(\x04\x12!\n\x06region\x18\x02 \x01(\x0b\x32\x11.kvmesh.v1.Region\"x\n\x10\x41llocateResponse\x12\x15\n\rallocation_id\x18\x01 \x01(\x04\x12!\n\x06region\x18\x02 \x01(\x0b\x32\x11.kvmesh.v1.Region\x12*\n\x0b\x61llocations\x18\x03 \x03(\x0b\x32\x15.kvmesh.v1.Allocation\"_\n\x0bSealRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rallocation_id\x18\x02 \x01(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\x12\x16\n\x0e\x61llocation_ids\x18\x04 \x03(\x04\"\x0e\n\x0cSealResponse\"_\n\x0e\x41\x63quireRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x18\n\x10release_view_ids\x18\x04 \x03(\x04\"I\n\x04View\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07view_id\x18\x02 \x01(\x04\x12!\n\x06region\x18\x03 \x01(\x0b\x32\x11.kvmesh.v1.Region\"1\n\x0f\x41\x63quireResponse\x12\x1e\n\x05views\x18\x01 \x03(\x0b\x32\x0f.kvmesh.v1.View\";\n\x13ReleaseViewsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08view_ids\x18\x02 \x03(\x04\"(\n\x14ReleaseViewsResponse\x12\x10\n\x08released\x18\x01 \x01(\r*M\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x11\n\rTRANSPORT_SHM\x10\x01\x12\x12\n\x0eTRANSPORT_RDMA\x10\x02\x32\x80\x06\n\x07KVCache\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x34\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.GetResponse\x12=\n\x06\x44\x65lete\x12\x18.kvmesh.v1.DeleteRequest\x1a\x19.kvmesh.v1.DeleteResponse\x12=\n\x06\x45xists\x12\x18.kvmesh.v1.ExistsRequest\x1a\x19.kvmesh.v1.ExistsResponse\x12>\n\x08\x42\x61tchPut\x12\x13.kvmesh.v1.PutChunk\x1a\x1b.kvmesh.v1.BatchPutResponse(\x01\x12=\n\x08\x42\x61tchGet\x12\x1a.kvmesh.v1.BatchGetRequest\x1a\x13.kvmesh.v1.GetChunk0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12?\n\x06\x41ttach\x12\x18.kvmesh.v1.AttachRequest\x1a\x19.kvmesh.v1.AttachResponse0\x01\x12\x43\n\x08\x41llocate\x12\x1a.kvmesh.v1.AllocateRequest\x1a\x1b.kvmesh.v1.AllocateResponse\x12\x37\n\x04Seal\x12\x16.kvmesh.v1.SealRequest\x1a\x17.kvmesh.v1.SealResponse\x12@\n\x07\x41\x63quire\x12\x19.kvmesh.v1.AcquireRequest\x1a\x1a.kvmesh.v1.AcquireResponse\x12O\n\x0cReleaseViews\x12\x1e.kvmesh.v1.ReleaseViewsRequest\x1a\x1f.kvmesh.v1.ReleaseViewsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.cachenode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSPORT']._serialized_start=2228
-  _globals['_TRANSPORT']._serialized_end=2305
+  _globals['_TRANSPORT']._serialized_start=2275
+  _globals['_TRANSPORT']._serialized_end=2352
   _globals['_PUTREQUEST']._serialized_start=40
   _globals['_PUTREQUEST']._serialized_end=120
   _globals['_PUTRESPONSE']._serialized_start=122
@@ -68,31 +68,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHREQUEST']._serialized_start=1075
   _globals['_ATTACHREQUEST']._serialized_end=1174
   _globals['_ATTACHRESPONSE']._serialized_start=1177
-  _globals['_ATTACHRESPONSE']._serialized_end=1346
-  _globals['_REGION']._serialized_start=1348
-  _globals['_REGION']._serialized_end=1403
-  _globals['_ALLOCATEREQUEST']._serialized_start=1406
-  _globals['_ALLOCATEREQUEST']._serialized_end=1550
-  _globals['_ALLOCATEITEM']._serialized_start=1552
-  _globals['_ALLOCATEITEM']._serialized_end=1593
-  _globals['_ALLOCATION']._serialized_start=1595
-  _globals['_ALLOCATION']._serialized_end=1665
-  _globals['_ALLOCATERESPONSE']._serialized_start=1667
-  _globals['_ALLOCATERESPONSE']._serialized_end=1787
-  _globals['_SEALREQUEST']._serialized_start=1789
-  _globals['_SEALREQUEST']._serialized_end=1884
-  _globals['_SEALRESPONSE']._serialized_start=1886
-  _globals['_SEALRESPONSE']._serialized_end=1900
-  _globals['_ACQUIREREQUEST']._serialized_start=1902
-  _globals['_ACQUIREREQUEST']._serialized_end=1997
-  _globals['_VIEW']._serialized_start=1999
-  _globals['_VIEW']._serialized_end=2072
-  _globals['_ACQUIRERESPONSE']._serialized_start=2074
-  _globals['_ACQUIRERESPONSE']._serialized_end=2123
-  _globals['_RELEASEVIEWSREQUEST']._serialized_start=2125
-  _globals['_RELEASEVIEWSREQUEST']._serialized_end=2184
-  _globals['_RELEASEVIEWSRESPONSE']._serialized_start=2186
-  _globals['_RELEASEVIEWSRESPONSE']._serialized_end=2226
-  _globals['_KVCACHE']._serialized_start=2308
-  _globals['_KVCACHE']._serialized_end=3076
+  _globals['_ATTACHRESPONSE']._serialized_end=1393
+  _globals['_REGION']._serialized_start=1395
+  _globals['_REGION']._serialized_end=1450
+  _globals['_ALLOCATEREQUEST']._serialized_start=1453
+  _globals['_ALLOCATEREQUEST']._serialized_end=1597
+  _globals['_ALLOCATEITEM']._serialized_start=1599
+  _globals['_ALLOCATEITEM']._serialized_end=1640
+  _globals['_ALLOCATION']._serialized_start=1642
+  _globals['_ALLOCATION']._serialized_end=1712
+  _globals['_ALLOCATERESPONSE']._serialized_start=1714
+  _globals['_ALLOCATERESPONSE']._serialized_end=1834
+  _globals['_SEALREQUEST']._serialized_start=1836
+  _globals['_SEALREQUEST']._serialized_end=1931
+  _globals['_SEALRESPONSE']._serialized_start=1933
+  _globals['_SEALRESPONSE']._serialized_end=1947
+  _globals['_ACQUIREREQUEST']._serialized_start=1949
+  _globals['_ACQUIREREQUEST']._serialized_end=2044
+  _globals['_VIEW']._serialized_start=2046
+  _globals['_VIEW']._serialized_end=2119
+  _globals['_ACQUIRERESPONSE']._serialized_start=2121
+  _globals['_ACQUIRERESPONSE']._serialized_end=2170
+  _globals['_RELEASEVIEWSREQUEST']._serialized_start=2172
+  _globals['_RELEASEVIEWSREQUEST']._serialized_end=2231
+  _globals['_RELEASEVIEWSRESPONSE']._serialized_start=2233
+  _globals['_RELEASEVIEWSRESPONSE']._serialized_end=2273
+  _globals['_KVCACHE']._serialized_start=2355
+  _globals['_KVCACHE']._serialized_end=3123
 # @@protoc_insertion_point(module_scope)

@@ -463,6 +463,8 @@ class AttachResponse(_message.Message):
     SEGMENT_SIZE_FIELD_NUMBER: _builtins.int
     BASE_ADDRESS_FIELD_NUMBER: _builtins.int
     ALLOCATION_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    VIEW_LEASE_MS_FIELD_NUMBER: _builtins.int
+    CONTROL_SOCKET_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     transport: Global___Transport.ValueType
     segment: _builtins.str
@@ -472,6 +474,13 @@ class AttachResponse(_message.Message):
     """RDMA: the base address of the node's registered buffer."""
     allocation_timeout_ms: _builtins.int
     """Unsealed allocations older than this are dropped."""
+    view_lease_ms: _builtins.int
+    """Views held longer than this are released by the node (their bytes may then be reused)."""
+    control_socket: _builtins.str
+    """SHM: a Unix socket ("@name": Linux abstract namespace) taking Allocate/Seal/Acquire/
+    ReleaseViews for this session at a fraction of a gRPC call's cost (frames in
+    kvmesh/control_wire.py); empty when the node offers none. Optional: gRPC always works.
+    """
     def __init__(
         self,
         *,
@@ -481,10 +490,12 @@ class AttachResponse(_message.Message):
         segment_size: _builtins.int = ...,
         base_address: _builtins.int = ...,
         allocation_timeout_ms: _builtins.int = ...,
+        view_lease_ms: _builtins.int = ...,
+        control_socket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_timeout_ms", b"allocation_timeout_ms", "base_address", b"base_address", "segment", b"segment", "segment_size", b"segment_size", "session_id", b"session_id", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_timeout_ms", b"allocation_timeout_ms", "base_address", b"base_address", "control_socket", b"control_socket", "segment", b"segment", "segment_size", b"segment_size", "session_id", b"session_id", "transport", b"transport", "view_lease_ms", b"view_lease_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

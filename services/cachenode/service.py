@@ -86,6 +86,11 @@ class CacheNodeService(Service):
                 storage,
                 allocation_timeout_ms=self.settings.allocation_timeout_ms,
                 requests=self.servicer.limits,
+                max_sessions=self.settings.max_sessions,
+                max_views=self.settings.max_views_per_session,
+                max_pinned_fraction=self.settings.max_pinned_fraction,
+                view_lease_ms=self.settings.view_lease_ms,
+                control_socket=self.settings.local_control_socket,
             )
             if self._zerocopy is not None:
                 await self._zerocopy.start()

@@ -28,6 +28,21 @@ class CacheNodeSettings(MemberSettings):
     allocation_timeout_ms: int = Field(
         30_000, ge=10, le=3_600_000, description="data path: unsealed allocations are dropped after this"
     )
+    max_sessions: int = Field(
+        256, ge=1, le=65536, description="data path: most attached clients at once (Attach beyond: RESOURCE_EXHAUSTED)"
+    )
+    max_views_per_session: int = Field(
+        4096, ge=1, le=1_048_576, description="data path: most values one attached client may hold pinned"
+    )
+    max_pinned_fraction: float = Field(
+        0.5, gt=0, le=1, description="data path: share of the storage's capacity all clients together may pin (1: all)"
+    )
+    local_control_socket: bool = Field(
+        True, description="data path: serve co-located clients' Allocate/Seal/Acquire/Release on a Unix socket"
+    )
+    view_lease_ms: int = Field(
+        60_000, ge=10, le=86_400_000, description="data path: a pinned view not released within this is released"
+    )
 
     @model_validator(mode="before")
     @classmethod

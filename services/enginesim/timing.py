@@ -17,7 +17,13 @@ Defaults describe Llama-3-8B in bf16 on one A100-SXM4-80GB:
 - chunked prefill with 8,192 tokens per step, at most 256 running sequences (vLLM defaults
   on A100 for this model size);
 - cache-pool fetches at 12.5 GB/s (a 100 Gb/s NIC): one 512-token block in ~5.4 ms instead of
-  ~55 ms of prefill compute.
+  ~55 ms of prefill compute. `kvmesh bench trace` and `kvmesh up` set this from a measured rate
+  (see kvmesh/tools/replay/transfer.py), since a rate the data path does not deliver flatters
+  the pool.
+
+The break-even rate is where fetching a token's KV cache takes as long as recomputing it:
+kv_bytes_per_token / prefill time per token. For the defaults, 128 KiB / 0.103 ms ≈ 1.28 GB/s
+at the start of a prompt (deeper positions cost more attention to recompute, so less).
 """
 
 from __future__ import annotations
@@ -86,6 +92,15 @@ class TimingModel:
         compute_ms = (dense_flops + attention_flops) / self.flops_per_ms
         memory_ms = (self.weight_bytes + self.kv_bytes_per_token * decode_context_tokens) / self.bytes_per_ms
         return self.step_overhead_ms + max(compute_ms, memory_ms)
+
+    def prefill_ms_per_token(self, position: int = 0) -> float:
+        """Compute time of one prompt token at `position` (dense matmuls + attention to its context)."""
+        flops = 2.0 * self.params_billion * 1e9 + 4.0 * self.layers * self.hidden_size * (max(position, 0) + 1)
+        return flops / self.flops_per_ms
+
+    def break_even_gbps(self, position: int = 0) -> float:
+        """The pool rate (GB/s) above which fetching a token's KV beats recomputing it at `position`."""
+        return self.kv_bytes_per_token / self.prefill_ms_per_token(position) / 1e6
 
     def pool_fetch_ms(self, tokens: int) -> float:
         """Time to copy `tokens` tokens of KV cache from the cache pool into GPU memory."""

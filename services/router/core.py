@@ -8,8 +8,8 @@ routing decisions, and a pod that left is gone from every node before the next d
 
 from __future__ import annotations
 
-import itertools
 import random
+import secrets
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +36,12 @@ def _block_ids(keys: list[bytes]) -> tuple[int, ...]:
     if not keys:
         return ()
     return tuple(np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist())
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one: random (96 bits), so another client cannot guess
+    it and release someone else's request (sequential ids r1, r2, ... could be)."""
+    return "r" + secrets.token_hex(12)
 
 
 class Decision(NamedTuple):
@@ -115,7 +121,6 @@ class RouterCore:
         # request_id → (slot, pod generation, routed at); insertion order is routing order.
         self._inflight: dict[str, tuple[int, int, float]] = {}
         self._hashers: dict[str, BlockHasher] = {}
-        self._ids = itertools.count(1)
         self.routed = 0
         self.events_applied = 0
         self.events_ignored = 0
@@ -216,7 +221,7 @@ class RouterCore:
             else:
                 tree.hold(slot, block_ids, now, match)
         if not request_id:
-            request_id = f"r{next(self._ids)}"
+            request_id = new_request_id()
         inflight = self._inflight
         previous = inflight.pop(request_id, None)
         if previous is not None:  # the same request routed again (a retry): count it once

@@ -110,8 +110,12 @@ def test_up_fails_cleanly_on_a_bad_backend(kvmesh: KvmeshFactory) -> None:
 
 
 def test_demo_runs_a_workload_and_stops(kvmesh: KvmeshFactory) -> None:
-    proc = kvmesh("up", *SMALL, "--demo", "--demo-conversations", "5", timeout=90)
+    proc = kvmesh("up", *SMALL, "--demo", "--demo-conversations", "5", "--pool-gbps", "0.7", timeout=90)
     pids = [int(p) for p in ready_fields(proc)["pids"].split(",")]
     assert proc.wait_exit(90) == 0, proc.output[-3000:]
     assert "kvmesh demo" in proc.output and "total hit" in proc.output
+    # The engines fetch at the given rate; the break-even and a production NIC's rate are shown beside it.
+    assert "pool transfer rate: 0.70 GB/s (--pool-gbps)" in proc.output
+    assert "fetching beats recomputing above 1.28 GB/s" in proc.output
+    assert "@ 12.5 GB/s NIC" in proc.output
     assert not [p for p in pids if alive(p)]

@@ -29,10 +29,15 @@ class Node:
 
 @asynccontextmanager
 async def zerocopy_node(
-    storage_uri: str = "memory://?capacity=16MiB&arena=shm", allocation_timeout_ms: int = 30_000, namespaces: str = ""
+    storage_uri: str = "memory://?capacity=16MiB&arena=shm",
+    allocation_timeout_ms: int = 30_000,
+    namespaces: str = "",
+    **more: object,
 ) -> AsyncIterator[Node]:
-    """One standalone cache node from the shared mesh fixture (no metadata service)."""
-    settings = {"storage": storage_uri, "allocation_timeout_ms": allocation_timeout_ms, "namespaces": namespaces}
+    """One standalone cache node from the shared mesh fixture (no metadata service); `more`
+    are further cache-node settings."""
+    settings = {"storage": storage_uri, "allocation_timeout_ms": allocation_timeout_ms, "namespaces": namespaces,
+                **more}
     async with local_mesh(metadata=0, cachenodes=1, cachenode_settings=settings, grace_seconds=1) as mesh:
         service: CacheNodeService = mesh.of_role("cachenode")[0].service
         storage, zerocopy = service.storage, service.servicer.zerocopy

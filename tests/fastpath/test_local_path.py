@@ -139,7 +139,8 @@ async def test_held_view_survives_eviction_pressure_and_overwrite() -> None:
 
 
 async def test_capacity_pinned_full_answers_resource_exhausted() -> None:
-    async with zerocopy_node("memory://?capacity=2MiB&arena=shm") as node:
+    # The node lets clients pin all of it here (the default is half: test_pin_limits.py).
+    async with zerocopy_node("memory://?capacity=2MiB&arena=shm", max_pinned_fraction=1.0) as node:
         path = await LocalDataPath.open(node.stub)
         try:
             await path.put(NS, b"a", b"a" * (1 << 20))

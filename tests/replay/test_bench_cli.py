@@ -19,14 +19,15 @@ def test_policies_and_pool_sizes_each_run_on_fresh_state(tmp_path: Path, capsys:
     printed = capsys.readouterr().out
     assert "infinite-cache bound" in printed and "total hit" in printed
     summary = json.loads(printed.split("KVMESH_BENCH_SUMMARY ", 1)[1])
+    # Each pool size > 0 runs twice: at the measured pool rate and at a production NIC's.
     assert [(s["policy"], s["pool_hit_rate"] > 0) for s in summary] == [
-        ("random", False), ("random", True), ("prefix", False), ("prefix", True)]
-    random_alone, _, prefix_alone, prefix_pool = summary
+        ("random", False), ("random", True), ("random", True), ("prefix", False), ("prefix", True), ("prefix", True)]
+    random_alone, _, _, prefix_alone, prefix_pool, _ = summary
     assert prefix_alone["local_hit_rate"] > random_alone["local_hit_rate"]  # routing pays
     assert prefix_pool["total_hit_rate"] >= prefix_alone["total_hit_rate"]
     assert all(s["total_hit_rate"] <= s["infinite_cache_bound"] + 1e-9 for s in summary)
     doc = json.loads((out / "results.json").read_text())
-    assert len(doc["results"]) == 4 and len(doc["results"][0]["requests"]) == summary[0]["requests"]
+    assert len(doc["results"]) == 6 and len(doc["results"][0]["requests"]) == summary[0]["requests"]
     for name in ("hit_rate.png", "ttft_cdf.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 

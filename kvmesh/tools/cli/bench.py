@@ -24,6 +24,7 @@ from kvmesh.tools.cli.up import (
     MeshSpec,
     add_mesh_arguments,
     parse_router_settings,
+    pool_rate_from_args,
     spec_from_args,
     start_mesh,
     stop_mesh,
@@ -98,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
     bound = infinite_cache_bound(requests)
     console.print(f"{name}: {len(requests)} requests, {sum(len(r.hash_ids) for r in requests):,} prompt blocks, "
                   f"infinite-cache bound {bound * 100:.1f}%")
+    from kvmesh.services.enginesim.timing import TimingModel
+    from kvmesh.tools.replay.transfer import break_even_report
+
+    rate = pool_rate_from_args(args)
+    if args.nic_gbps <= 0:
+        console.print("[red]kvmesh bench trace:[/red] --nic-gbps must be positive")
+        return 2
+    console.print(break_even_report(TimingModel(), rate, args.nic_gbps))
     results: list[ReplayResult] = []
     for policy in policies:
         for pool in pools:
@@ -105,10 +114,15 @@ def run(args: argparse.Namespace) -> int:
             if args.live:
                 res = _run_live(args, policy, requests, console)
             else:
-                res = _run_in_process(args, policy, requests, console)
+                res = _run_in_process(args, policy, requests, console, rate.gbps)
             if res is None:
                 return 1
             results.append(res)
+            if pool:  # the same pool behind a production NIC, for comparison (in process)
+                nic = _run_in_process(args, policy, requests, console, args.nic_gbps)
+                if nic is None:
+                    return 1
+                results.append(nic)
     from kvmesh.tools.replay.report import print_summary, write_json, write_plots
 
     print_summary(results, console, title=f"kvmesh bench trace: {name}")
@@ -126,7 +140,7 @@ def _router_knobs(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _run_in_process(
-    args: argparse.Namespace, policy: str, requests: list[TraceRequest], console: Console
+    args: argparse.Namespace, policy: str, requests: list[TraceRequest], console: Console, pool_gbps: float
 ) -> ReplayResult | None:
     from pydantic import ValidationError
 
@@ -138,10 +152,12 @@ def _run_in_process(
     except ValidationError as exc:
         console.print(f"[red]bad router setting:[/red] {exc.errors()[0]['msg']}")
         return None
+    from kvmesh.services.enginesim.timing import TimingModel
+
     config = ReplayConfig(engines=args.engines, capacity_blocks=args.capacity_blocks, pool_blocks=args.pool_blocks,
-                          block_tokens=args.block_tokens)
+                          block_tokens=args.block_tokens, timing=TimingModel(pool_gbps=pool_gbps))
     with _progress(console, args.quiet) as bar:
-        task = bar.add_task(f"{policy} pool={args.pool_blocks} (in-process)", total=len(requests))
+        task = bar.add_task(f"{policy} pool={args.pool_blocks} @ {pool_gbps:g} GB/s (in-process)", total=len(requests))
         return replay_in_process(requests, router, policy, config, progress=lambda n: bar.advance(task, n))
 
 
@@ -150,13 +166,16 @@ def _run_live(
 ) -> ReplayResult | None:
     from kvmesh.tools.replay.live import replay_live
 
-    settings = {"pool_blocks": args.pool_blocks, "engines": args.engines, "capacity_blocks": args.capacity_blocks}
+    settings: dict[str, object] = {
+        "pool_blocks": args.pool_blocks, "engines": args.engines, "capacity_blocks": args.capacity_blocks,
+    }
     mesh = None
     try:
         if args.router:
             router, engine_ids, speedup = args.router, [], args.speedup
         else:
             spec = spec_from_args(args, policy)
+            settings["pool_gbps"] = spec.pool_gbps
             with console.status(f"starting a fresh mesh for {policy} ({spec.engines} engines) ..."):
                 mesh = start_mesh(spec)
             router, engine_ids, speedup = mesh.router_address, [c.name for c in mesh.of_role("engine")], spec.speedup

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "members": ("kvmesh.tools.cli.members", "list (or --watch) the members of a mesh"),
     "route": ("kvmesh.tools.cli.route", "ask a router where a prompt should go"),
     "bench": ("kvmesh.tools.cli.bench", "benchmarks (trace replay)"),
+    "certs": ("kvmesh.tools.cli.certs", "a development CA and member certificates (kvmesh up --secure, compose)"),
     "health": ("kvmesh.tools.cli.health", "probe a service's grpc.health.v1 status (exit 0 when serving)"),
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmesh.tools.processes import KvmeshProcess
+from kvmesh.tools.replay.transfer import NIC_GBPS, PoolRate, resolve_pool_rate
 from kvmesh.units import format_size, parse_size
 
 
@@ -56,6 +58,8 @@ class MeshSpec:
     log_dir: Path | None = None
     router_settings: tuple[tuple[str, str], ...] = ()
     engine_args: tuple[str, ...] = ()
+    tls_dir: Path | None = None  # --secure: the CA and every member's certificate live here
+    pool_gbps: float | None = None  # engines' cache-pool transfer rate (None: the engines' default)
 
     def address(self, offset: int) -> str:
         return f"{self.host}:{self.base_port + offset if self.base_port else 0}"
@@ -83,12 +87,38 @@ class Mesh:
 
 
 def _common(spec: MeshSpec, name: str) -> list[str]:
-    return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name]
+    return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name,
+            *_tls(spec, name)]
+
+
+def _tls(spec: MeshSpec, name: str) -> list[str]:
+    """--secure: a certificate for `name` from the mesh's CA, as flags (mutual TLS both ways)."""
+    if spec.tls_dir is None:
+        return []
+    from kvmesh.tools.certs import ensure_ca, issue, tls_flags
+
+    ca = ensure_ca(spec.tls_dir)
+    hosts = sorted({spec.host, "127.0.0.1", "localhost"})
+    return tls_flags(ca, issue(ca, name, spec.tls_dir, hosts=hosts, days=7))
+
+
+def use_mesh_credentials(spec: MeshSpec) -> None:
+    """--secure: this supervisor's own channels (health checks, the demo) present `kvmesh-up`'s certificate."""
+    if spec.tls_dir is None:
+        return
+    from kvmesh.security.client import configure_clients
+    from kvmesh.security.settings import SecuritySettings
+    from kvmesh.tools.certs import ensure_ca, issue
+
+    ca = ensure_ca(spec.tls_dir)
+    own = issue(ca, "kvmesh-up", spec.tls_dir, days=7)
+    configure_clients(SecuritySettings(tls_cert=own.cert, tls_key=own.key, tls_ca=ca.cert_path))
 
 
 def start_mesh(spec: MeshSpec) -> Mesh:
     """Starts every member and waits until each is ready and healthy; stops all on failure."""
     mesh = Mesh(spec)
+    use_mesh_credentials(spec)  # --secure: this process's own channels into the mesh use mutual TLS
     try:
         _start(mesh)
     except BaseException:
@@ -108,7 +138,7 @@ def _start(mesh: Mesh) -> None:
 
     md = start_child("metadata", "metadata", ["metadata", "--backend", spec.backend, "--listen", spec.address(0),
                                         "--log-level", spec.log_level, "--grace-seconds",
-                                        f"{spec.grace_seconds:g}"], spec.log_dir)
+                                        f"{spec.grace_seconds:g}", *_tls(spec, "metadata")], spec.log_dir)
     mesh.children.append(md)
     mesh.metadata_address = md.wait_ready(left())
     member = ["--metadata", mesh.metadata_address, "--ttl-seconds", str(spec.ttl_seconds)]
@@ -133,6 +163,7 @@ def _start(mesh: Mesh) -> None:
             "enginesim", "--listen", spec.address(300 + i), "--router", mesh.router_address,
             "--capacity-blocks", str(spec.capacity_blocks), "--block-tokens", str(spec.block_tokens),
             "--block-bytes", str(spec.block_bytes), "--speedup", f"{spec.speedup:g}", *pool,
+            *(["--pool-gbps", f"{spec.pool_gbps:g}"] if spec.pool_gbps is not None else []),
             *spec.engine_args, *member, *_common(spec, name)], spec.log_dir))
     for c in mesh.of_role("engine"):
         c.wait_ready(left())
@@ -196,7 +227,8 @@ def members_table(mesh: Mesh) -> Table:
         "metadata": spec.backend,
         "cachenode": f"memory, {format_size(spec.node_capacity_bytes())}",
         "router": f"policy {spec.policy}",
-        "engine": f"{spec.capacity_blocks} blocks x {spec.block_tokens} tokens, speedup {spec.speedup:g}",
+        "engine": f"{spec.capacity_blocks} blocks x {spec.block_tokens} tokens, speedup {spec.speedup:g}"
+        + (f", pool {spec.pool_gbps:g} GB/s" if spec.pool_gbps is not None else ""),
     }
     for c in mesh.children:
         table.add_row(c.name, c.role, c.address or "-", str(c.pid), details[c.role])
@@ -230,6 +262,27 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = Mes
                         help="extra router flag, e.g. imbalance_abs=32 (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=defaults.start_timeout,
                         help="seconds the whole mesh may take to come up")
+    parser.add_argument("--pool-gbps", type=float, default=None,
+                        help="cache-pool transfer rate GB/s the simulated engines fetch at (default: the rate a "
+                             "benchmark measured, from --pool-rate-file)")
+    parser.add_argument("--pool-rate-file", type=Path, default=None,
+                        help="JSON file a benchmark wrote the measured rate to (python -m bench.fastpath "
+                             "--write-rate; default $KVMESH_POOL_RATE_FILE or ~/.cache/kvmesh/pool-rate.json)")
+    parser.add_argument("--nic-gbps", type=float, default=NIC_GBPS,
+                        help="production NIC rate GB/s shown next to the measured one (default 12.5: 100 Gb/s)")
+
+    parser.add_argument("--secure", action="store_true",
+                        help="mutual TLS everywhere: a local CA and a certificate per member in --state-dir")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where --secure keeps its CA and certificates (default $XDG_STATE_HOME/kvmesh/pki, "
+                             "else ~/.local/state/kvmesh/pki)")
+
+def pool_rate_from_args(args: argparse.Namespace) -> PoolRate:
+    """--pool-gbps, else the measured rate (SystemExit with the reason when the file is bad)."""
+    try:
+        return resolve_pool_rate(args.pool_gbps, args.pool_rate_file)
+    except ValueError as exc:
+        raise SystemExit(f"kvmesh: {exc}") from None
 
 
 def parse_router_settings(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -256,6 +309,8 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
             raise SystemExit(f"kvmesh: --{name.replace('_', '-')} is out of range")
     if args.speedup <= 0:
         raise SystemExit("kvmesh: --speedup must be positive")
+    if args.nic_gbps <= 0:
+        raise SystemExit("kvmesh: --nic-gbps must be positive")
     return MeshSpec(
         backend=args.backend,
         cachenodes=args.cachenodes,
@@ -271,7 +326,16 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         log_dir=args.log_dir,
         router_settings=settings,
         start_timeout=args.start_timeout,
+        pool_gbps=pool_rate_from_args(args).gbps,
+        tls_dir=_state_dir(args) if args.secure else None,
     )
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "kvmesh" / "pki"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
     if args.demo and args.capacity_blocks == MeshSpec.capacity_blocks:
         args.capacity_blocks = args.demo_capacity_blocks
     spec = spec_from_args(args, args.policy)
+    from kvmesh.services.enginesim.timing import TimingModel
+    from kvmesh.tools.replay.transfer import break_even_report
+
+    console.print(break_even_report(TimingModel(), pool_rate_from_args(args), args.nic_gbps))
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     mesh: Mesh | None = None
@@ -312,6 +380,8 @@ def run(args: argparse.Namespace) -> int:
                       f"router ({spec.policy}), {spec.engines} engine simulators ...")
         mesh = start_mesh(spec)
         console.print(members_table(mesh))
+        if spec.tls_dir is not None:
+            console.print(f"mutual TLS on: CA and certificates in {spec.tls_dir}")
         pids = ",".join(str(c.pid) for c in mesh.children)
         # One line tools and tests wait for (address = the router, where requests go).
         print(f"KVMESH_READY service=mesh address={mesh.router_address} metadata={mesh.metadata_address} "
@@ -355,6 +425,7 @@ def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -
     ))
     result.bound = infinite_cache_bound(workload)
     # The same requests without kvmesh's help: random routing, no pool (simulated in process).
+    from kvmesh.services.enginesim.timing import TimingModel
     from kvmesh.tools.replay.core_router import CoreRouter
     from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
 
@@ -363,7 +434,18 @@ def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -
         workload, CoreRouter("random"), "random (baseline)",
         ReplayConfig(engines=spec.engines, capacity_blocks=spec.capacity_blocks, block_tokens=spec.block_tokens),
     )
-    print_summary([result, baseline], console, title="kvmesh demo (simulated times)")
+    rows = [result, baseline]
+    if spec.pool_blocks and spec.cachenodes:
+        # The same mesh had its pool been behind a production NIC (simulated in process).
+        nic = replay_in_process(
+            workload, CoreRouter(spec.policy), f"{spec.policy} @ {args.nic_gbps:g} GB/s NIC",
+            ReplayConfig(engines=spec.engines, capacity_blocks=spec.capacity_blocks, block_tokens=spec.block_tokens,
+                         pool_blocks=spec.pool_blocks, timing=TimingModel(pool_gbps=args.nic_gbps)),
+        )
+        nic.settings["pool_gbps"] = args.nic_gbps
+        rows.append(nic)
+    result.settings["pool_gbps"] = spec.pool_gbps
+    print_summary(rows, console, title="kvmesh demo (simulated times)")
     live, base = result.summary(), baseline.summary()
     console.print(
         f"kvmesh served {float(live['total_hit_rate']) * 100:.0f}% of prompt blocks from cache "

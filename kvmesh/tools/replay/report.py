@@ -25,6 +25,10 @@ def _ms(x: object) -> str:
     return f"{v / 1000:.2f} s" if v >= 1000 else f"{v:.0f} ms"
 
 
+def _gbps(x: object) -> str:
+    return "-" if x is None else f"{float(x):g}"  # type: ignore[arg-type]
+
+
 def wide_console() -> Console:
     """A console that does not squeeze the summary table when output is not a terminal."""
     console = Console()
@@ -33,8 +37,8 @@ def wide_console() -> Console:
 
 def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") -> Table:
     table = Table(title=title)
-    for col in ("policy", "mode", "pool", "requests", "local hit", "pool hit", "total hit", "bound", "of bound",
-                "TTFT p50", "TTFT p99", "req/s", "prompt tok/s", "max/mean req", "in-flight spread"):
+    for col in ("policy", "mode", "pool", "pool GB/s", "requests", "local hit", "pool hit", "total hit", "bound",
+                "of bound", "TTFT p50", "TTFT p99", "req/s", "prompt tok/s", "max/mean req", "in-flight spread"):
         table.add_column(col, justify="left" if col in ("policy", "mode") else "right")
     for res in results:
         s = res.summary()
@@ -42,6 +46,7 @@ def summary_table(results: Sequence[ReplayResult], title: str = "trace replay") 
             str(s["policy"]),
             str(s["mode"]),
             f"{int(res.settings.get('pool_blocks', 0) or 0):,}",  # type: ignore[call-overload]
+            _gbps(res.settings.get("pool_gbps") if res.settings.get("pool_blocks") else None),
             str(s["requests"]),
             _pct(s["local_hit_rate"]),
             _pct(s["pool_hit_rate"]),
@@ -126,5 +131,7 @@ def _labels(results: Sequence[ReplayResult]) -> list[str]:
     out = []
     for r in results:
         pool = r.settings.get("pool_blocks", 0)
-        out.append(f"{r.policy}" + (f" + pool {pool}" if pool else "") + (" (live)" if r.mode == "live" else ""))
+        rate = r.settings.get("pool_gbps") if pool else None
+        out.append(f"{r.policy}" + (f" + pool {pool}" if pool else "") + (f" @ {rate:g} GB/s" if rate else "")
+                   + (" (live)" if r.mode == "live" else ""))
     return out

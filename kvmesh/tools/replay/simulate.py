@@ -41,6 +41,7 @@ class ReplayConfig:
             "capacity_blocks": self.capacity_blocks,
             "pool_blocks": self.pool_blocks,
             "block_tokens": self.block_tokens,
+            "pool_gbps": self.timing.pool_gbps,
         }
 
 

@@ -143,6 +143,7 @@ def start_vllm(workdir: Path, *extra_args: str, port: int | None = None, env: di
         "--dtype", "bfloat16", "--block-size", str(BLOCK_SIZE), "--max-model-len", str(max_model_len),
         "--enable-prefix-caching", "--num-gpu-blocks-override", str(gpu_blocks),
         "--seed", "0",
+        "--enforce-eager",  # no torch.compile warm-up: healthy in seconds rather than minutes on 2 cores
         *extra_args,
     ]
     workdir.mkdir(parents=True, exist_ok=True)

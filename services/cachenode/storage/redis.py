@@ -8,7 +8,9 @@ timeout errors with full-jitter backoff until a deadline, then answers UNAVAILAB
 URI: `redis://[user:password@]host:port/DB?max_connections=64&timeout=2&deadline=5&prefix=kvmesh:`
 `rediss://...?ca=/path/ca.pem&verify=true&cert=...&key=...`,
 `redis+cluster://h1:p1,h2:p2,h3:p3?...` (TLS in cluster mode: `tls=true`).
-Keys are `prefix + namespace + NUL + key`, so namespaces never collide.
+Keys are `prefix + <namespace length in bytes> + ':' + namespace + key`: the length prefix makes
+the split unambiguous, so two namespaces never collide, whatever bytes they or the keys hold (a NUL
+separator did not: `("a\\0x", "k")` and `("a", "x\\0k")` were one key).
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ class RedisStorage(Storage):
         return self._counters.stats(self.name, self._used_reported, self._capacity, 0)
 
     def _k(self, namespace: str, key: bytes) -> bytes:
-        return self._prefix + namespace.encode() + b"\x00" + key
+        ns = namespace.encode()
+        return b"%s%d:%s%s" % (self._prefix, len(ns), ns, key)
 
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
         """Runs `op`, retrying connection errors with full-jitter backoff until the deadline."""

@@ -16,9 +16,10 @@ import grpc
 
 from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
 from kvmesh.services.cachenode.limits import Limits
-from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.storage.base import Pinned, Storage
 from kvmesh.services.cachenode.storage.tiered import TieredStorage
 from kvmesh.services.cachenode.zerocopy.attachments import Attachment, AttachmentTable, ZeroCopyLimits
+from kvmesh.services.cachenode.zerocopy.control import ControlSocket
 from kvmesh.services.cachenode.zerocopy.exports import exports_of
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2
@@ -29,7 +30,9 @@ log = logging.getLogger("kvmesh.cachenode.zerocopy")
 class ZeroCopyApi:
     """Data-path sessions over one node's storage; `start()` runs the allocation sweeper."""
 
-    def __init__(self, storage: Storage, limits: ZeroCopyLimits | None = None) -> None:
+    def __init__(
+        self, storage: Storage, limits: ZeroCopyLimits | None = None, control_socket: bool = True
+    ) -> None:
         self.limits = limits or ZeroCopyLimits()
         self._storage = storage.mappable()
         # With a tier list, the data path works on L1 and keeps the tiers' contract: sealed
@@ -43,6 +46,12 @@ class ZeroCopyApi:
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._draining = False
+        # Shared-memory clients may make their calls over a Unix socket instead of gRPC.
+        self.control: ControlSocket | None = (
+            ControlSocket(self, self.limits.max_sessions)
+            if control_socket and cachenode_pb2.TRANSPORT_SHM in exports
+            else None
+        )
 
     @classmethod
     def for_node(
@@ -51,6 +60,11 @@ class ZeroCopyApi:
         *,
         allocation_timeout_ms: int,
         requests: Limits,
+        max_sessions: int = ZeroCopyLimits.max_sessions,
+        max_views: int = ZeroCopyLimits.max_views,
+        max_pinned_fraction: float = ZeroCopyLimits.max_pinned_fraction,
+        view_lease_ms: int = int(ZeroCopyLimits.view_lease_s * 1000),
+        control_socket: bool = True,
     ) -> ZeroCopyApi | None:
         """The data path of a cache node, from its settings; None when its storage offers no transport."""
         storage_zc = storage.mappable()
@@ -58,7 +72,15 @@ class ZeroCopyApi:
             return None
         return cls(
             storage,
-            ZeroCopyLimits(requests=requests, allocation_timeout_s=allocation_timeout_ms / 1000),
+            ZeroCopyLimits(
+                requests=requests,
+                allocation_timeout_s=allocation_timeout_ms / 1000,
+                max_sessions=max_sessions,
+                max_views=max_views,
+                max_pinned_fraction=max_pinned_fraction,
+                view_lease_s=view_lease_ms / 1000,
+            ),
+            control_socket=control_socket,
         )
 
     @property
@@ -68,6 +90,12 @@ class ZeroCopyApi:
     async def start(self) -> None:
         if self._sweeper is None and self.table is not None:
             self._sweeper = asyncio.create_task(self._sweep(), name="zerocopy-sweeper")
+        if self.control is not None:
+            try:
+                await self.control.start()
+            except OSError as exc:  # e.g. no Unix sockets here: clients keep using gRPC
+                log.warning("no local control socket (%s): shared-memory clients use gRPC calls", exc)
+                self.control = None
 
     def drain(self) -> None:
         """The node is stopping: end every session (their Attach streams complete, so the
@@ -80,13 +108,15 @@ class ZeroCopyApi:
         """Ends every session (their Attach streams finish) and stops the sweeper; safe twice."""
         if self.table is not None:
             self.table.close()
+        if self.control is not None:
+            await self.control.close()
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
 
     async def _sweep(self) -> None:
         assert self.table is not None
-        period = max(0.01, min(1.0, self.limits.allocation_timeout_s / 4))
+        period = max(0.01, min(1.0, self.limits.allocation_timeout_s / 4, self.limits.view_lease_s / 4))
         while True:
             await asyncio.sleep(period)
             try:
@@ -104,6 +134,10 @@ class ZeroCopyApi:
 
     def _session(self, session_id: str) -> Attachment:
         return self._table().get(session_id)
+
+    def session(self, session_id: str) -> Attachment:
+        """The open session `session_id` (NotFound otherwise)."""
+        return self._session(session_id)
 
     # -- RPCs ----------------------------------------------------------------------------
 
@@ -127,16 +161,55 @@ class ZeroCopyApi:
                 segment_size=export.size,
                 base_address=export.base_address,
                 allocation_timeout_ms=int(self.limits.allocation_timeout_s * 1000),
+                view_lease_ms=int(self.limits.view_lease_s * 1000),
+                control_socket=(
+                    self.control.address
+                    if self.control is not None and export.transport == cachenode_pb2.TRANSPORT_SHM
+                    else ""
+                ),
             )
             await session.ended.wait()
         finally:
             # Runs on cancellation too (the client went away): nothing it held survives it.
             table.end(session)
 
+    # The four calls of an attached client. Each is served over gRPC (below) and, for a client
+    # on this host, over the local control socket (control.py); the `handle_*` methods are the
+    # same logic for both and raise KvmeshError on bad input.
+
     @guard
     async def allocate(
         self, request: cachenode_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.AllocateResponse:
+        return await self.handle_allocate(request)
+
+    @guard
+    async def seal(
+        self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.SealResponse:
+        return await self.handle_seal(request)
+
+    @guard
+    async def acquire(
+        self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.AcquireResponse:
+        return await self.handle_acquire(request)
+
+    @guard
+    async def release_views(
+        self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
+    ) -> cachenode_pb2.ReleaseViewsResponse:
+        return await self.handle_release_views(request)
+
+    @property
+    def calls_complete_at_once(self) -> bool:
+        """True when no call ever awaits (no tier list below L1): then the `*_now` forms serve them."""
+        return self._tiered is None
+
+    async def handle_allocate(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
+        return self.allocate_now(request)
+
+    def allocate_now(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
         session = self._session(request.session_id)
         items = [(i.key, i.size) for i in request.items] or [(request.key, request.size)]
         allocations = self._table().allocate(session, request.namespace, items, request.ttl_seconds)
@@ -152,17 +225,22 @@ class ZeroCopyApi:
             return cachenode_pb2.AllocateResponse(allocations=messages)
         return cachenode_pb2.AllocateResponse(allocation_id=messages[0].allocation_id, region=messages[0].region)
 
-    @guard
-    async def seal(
-        self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
-    ) -> cachenode_pb2.SealResponse:
-        session = self._session(request.session_id)
-        ids = [request.allocation_id] if request.allocation_id else []
-        ids.extend(request.allocation_ids)
-        published = self._table().seal(session, ids, request.abort)
+    async def handle_seal(self, request: cachenode_pb2.SealRequest) -> cachenode_pb2.SealResponse:
+        published = self._seal(request)
         if published and self._tiered is not None and self._tiered.write_mode == "through":
             await self._write_through(published)
         return cachenode_pb2.SealResponse()
+
+    def seal_now(self, request: cachenode_pb2.SealRequest) -> cachenode_pb2.SealResponse:
+        assert self.calls_complete_at_once
+        self._seal(request)
+        return cachenode_pb2.SealResponse()
+
+    def _seal(self, request: cachenode_pb2.SealRequest) -> list[tuple[str, bytes]]:
+        session = self._session(request.session_id)
+        ids = [request.allocation_id] if request.allocation_id else []
+        ids.extend(request.allocation_ids)
+        return self._table().seal(session, ids, request.abort)
 
     async def _write_through(self, published: list[tuple[str, bytes]]) -> None:
         assert self._tiered is not None and self._storage is not None
@@ -174,16 +252,9 @@ class ZeroCopyApi:
                 for tier in reversed(self._tiered.tiers[1:]):
                     await tier.put(namespace, key, pinned.view)
 
-    @guard
-    async def acquire(
-        self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
-    ) -> cachenode_pb2.AcquireResponse:
-        session = self._session(request.session_id)
-        segment = session.export.segment
+    async def handle_acquire(self, request: cachenode_pb2.AcquireRequest) -> cachenode_pb2.AcquireResponse:
+        session, held_views = self._acquire(request)
         table = self._table()
-        if request.release_view_ids:
-            table.release(session, request.release_view_ids)
-        held_views = table.acquire(session, request.namespace, request.keys)
         missing = [i for i, held in enumerate(held_views) if held is None]
         if missing and self._tiered is not None:
             keys = [request.keys[i] for i in missing]
@@ -194,6 +265,23 @@ class ZeroCopyApi:
                 retried = table.acquire(session, request.namespace, [request.keys[i] for i in again])
                 for i, held in zip(again, retried, strict=True):
                     held_views[i] = held
+        return self._views(session, held_views)
+
+    def acquire_now(self, request: cachenode_pb2.AcquireRequest) -> cachenode_pb2.AcquireResponse:
+        assert self.calls_complete_at_once
+        session, held_views = self._acquire(request)
+        return self._views(session, held_views)
+
+    def _acquire(self, request: cachenode_pb2.AcquireRequest) -> tuple[Attachment, list[tuple[int, Pinned] | None]]:
+        session = self._session(request.session_id)
+        table = self._table()
+        if request.release_view_ids:
+            table.release(session, request.release_view_ids)
+        return session, table.acquire(session, request.namespace, request.keys)
+
+    @staticmethod
+    def _views(session: Attachment, held_views: list[tuple[int, Pinned] | None]) -> cachenode_pb2.AcquireResponse:
+        segment = session.export.segment
         views = []
         for held in held_views:
             if held is None:
@@ -204,10 +292,12 @@ class ZeroCopyApi:
             views.append(cachenode_pb2.View(found=True, view_id=view_id, region=region))
         return cachenode_pb2.AcquireResponse(views=views)
 
-    @guard
-    async def release_views(
-        self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
+    async def handle_release_views(
+        self, request: cachenode_pb2.ReleaseViewsRequest
     ) -> cachenode_pb2.ReleaseViewsResponse:
+        return self.release_views_now(request)
+
+    def release_views_now(self, request: cachenode_pb2.ReleaseViewsRequest) -> cachenode_pb2.ReleaseViewsResponse:
         session = self._session(request.session_id)
         released = self._table().release(session, request.view_ids)
         return cachenode_pb2.ReleaseViewsResponse(released=released)

@@ -7,6 +7,12 @@ Attach stream broke because the client exited or died) every pin is released and
 unsealed allocation is aborted; unsealed allocations also expire on their own after the
 allocation timeout, so a client that never seals leaks nothing.
 
+Pins are bounded three ways, so that no client can make every put fail by pinning the
+whole storage: views per session, bytes pinned by all sessions together (a share of the
+storage's capacity: the rest can always be evicted for new values), and time (a view not
+released within its lease is released by the node). Sessions are bounded in number too. A
+value deleted or replaced while pinned is freed when its last pin goes.
+
 Everything runs on the event loop thread without awaiting, like the memory storage, so no
 lock is needed.
 """
@@ -19,7 +25,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.runtime.errors import (
@@ -48,7 +54,16 @@ class ZeroCopyLimits:
     requests: Limits = field(default_factory=Limits)
     allocation_timeout_s: float = 30.0
     max_pending_allocations: int = 4096  # per attachment
-    max_views: int = 65536  # per attachment
+    max_views: int = 4096  # per attachment
+    max_sessions: int = 256
+    max_pinned_fraction: float = 0.5  # of the storage's capacity, over all sessions
+    view_lease_s: float = 60.0  # a view held longer is released by the node
+
+
+@dataclass
+class HeldView:
+    pinned: Pinned
+    deadline: float  # monotonic time after which the node releases it
 
 
 @dataclass
@@ -82,10 +97,11 @@ class Attachment:
     client_id: str
     export: Export
     allocations: dict[int, Allocation] = field(default_factory=dict)
-    views: dict[int, Pinned] = field(default_factory=dict)
+    views: dict[int, HeldView] = field(default_factory=dict)  # in acquisition order
     finished_allocations: _Recent = field(default_factory=_Recent)
     released_views: _Recent = field(default_factory=_Recent)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    on_end: list[Callable[[], None]] = field(default_factory=list)  # e.g. close its control connection
 
     @property
     def transport_name(self) -> str:
@@ -102,6 +118,9 @@ class AttachmentTable:
         self._sessions: dict[str, Attachment] = {}
         self._ids = itertools.count(1)  # allocation and view ids, unique across the node
         self.expired = 0  # allocations dropped by the timeout (for tests and stats)
+        self.expired_views = 0  # views released by the node at the end of their lease
+        self.pinned_bytes = 0  # bytes held by every session's views
+        self.max_pinned_bytes = max(1, int(storage.capacity_bytes * limits.max_pinned_fraction))
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -116,6 +135,10 @@ class AttachmentTable:
             raise FailedPrecondition(
                 f"this node's storage cannot serve the {wanted} data path (offered: {offered}); "
                 "use memory://?arena=shm for shm or rdma:// for rdma"
+            )
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(
+                f"this node already serves {self.limits.max_sessions} data-path sessions (--max-sessions)"
             )
         session = Attachment(id=secrets.token_hex(8), client_id=client_id[:256], export=export)
         self._sessions[session.id] = session
@@ -134,8 +157,8 @@ class AttachmentTable:
             return
         for allocation in session.allocations.values():
             allocation.write.abort()
-        for pinned in session.views.values():
-            pinned.release()
+        for held in session.views.values():
+            self._unpin(held)
         if session.allocations or session.views:
             log.info(
                 "session %s (client %s) ended holding %d views and %d unsealed allocations: released",
@@ -144,10 +167,18 @@ class AttachmentTable:
         session.allocations.clear()
         session.views.clear()
         session.ended.set()
+        callbacks, session.on_end = session.on_end, []
+        for callback in callbacks:
+            callback()
 
     def close(self) -> None:
         for session in list(self._sessions.values()):
             self.end(session)
+
+    def _unpin(self, held: HeldView) -> None:
+        if not held.pinned.released:
+            self.pinned_bytes -= held.pinned.size
+            held.pinned.release()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -224,7 +255,27 @@ class AttachmentTable:
         if dropped:
             self.expired += dropped
             log.info("dropped %d allocations not sealed within %d ms", dropped, timeout_ms)
-        return dropped
+        return dropped + self.expire_views(now)
+
+    def expire_views(self, now: float | None = None) -> int:
+        """Releases views held past their lease (oldest first in each session); returns how many."""
+        now = time.monotonic() if now is None else now
+        lease_ms = int(self.limits.view_lease_s * 1000)
+        released = 0
+        for session in self._sessions.values():
+            late = []
+            for view_id, held in session.views.items():  # acquisition order = deadline order
+                if held.deadline > now:
+                    break
+                late.append(view_id)
+            for view_id in late:
+                self._unpin(session.views.pop(view_id))
+                session.released_views.add(view_id, f"expired: not released within {lease_ms} ms")
+            released += len(late)
+        if released:
+            self.expired_views += released
+            log.info("released %d views held past their %d ms lease", released, lease_ms)
+        return released
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -233,32 +284,56 @@ class AttachmentTable:
         self.limits.requests.check_keys(keys)
         if len(session.views) + len(keys) > self.limits.max_views:
             raise ResourceExhausted(
-                f"session would hold more than {self.limits.max_views} views: release some first"
+                f"session would hold more than {self.limits.max_views} views (--max-views-per-session): "
+                "release some first"
             )
         out: list[tuple[int, Pinned] | None] = []
-        for key in keys:
-            pinned = self.storage.pin(namespace, bytes(key))
-            if pinned is None:
-                out.append(None)
-                continue
-            view_id = next(self._ids)
-            session.views[view_id] = pinned
-            out.append((view_id, pinned))
+        deadline = time.monotonic() + self.limits.view_lease_s
+        try:
+            for key in keys:
+                pinned = self.storage.pin(namespace, bytes(key))
+                if pinned is None:
+                    out.append(None)
+                    continue
+                if self.pinned_bytes + pinned.size > self.max_pinned_bytes:
+                    pinned.release()
+                    raise ResourceExhausted(
+                        f"clients hold {self.pinned_bytes} bytes pinned, the node's limit is {self.max_pinned_bytes} "
+                        "(--max-pinned-fraction of the storage): release views first"
+                    )
+                self.pinned_bytes += pinned.size
+                view_id = next(self._ids)
+                session.views[view_id] = HeldView(pinned, deadline)
+                out.append((view_id, pinned))
+        except BaseException:  # all or nothing: a refused batch holds no pin
+            for held in out:
+                if held is not None:
+                    self._unpin(session.views.pop(held[0]))
+            raise
         return out
 
     def release(self, session: Attachment, view_ids: Sequence[int]) -> int:
-        """Releases views; all ids are checked first, so a bad id changes nothing."""
+        """Releases views; all ids are checked first, so a bad id changes nothing.
+
+        Views the node already released at the end of their lease are skipped (not counted):
+        the client could not know, and its release must not fail the request it rides on.
+        """
         seen: set[int] = set()
+        live: list[int] = []
         for view_id in view_ids:
             if view_id in seen:
                 raise InvalidArgument(f"view {view_id} listed twice")
             seen.add(view_id)
             if view_id in session.views:
+                live.append(view_id)
                 continue
-            if session.released_views.get(view_id) is not None:
+            outcome = session.released_views.get(view_id)
+            if outcome is not None and outcome.startswith("expired"):
+                continue
+            if outcome is not None:
                 raise FailedPrecondition(f"view {view_id} was already released")
             raise NotFound(f"unknown view {view_id} in session {session.id}")
-        for view_id in view_ids:
-            session.views.pop(view_id).release()
+        for view_id in live:
+            self._unpin(session.views.pop(view_id))
             session.released_views.add(view_id, "released")
-        return len(view_ids)
+        return len(live)

@@ -11,6 +11,7 @@ backend still retains the events after it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ class Change:
     revision: int
     created: bool = False
     lease_id: int = 0
+
+
+MAX_LEASE_ID = 2**63 - 1
+
+
+def new_lease_id() -> int:
+    """A random positive 63-bit lease id. Lease ids are bearer capabilities until the ownership
+    check comes (docs/security.md): a guessable id (a clock plus a counter) let anyone renew or
+    end another member's lease."""
+    return secrets.randbelow(MAX_LEASE_ID) + 1
 
 
 def prefix_end(prefix: str) -> str:

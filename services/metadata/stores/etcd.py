@@ -8,7 +8,11 @@ runs in this store's own thread pool, and each watch stream is read by a thread 
 that hands events to the event loop. Needs etcd >= 3.4 (the `/v3/` gateway).
 
 URI parameters: `prefix` (default /kvmesh), `timeout` seconds per call (default 5),
-`threads` (default 32).
+`threads` (default 32). TLS (`etcds://`, or any of these set): `ca` (CA bundle), `cert` and `key`
+(client certificate, for etcd's `--client-cert-auth`), `check_hostname` (default true).
+Authentication (etcd `auth enable`): `etcds://user:password@host:port` or `?user=NAME&password_file=PATH`;
+the gateway does not take the certificate's CN as the user, so a password is needed. Lease ids are
+etcd's own (etcd chooses them; see docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import base64
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import etcd3gw
@@ -47,18 +54,29 @@ def _unb64(data: str | None) -> bytes:
 
 
 class EtcdStore(Store):
-    def __init__(self, hosts: list[tuple[str, int]], prefix: str, timeout: float, threads: int) -> None:
+    def __init__(self, hosts: list[tuple[str, int]], prefix: str, timeout: float, threads: int,
+                 tls: EtcdTLS | None = None, credentials: tuple[str, str] | None = None) -> None:
         self._hosts = hosts
         self._prefix = prefix.rstrip("/") + "/"
         self._timeout = timeout
+        self._credentials = credentials
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvmesh-etcd")
         # Calls go through a lean keep-alive transport (see etcd_transport); watches, which
         # stream, through a requests session.
         self._watch_session = requests.Session()
-        self._watch_session.mount("http://", HTTPAdapter(pool_connections=len(hosts), pool_maxsize=threads))
-        lean = LeanSession(timeout)
+        protocol = "https" if tls is not None else "http"
+        self._watch_session.mount(f"{protocol}://",
+                                  HTTPAdapter(pool_connections=len(hosts), pool_maxsize=threads))
+        # Per request, not on the session: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self._watch_tls: dict[str, Any] = {}
+        if tls is not None:
+            self._watch_tls["verify"] = tls.ca or True
+            if tls.cert and tls.key:
+                self._watch_tls["cert"] = (tls.cert, tls.key)
+        self._lean = LeanSession(timeout, tls.context() if tls is not None else None)
         self._clients = [
-            etcd3gw.client(host=h, port=p, timeout=timeout, api_path="/v3/", session=lean)  # type: ignore[arg-type]
+            etcd3gw.client(host=h, port=p, timeout=timeout, api_path="/v3/", session=self._lean,  # type: ignore[arg-type]
+                           protocol=protocol)
             for h, p in hosts
         ]
         self._current = 0
@@ -74,7 +92,16 @@ class EtcdStore(Store):
         threads = uri.int_param("threads", 32)
         if timeout <= 0 or not 1 <= threads <= 1024:
             raise UriError(f"{uri.redacted()}: timeout must be > 0 and threads in 1..1024")
-        return cls(hosts, prefix, timeout, threads)
+        tls = EtcdTLS.from_uri(uri)
+        credentials = _credentials(uri)
+        store = cls(hosts, prefix, timeout, threads, tls, credentials)
+        if credentials is not None:
+            try:
+                await store._call("/auth/authenticate", {}, authenticate=True)
+            except BaseException:
+                await store.close()
+                raise
+        return store
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -93,12 +120,36 @@ class EtcdStore(Store):
                 self._current += 1
         raise Unavailable(f"etcd unreachable: {last}")
 
-    async def _call(self, path: str, body: dict[str, Any], lease_id: int = 0) -> Any:
+    def _authenticate(self) -> None:
+        """Logs in as the URI's user; the token goes with every later call (runs in a thread)."""
+        assert self._credentials is not None
+        user, password = self._credentials
+        self._lean.headers.pop("Authorization", None)
+        self._watch_session.headers.pop("Authorization", None)
+        token = str(self._post("/auth/authenticate", {"name": user, "password": password})["token"])
+        self._lean.headers["Authorization"] = token
+        self._watch_session.headers["Authorization"] = token
+
+    def _post_authenticated(self, path: str, body: dict[str, Any]) -> Any:
+        """`_post`, logging in again once when etcd says the token expired (its TTL is 5 min idle)."""
+        try:
+            return self._post(path, body)
+        except etcd_exc.Etcd3Exception as exc:
+            if self._credentials is None or "auth token" not in (exc.detail_text or str(exc)).lower():
+                raise
+        self._authenticate()
+        return self._post(path, body)
+
+    async def _call(self, path: str, body: dict[str, Any], lease_id: int = 0, authenticate: bool = False) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._post, path, body)
+            if authenticate:
+                return await loop.run_in_executor(self._executor, self._authenticate)
+            return await loop.run_in_executor(self._executor, self._post_authenticated, path, body)
         except etcd_exc.Etcd3Exception as exc:
             detail = (exc.detail_text or str(exc)).lower()
+            if "authentication failed" in detail or "permission denied" in detail:
+                raise Unavailable(f"etcd refused kvmesh's credentials: {exc.detail_text or exc}") from None
             if "lease not found" in detail:
                 raise LeaseNotFound(lease_id or int(body.get("ID") or body.get("lease") or 0)) from None
             if "compacted" in detail:
@@ -209,7 +260,7 @@ class EtcdStore(Store):
         client = self._clients[self._current % len(self._clients)]
         try:
             resp = self._watch_session.post(client.get_url("/watch"), json=body, stream=True,
-                                       timeout=(self._timeout, None))
+                                            timeout=(self._timeout, None), **self._watch_tls)
             opened.append(resp)
             if stop.is_set():  # the watch was closed while this thread was connecting
                 _shutdown(resp)
@@ -262,6 +313,49 @@ class EtcdStore(Store):
             stop.set()
             for resp in opened:
                 _shutdown(resp)
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """TLS to etcd (`etcds://`, or `etcd://...?ca=`): CA bundle, client certificate and key."""
+
+    ca: str | None
+    cert: str | None
+    key: str | None
+    check_hostname: bool
+
+    @classmethod
+    def from_uri(cls, uri: Uri) -> EtcdTLS | None:
+        ca, cert, key = uri.param("ca"), uri.param("cert"), uri.param("key")
+        if uri.scheme != "etcds" and not (ca or cert):
+            return None
+        if bool(cert) != bool(key):
+            raise UriError(f"{uri.redacted()}: cert and key go together")
+        return cls(ca, cert, key, uri.bool_param("check_hostname", True))
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.check_hostname = self.check_hostname
+        if self.cert and self.key:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+def _credentials(uri: Uri) -> tuple[str, str] | None:
+    """etcd's user and password: `etcd://user:password@...` or `?user=...&password_file=...`."""
+    user = uri.username or uri.param("user")
+    if not user:
+        return None
+    password = uri.password
+    path = uri.param("password_file")
+    if path:
+        try:
+            password = Path(path).read_text().strip()
+        except OSError as exc:
+            raise UriError(f"{uri.redacted()}: cannot read password_file: {exc}") from None
+    if password is None:
+        raise UriError(f"{uri.redacted()}: etcd user {user!r} needs a password (or password_file)")
+    return user, password
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -4,7 +4,8 @@ etcd3gw takes any `requests.Session`-like object. `requests` cost about 0.9 ms o
 call here (hooks, adapters, cookie jars, urllib3 pools, email-style header parsing);
 this transport sends each call as one `sendall` on a keep-alive socket (TCP_NODELAY) and
 parses only what the etcd gateway sends back (Content-Length or chunked bodies), which
-matters when 1,000 members renew their leases every second. Errors are raised as
+matters when 1,000 members renew their leases every second. With an `ssl.SSLContext` the
+sockets speak TLS (etcd's https client URLs). Errors are raised as
 `requests` exceptions so etcd3gw maps them exactly as it does its own.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import socket
+import ssl
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,10 +42,15 @@ class LeanResponse:
 class _Connection:
     """One keep-alive HTTP/1.1 connection; used by one thread at a time."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.host_header = f"{host}:{port}".encode()
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw = socket.create_connection((host, port), timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+        except BaseException:
+            raw.close()
+            raise
         self.buffer = b""
         self.reusable = True
 
@@ -70,9 +77,9 @@ class _Connection:
         line, self.buffer = self.buffer.split(b"\r\n", 1)
         return line
 
-    def post(self, path: str, body: bytes) -> LeanResponse:
+    def post(self, path: str, body: bytes, extra_headers: bytes = b"") -> LeanResponse:
         self.sock.sendall(
-            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self.host_header
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self.host_header + extra_headers
             + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
             + b"\r\n\r\n" + body
         )
@@ -112,9 +119,12 @@ class _Connection:
 class LeanSession:
     """`post(url, json=..., timeout=...)` over thread-local keep-alive connections."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self._timeout = timeout
+        self._tls = tls
         self._local = threading.local()
+        # Sent with every call (etcd's `Authorization: <token>` once authenticated).
+        self.headers: dict[str, str] = {}
 
     def _pool(self) -> dict[tuple[str, int], _Connection]:
         pool: dict[tuple[str, int], _Connection] = self._local.__dict__.setdefault("pool", {})
@@ -128,9 +138,10 @@ class LeanSession:
         for attempt in range(2):  # a kept-alive connection the server closed: retry once on a fresh one
             fresh = (host, port) not in pool
             try:
-                conn = pool.get((host, port)) or _Connection(host, port, timeout or self._timeout)
+                conn = pool.get((host, port)) or _Connection(host, port, timeout or self._timeout, self._tls)
                 pool[(host, port)] = conn
-                response = conn.post(parts.path, body)
+                extra = b"".join(f"\r\n{k}: {v}".encode() for k, v in self.headers.items())
+                response = conn.post(parts.path, body, extra)
                 if not conn.reusable:
                     pool.pop((host, port)).close()
                 return response

@@ -2,7 +2,8 @@
 
 Everything lives in this process: entries in a dict, the change log in a bounded deque,
 leases with deadlines checked by a sweeper task (LEAVE within ttl + sweep interval).
-Revisions start at the wall clock in microseconds, so after a restart they are larger
+Lease ids are random (63 bits), so they cannot be guessed. Revisions start at the wall clock
+in microseconds, so after a restart they are larger
 than any revision of the previous incarnation: a watcher resuming from an old revision
 is told it is not retained and gets a fresh SNAPSHOT instead of a replay of another history.
 
@@ -21,7 +22,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from kvmesh.runtime.errors import Unavailable
-from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper
+from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, new_lease_id
 from kvmesh.uri import Uri, UriError
 
 
@@ -65,7 +66,6 @@ class MemoryStore(Store):
         self._compacted = self._revision  # events up to here are gone (or never existed)
         self._log: deque[Change] = deque()
         self._subscribers: set[_Subscriber] = set()
-        self._lease_ids = itertools.count(self._revision)
         self._sweeper = Sweeper(self._sweep, self._sweep_s, "metadata-memory-sweeper")
 
     @classmethod
@@ -102,7 +102,9 @@ class MemoryStore(Store):
         return lease
 
     async def grant(self, ttl_seconds: int) -> tuple[int, int]:
-        lease_id = next(self._lease_ids)
+        lease_id = new_lease_id()
+        while lease_id in self._leases:  # 1 in 2^63 per live lease; never hand out a live id twice
+            lease_id = new_lease_id()
         self._leases[lease_id] = _Lease(ttl_seconds, self._now() + ttl_seconds)
         return lease_id, ttl_seconds
 

@@ -1,8 +1,9 @@
 """The Lua scripts of the Redis backend: every change is one script, so it is atomic.
 
 Each script starts with the shared prelude: `P` is the key prefix, `RETAIN` how many
-revisions of the change log to keep. Revisions and lease ids start at Redis' clock in
-microseconds when the store is first used (or after Redis lost its data), so they never
+revisions of the change log to keep. Lease ids are random 63-bit numbers chosen by the
+caller (unguessable; kept as strings, never Lua numbers, which would round them). Revisions
+start at Redis' clock in microseconds when the store is first used (or after Redis lost its data), so they never
 repeat an earlier incarnation's. Numbers go through `s()` because Lua would print large
 ones in exponent notation.
 
@@ -143,12 +144,15 @@ STATE = PRELUDE + r"""
 return {current_rev(), tonumber(redis.call('GET', P .. ':compacted'))}
 """
 
-# ARGV: P, RETAIN, ttl ms → lease id
+# ARGV: P, RETAIN, ttl ms, id (random, chosen by the caller) → 1, or 0 when that id is in use
 GRANT = PRELUDE + r"""
-local id = s(redis.call('INCR', P .. ':lease_seq'))
+local id = ARGV[4]
+if redis.call('EXISTS', P .. ':lease:' .. id) == 1 or redis.call('ZSCORE', P .. ':leases', id) then
+  return 0
+end
 redis.call('SET', P .. ':lease:' .. id, ARGV[3], 'PX', ARGV[3])
 redis.call('ZADD', P .. ':leases', now_ms() + tonumber(ARGV[3]), id)
-return id
+return 1
 """
 
 # ARGV: P, RETAIN, id → ttl ms, or -1 when the lease is gone

@@ -11,7 +11,9 @@ The sweep is idempotent, so running it on every replica is safe and any survivor
 
 URI parameters: `prefix` (default kvmesh), `retain` (revisions kept for resume, default
 10000), `sweep_ms` (default 200), `timeout` seconds per call (default 5), `connections`
-(pool size for calls, default 64). `rediss://` uses TLS.
+(pool size for calls, default 64), `password_file` (the ACL user's password, read from a file).
+`rediss://` uses TLS: `ca`, `cert`, `key`, `verify` (default true), `check_hostname` (default
+false). An ACL user goes in the URI: `rediss://kvmesh@host:6380/0?password_file=...&ca=...`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -26,7 +29,16 @@ from redis import exceptions as redis_exc
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.services.metadata.stores import redis_scripts as lua
-from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, Sweeper, prefix_end
+from kvmesh.services.metadata.stores.base import (
+    Change,
+    Compacted,
+    Entry,
+    LeaseNotFound,
+    Store,
+    Sweeper,
+    new_lease_id,
+    prefix_end,
+)
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.uri import Uri, UriError
 
@@ -34,6 +46,30 @@ log = logging.getLogger("kvmesh.metadata.redis")
 
 T = TypeVar("T")
 MAX_SEQ = 2**64 - 1
+
+
+def _password(uri: Uri) -> str | None:
+    """The URI's password, or the content of `password_file=` (keeps it out of flags and `ps`)."""
+    path = uri.param("password_file")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise UriError(f"{uri.redacted()}: cannot read password_file: {exc}") from None
+    return uri.password
+
+
+def _tls_kwargs(uri: Uri) -> dict[str, Any]:
+    """rediss:// options: `ca` (CA bundle), `cert` and `key` (client certificate), `verify`
+    (default true), `check_hostname` (default false: Redis is often dialled by IP)."""
+    verify = uri.bool_param("verify", True)
+    return {
+        "ssl_ca_certs": uri.param("ca"),
+        "ssl_certfile": uri.param("cert"),
+        "ssl_keyfile": uri.param("key"),
+        "ssl_cert_reqs": "required" if verify else "none",
+        "ssl_check_hostname": verify and uri.bool_param("check_hostname", False),
+    }
 
 
 class RedisStore(Store):
@@ -69,9 +105,11 @@ class RedisStore(Store):
             raise UriError(f"{uri.redacted()}: connections must be in 1..10000")
         common: dict[str, Any] = dict(
             host=uri.host or "127.0.0.1", port=uri.port or 6379, db=int(path), username=uri.username,
-            password=uri.password, socket_connect_timeout=timeout, timeout=timeout,
+            password=_password(uri), socket_connect_timeout=timeout, timeout=timeout,
             connection_class=aioredis.SSLConnection if uri.scheme == "rediss" else aioredis.Connection,
         )
+        if uri.scheme == "rediss":
+            common.update(_tls_kwargs(uri))
         block_ms = 5000
         # Blocking pools: under a burst, callers wait for a connection instead of failing.
         client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
@@ -123,7 +161,10 @@ class RedisStore(Store):
 
     # -- leases --------------------------------------------------------------------------
     async def grant(self, ttl_seconds: int) -> tuple[int, int]:
-        return int(await self._run("GRANT", ttl_seconds * 1000)), ttl_seconds
+        while True:  # a taken id (1 in 2^63 per live lease) draws again
+            lease_id = new_lease_id()
+            if int(await self._run("GRANT", ttl_seconds * 1000, lease_id)):
+                return lease_id, ttl_seconds
 
     async def refresh(self, lease_id: int) -> int:
         ttl_ms = int(await self._run("REFRESH", lease_id))

@@ -9,6 +9,7 @@ from kvmesh.uri import Uri, parse_uri
 STORES: LazyRegistry[Store] = LazyRegistry("metadata backend")
 STORES.register("memory", "kvmesh.services.metadata.stores.memory", "MemoryStore")
 STORES.register("etcd", "kvmesh.services.metadata.stores.etcd", "EtcdStore")
+STORES.register("etcds", "kvmesh.services.metadata.stores.etcd", "EtcdStore")
 STORES.register("redis", "kvmesh.services.metadata.stores.redis_store", "RedisStore")
 STORES.register("rediss", "kvmesh.services.metadata.stores.redis_store", "RedisStore")
 

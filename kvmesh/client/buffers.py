@@ -1,0 +1,58 @@
+"""Caller-provided buffers as flat byte arrays, and the one copy between two of them.
+
+`get_into` / `put_from` move a value between the cache's memory and memory the caller owns
+(an inference engine's KV blocks) without an intermediate `bytes`. Callers hand in whatever
+they have: a bytearray or memoryview, a numpy array, or a CPU torch tensor (pinned or not,
+of any dtype). Each becomes a flat uint8 numpy array over the same memory; copies go through
+`numpy.copyto`, which is a memcpy that releases the GIL, so a large copy may run in a worker
+thread while the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+Buffer = Any  # bytes-like, numpy array, or CPU torch tensor
+
+
+def _torch_bytes(tensor: Any) -> np.ndarray:
+    torch = sys.modules["torch"]  # a tensor exists, so torch is imported
+    if tensor.device.type != "cpu":
+        raise TypeError(f"a {tensor.device.type} tensor is not host memory: stage it through a (pinned) CPU tensor")
+    if not tensor.is_contiguous():
+        raise ValueError("the tensor is not contiguous: its bytes are not one region")
+    flat = tensor.detach().reshape(-1)
+    return np.asarray(flat.view(torch.uint8).numpy())
+
+
+def as_bytes(buf: Buffer, *, writable: bool) -> np.ndarray:
+    """A flat uint8 array sharing `buf`'s memory (no copy); TypeError/ValueError when it cannot."""
+    if type(buf).__module__.partition(".")[0] == "torch":
+        arr = _torch_bytes(buf)
+    elif isinstance(buf, np.ndarray):
+        if not buf.flags.c_contiguous:
+            raise ValueError("the array is not C-contiguous: its bytes are not one region")
+        arr = buf.reshape(-1).view(np.uint8)
+    else:
+        view = memoryview(buf)
+        if not view.c_contiguous:
+            raise ValueError("the buffer is not contiguous: its bytes are not one region")
+        arr = np.frombuffer(view.cast("B") if view.format != "B" or view.ndim != 1 else view, dtype=np.uint8)
+    if writable and not arr.flags.writeable:
+        raise TypeError("the buffer is read-only: get_into needs memory it can write")
+    return arr
+
+
+def copy(dst: np.ndarray, src: np.ndarray | memoryview) -> None:
+    """memcpy of len(src) bytes into the start of dst (both flat uint8)."""
+    source = src if isinstance(src, np.ndarray) else np.frombuffer(src, dtype=np.uint8)
+    np.copyto(dst[: len(source)], source)
+
+
+def copy_all(pairs: list[tuple[np.ndarray, np.ndarray | memoryview]]) -> None:
+    """Several copies in one call (one thread hop for a whole batch)."""
+    for dst, src in pairs:
+        copy(dst, src)
