@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("membership", "cachenode", "router", "fastpath", "trace")
+BENCHMARKS = ("membership", "cachenode", "router", "fastpath", "trace", "soak")
 
 
 def main() -> int:

@@ -49,6 +49,9 @@ class ServiceSettings(SecuritySettings):
     otlp_endpoint: str | None = Field(None, description="OTLP/gRPC endpoint for traces and metrics")
     metrics_port: int | None = Field(None, ge=0, lt=65536, description="serve Prometheus /metrics on this port")
     metrics_host: str = Field("127.0.0.1", description="address the /metrics endpoint binds")
+    bad_request_log_interval_seconds: float = Field(
+        10.0, gt=0, le=86400, description="at most one log line per this interval for undecodable requests"
+    )
 
     @field_validator("listen", "advertise")
     @classmethod

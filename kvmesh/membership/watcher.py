@@ -3,7 +3,10 @@
 Every change reaches the callback as a diff (joined, left, updated), including after a
 reconnect: a SNAPSHOT is compared with what was known, so a consumer such as the router's
 `update_pod_set` sees only what changed. A broken stream is re-established with backoff,
-resuming from the last revision so no event is lost or repeated.
+resuming from the last revision so no event is lost or repeated. A SNAPSHOT sent in pages
+(`more` set on all but the last) is assembled before it is applied. While the stream is
+broken `members` keeps the last known set and `stale` says so (with `stale_since`), so a
+consumer can keep serving from it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class MembershipWatcher:
         self.members: dict[str, common_pb2.Member] = {}
         self.revision = 0
         self.reconnects = 0
+        self.stale_since: float | None = None  # loop time the stream broke; None while it is live
         self._synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -73,6 +77,11 @@ class MembershipWatcher:
     async def wait_synced(self, timeout: float | None = None) -> None:
         """Waits for the first snapshot."""
         await asyncio.wait_for(self._synced.wait(), timeout)
+
+    @property
+    def stale(self) -> bool:
+        """True while the watch stream is broken: `members` is the last set known."""
+        return self.stale_since is not None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -128,8 +137,18 @@ class MembershipWatcher:
             stub = metadata_pb2_grpc.MembershipStub(self._channel)
             try:
                 request = metadata_pb2.WatchRequest(role=self._role, start_revision=self.revision)  # type: ignore[arg-type]
+                pages: list[common_pb2.Member] | None = None  # a SNAPSHOT arriving in pages
                 async for event in stub.Watch(request):
                     attempt = 0
+                    if event.type == metadata_pb2.SNAPSHOT and (event.more or pages is not None):
+                        pages = [*(pages or []), *event.members]
+                        if event.more:
+                            continue
+                        event = metadata_pb2.MembershipEvent(
+                            type=metadata_pb2.SNAPSHOT, members=pages, revision=event.revision
+                        )
+                        pages = None
+                    self.stale_since = None
                     change = self._apply(event)
                     await self._deliver(change)
                     if event.type == metadata_pb2.SNAPSHOT or self.revision:
@@ -138,6 +157,8 @@ class MembershipWatcher:
                     grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "watch stream ended"
                 )
             except grpc.aio.AioRpcError as exc:
+                if self.stale_since is None:
+                    self.stale_since = asyncio.get_running_loop().time()
                 self.reconnects += 1
                 log.debug("watch broken (%s); reconnecting from revision %d", exc.code(), self.revision)
                 await self._channel.close()

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.logs import setup_logging
 from kvmesh.runtime.channels import channel_options
+from kvmesh.runtime.decoding import DecodeGuard
 from kvmesh.security.client import configure_clients
 from kvmesh.security.server import add_port, auth_interceptors
 from kvmesh.settings import ServiceSettings
@@ -80,7 +81,10 @@ class ServerRuntime:
         if self.server is not None:
             return self.address
         interceptors = self.telemetry.server_interceptors() if self.telemetry else []
-        interceptors += auth_interceptors(self.settings)  # innermost: after tracing
+        # After tracing; authentication before decoding, so an anonymous client learns nothing
+        # from how its bytes parse; DecodeGuard innermost, so telemetry sees its INVALID_ARGUMENT.
+        interceptors = [*interceptors, *auth_interceptors(self.settings),
+                        DecodeGuard(self.settings.bad_request_log_interval_seconds)]
         server = grpc.aio.server(
             options=channel_options(self.settings.max_message_bytes), interceptors=interceptors
         )

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh/v1/metadata.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"I\n\x0fRegisterRequest\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.kvmesh.v1.Member\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"j\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\x03\"C\n\x10KeepAliveRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x1d\n\x04load\x18\x02 \x01(\x0b\x32\x0f.kvmesh.v1.Load\"Y\n\x11KeepAliveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"%\n\x11\x44\x65registerRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"\x14\n\x12\x44\x65registerResponse\",\n\x0bListRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Role\"D\n\x0cListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.kvmesh.v1.Member\x12\x10\n\x08revision\x18\x02 \x01(\x03\"E\n\x0cWatchRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Role\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"k\n\x0fMembershipEvent\x12\"\n\x04type\x18\x01 \x01(\x0e\x32\x14.kvmesh.v1.EventType\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.kvmesh.v1.Member\x12\x10\n\x08revision\x18\x03 \x01(\x03\"N\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x10\n\x08lease_id\x18\x04 \x01(\x03\"\x1c\n\rGetKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"D\n\x0eGetKeyResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\"=\n\rPutKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x10\n\x08lease_id\x18\x03 \x01(\x03\"\"\n\x0ePutKeyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x1f\n\x10\x44\x65leteKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"6\n\x11\x44\x65leteKeyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\"-\n\x0cRangeRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"C\n\rRangeResponse\x12 \n\x03kvs\x18\x01 \x03(\x0b\x32\x13.kvmesh.v1.KeyValue\x12\x10\n\x08revision\x18\x02 \x01(\x03\"R\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x15\x65xpected_mod_revision\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\x0c\"c\n\x16\x43ompareAndSwapResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12$\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KeyValue\":\n\x10WatchKeysRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"d\n\x08KeyEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.kvmesh.v1.KeyEventType\x12\x1f\n\x02kv\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.KeyValue\x12\x10\n\x08revision\x18\x03 \x01(\x03*V\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x08\n\x04JOIN\x10\x02\x12\t\n\x05LEAVE\x10\x03\x12\n\n\x06UPDATE\x10\x04*K\n\x0cKeyEventType\x12\x1e\n\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07KEY_PUT\x10\x01\x12\x0e\n\nKEY_DELETE\x10\x02\x32\xe1\x02\n\nMembership\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12J\n\tKeepAlive\x12\x1b.kvmesh.v1.KeepAliveRequest\x1a\x1c.kvmesh.v1.KeepAliveResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponse\x12\x37\n\x04List\x12\x16.kvmesh.v1.ListRequest\x1a\x17.kvmesh.v1.ListResponse\x12>\n\x05Watch\x12\x17.kvmesh.v1.WatchRequest\x1a\x1a.kvmesh.v1.MembershipEvent0\x01\x32\x97\x03\n\x08Metadata\x12:\n\x03Get\x12\x18.kvmesh.v1.GetKeyRequest\x1a\x19.kvmesh.v1.GetKeyResponse\x12:\n\x03Put\x12\x18.kvmesh.v1.PutKeyRequest\x1a\x19.kvmesh.v1.PutKeyResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.kvmesh.v1.DeleteKeyRequest\x1a\x1c.kvmesh.v1.DeleteKeyResponse\x12:\n\x05Range\x12\x17.kvmesh.v1.RangeRequest\x1a\x18.kvmesh.v1.RangeResponse\x12U\n\x0e\x43ompareAndSwap\x12 .kvmesh.v1.CompareAndSwapRequest\x1a!.kvmesh.v1.CompareAndSwapResponse\x12;\n\x05Watch\x12\x1b.kvmesh.v1.WatchKeysRequest\x1a\x13.kvmesh.v1.KeyEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh/v1/metadata.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"I\n\x0fRegisterRequest\x12!\n\x06member\x18\x01 \x01(\x0b\x32\x11.kvmesh.v1.Member\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"j\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\x12\x10\n\x08revision\x18\x04 \x01(\x03\"C\n\x10KeepAliveRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x1d\n\x04load\x18\x02 \x01(\x0b\x32\x0f.kvmesh.v1.Load\"Y\n\x11KeepAliveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"%\n\x11\x44\x65registerRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"\x14\n\x12\x44\x65registerResponse\"@\n\x0bListRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Role\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x0cListResponse\x12\"\n\x07members\x18\x01 \x03(\x0b\x32\x11.kvmesh.v1.Member\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"E\n\x0cWatchRequest\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.kvmesh.v1.Role\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"y\n\x0fMembershipEvent\x12\"\n\x04type\x18\x01 \x01(\x0e\x32\x14.kvmesh.v1.EventType\x12\"\n\x07members\x18\x02 \x03(\x0b\x32\x11.kvmesh.v1.Member\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0c\n\x04more\x18\x04 \x01(\x08\"N\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x10\n\x08lease_id\x18\x04 \x01(\x03\"\x1c\n\rGetKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"D\n\x0eGetKeyResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\"=\n\rPutKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x10\n\x08lease_id\x18\x03 \x01(\x03\"\"\n\x0ePutKeyResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"\x1f\n\x10\x44\x65leteKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"6\n\x11\x44\x65leteKeyResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\"B\n\x0cRangeRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x13\n\x0bstart_after\x18\x03 \x01(\t\"Q\n\rRangeResponse\x12 \n\x03kvs\x18\x01 \x03(\x0b\x32\x13.kvmesh.v1.KeyValue\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0c\n\x04more\x18\x03 \x01(\x08\"R\n\x15\x43ompareAndSwapRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x15\x65xpected_mod_revision\x18\x02 \x01(\x03\x12\r\n\x05value\x18\x03 \x01(\x0c\"c\n\x16\x43ompareAndSwapResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12$\n\x07\x63urrent\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KeyValue\":\n\x10WatchKeysRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x16\n\x0estart_revision\x18\x02 \x01(\x03\"d\n\x08KeyEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.kvmesh.v1.KeyEventType\x12\x1f\n\x02kv\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.KeyValue\x12\x10\n\x08revision\x18\x03 \x01(\x03*V\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x08\n\x04JOIN\x10\x02\x12\t\n\x05LEAVE\x10\x03\x12\n\n\x06UPDATE\x10\x04*K\n\x0cKeyEventType\x12\x1e\n\x1aKEY_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07KEY_PUT\x10\x01\x12\x0e\n\nKEY_DELETE\x10\x02\x32\xe1\x02\n\nMembership\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12J\n\tKeepAlive\x12\x1b.kvmesh.v1.KeepAliveRequest\x1a\x1c.kvmesh.v1.KeepAliveResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponse\x12\x37\n\x04List\x12\x16.kvmesh.v1.ListRequest\x1a\x17.kvmesh.v1.ListResponse\x12>\n\x05Watch\x12\x17.kvmesh.v1.WatchRequest\x1a\x1a.kvmesh.v1.MembershipEvent0\x01\x32\x97\x03\n\x08Metadata\x12:\n\x03Get\x12\x18.kvmesh.v1.GetKeyRequest\x1a\x19.kvmesh.v1.GetKeyResponse\x12:\n\x03Put\x12\x18.kvmesh.v1.PutKeyRequest\x1a\x19.kvmesh.v1.PutKeyResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.kvmesh.v1.DeleteKeyRequest\x1a\x1c.kvmesh.v1.DeleteKeyResponse\x12:\n\x05Range\x12\x17.kvmesh.v1.RangeRequest\x1a\x18.kvmesh.v1.RangeResponse\x12U\n\x0e\x43ompareAndSwap\x12 .kvmesh.v1.CompareAndSwapRequest\x1a!.kvmesh.v1.CompareAndSwapResponse\x12;\n\x05Watch\x12\x1b.kvmesh.v1.WatchKeysRequest\x1a\x13.kvmesh.v1.KeyEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.metadata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=1594
-  _globals['_EVENTTYPE']._serialized_end=1680
-  _globals['_KEYEVENTTYPE']._serialized_start=1682
-  _globals['_KEYEVENTTYPE']._serialized_end=1757
+  _globals['_EVENTTYPE']._serialized_start=1688
+  _globals['_EVENTTYPE']._serialized_end=1774
+  _globals['_KEYEVENTTYPE']._serialized_start=1776
+  _globals['_KEYEVENTTYPE']._serialized_end=1851
   _globals['_REGISTERREQUEST']._serialized_start=63
   _globals['_REGISTERREQUEST']._serialized_end=136
   _globals['_REGISTERRESPONSE']._serialized_start=138
@@ -49,41 +49,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERRESPONSE']._serialized_start=445
   _globals['_DEREGISTERRESPONSE']._serialized_end=465
   _globals['_LISTREQUEST']._serialized_start=467
-  _globals['_LISTREQUEST']._serialized_end=511
-  _globals['_LISTRESPONSE']._serialized_start=513
-  _globals['_LISTRESPONSE']._serialized_end=581
-  _globals['_WATCHREQUEST']._serialized_start=583
-  _globals['_WATCHREQUEST']._serialized_end=652
-  _globals['_MEMBERSHIPEVENT']._serialized_start=654
-  _globals['_MEMBERSHIPEVENT']._serialized_end=761
-  _globals['_KEYVALUE']._serialized_start=763
-  _globals['_KEYVALUE']._serialized_end=841
-  _globals['_GETKEYREQUEST']._serialized_start=843
-  _globals['_GETKEYREQUEST']._serialized_end=871
-  _globals['_GETKEYRESPONSE']._serialized_start=873
-  _globals['_GETKEYRESPONSE']._serialized_end=941
-  _globals['_PUTKEYREQUEST']._serialized_start=943
-  _globals['_PUTKEYREQUEST']._serialized_end=1004
-  _globals['_PUTKEYRESPONSE']._serialized_start=1006
-  _globals['_PUTKEYRESPONSE']._serialized_end=1040
-  _globals['_DELETEKEYREQUEST']._serialized_start=1042
-  _globals['_DELETEKEYREQUEST']._serialized_end=1073
-  _globals['_DELETEKEYRESPONSE']._serialized_start=1075
-  _globals['_DELETEKEYRESPONSE']._serialized_end=1129
-  _globals['_RANGEREQUEST']._serialized_start=1131
-  _globals['_RANGEREQUEST']._serialized_end=1176
-  _globals['_RANGERESPONSE']._serialized_start=1178
-  _globals['_RANGERESPONSE']._serialized_end=1245
-  _globals['_COMPAREANDSWAPREQUEST']._serialized_start=1247
-  _globals['_COMPAREANDSWAPREQUEST']._serialized_end=1329
-  _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=1331
-  _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=1430
-  _globals['_WATCHKEYSREQUEST']._serialized_start=1432
-  _globals['_WATCHKEYSREQUEST']._serialized_end=1490
-  _globals['_KEYEVENT']._serialized_start=1492
-  _globals['_KEYEVENT']._serialized_end=1592
-  _globals['_MEMBERSHIP']._serialized_start=1760
-  _globals['_MEMBERSHIP']._serialized_end=2113
-  _globals['_METADATA']._serialized_start=2116
-  _globals['_METADATA']._serialized_end=2523
+  _globals['_LISTREQUEST']._serialized_end=531
+  _globals['_LISTRESPONSE']._serialized_start=533
+  _globals['_LISTRESPONSE']._serialized_end=626
+  _globals['_WATCHREQUEST']._serialized_start=628
+  _globals['_WATCHREQUEST']._serialized_end=697
+  _globals['_MEMBERSHIPEVENT']._serialized_start=699
+  _globals['_MEMBERSHIPEVENT']._serialized_end=820
+  _globals['_KEYVALUE']._serialized_start=822
+  _globals['_KEYVALUE']._serialized_end=900
+  _globals['_GETKEYREQUEST']._serialized_start=902
+  _globals['_GETKEYREQUEST']._serialized_end=930
+  _globals['_GETKEYRESPONSE']._serialized_start=932
+  _globals['_GETKEYRESPONSE']._serialized_end=1000
+  _globals['_PUTKEYREQUEST']._serialized_start=1002
+  _globals['_PUTKEYREQUEST']._serialized_end=1063
+  _globals['_PUTKEYRESPONSE']._serialized_start=1065
+  _globals['_PUTKEYRESPONSE']._serialized_end=1099
+  _globals['_DELETEKEYREQUEST']._serialized_start=1101
+  _globals['_DELETEKEYREQUEST']._serialized_end=1132
+  _globals['_DELETEKEYRESPONSE']._serialized_start=1134
+  _globals['_DELETEKEYRESPONSE']._serialized_end=1188
+  _globals['_RANGEREQUEST']._serialized_start=1190
+  _globals['_RANGEREQUEST']._serialized_end=1256
+  _globals['_RANGERESPONSE']._serialized_start=1258
+  _globals['_RANGERESPONSE']._serialized_end=1339
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_start=1341
+  _globals['_COMPAREANDSWAPREQUEST']._serialized_end=1423
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_start=1425
+  _globals['_COMPAREANDSWAPRESPONSE']._serialized_end=1524
+  _globals['_WATCHKEYSREQUEST']._serialized_start=1526
+  _globals['_WATCHKEYSREQUEST']._serialized_end=1584
+  _globals['_KEYEVENT']._serialized_start=1586
+  _globals['_KEYEVENT']._serialized_end=1686
+  _globals['_MEMBERSHIP']._serialized_start=1854
+  _globals['_MEMBERSHIP']._serialized_end=2207
+  _globals['_METADATA']._serialized_start=2210
+  _globals['_METADATA']._serialized_end=2617
 # @@protoc_insertion_point(module_scope)

@@ -343,6 +343,8 @@ class RouterStatsResponse(_message.Message):
     EVICTED_BLOCKS_FIELD_NUMBER: _builtins.int
     EVENTS_APPLIED_FIELD_NUMBER: _builtins.int
     EVENTS_IGNORED_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_STALE_FIELD_NUMBER: _builtins.int
+    MEMBERS_IN_GRACE_FIELD_NUMBER: _builtins.int
     members: _builtins.int
     tree_nodes: _builtins.int
     routed: _builtins.int
@@ -351,6 +353,10 @@ class RouterStatsResponse(_message.Message):
     evicted_blocks: _builtins.int
     events_applied: _builtins.int
     events_ignored: _builtins.int
+    membership_stale: _builtins.bool
+    """The metadata watch is broken: the router routes over the last membership it knew."""
+    members_in_grace: _builtins.int
+    """Members that left but are kept (tree and all) while they may rejoin (--rejoin-grace-seconds)."""
     def __init__(
         self,
         *,
@@ -362,10 +368,12 @@ class RouterStatsResponse(_message.Message):
         evicted_blocks: _builtins.int = ...,
         events_applied: _builtins.int = ...,
         events_ignored: _builtins.int = ...,
+        membership_stale: _builtins.bool = ...,
+        members_in_grace: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_applied", b"events_applied", "events_ignored", b"events_ignored", "evicted_blocks", b"evicted_blocks", "inflight", b"inflight", "members", b"members", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_applied", b"events_applied", "events_ignored", b"events_ignored", "evicted_blocks", b"evicted_blocks", "inflight", b"inflight", "members", b"members", "members_in_grace", b"members_in_grace", "membership_stale", b"membership_stale", "policy", b"policy", "routed", b"routed", "tree_nodes", b"tree_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

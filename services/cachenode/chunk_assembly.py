@@ -1,12 +1,16 @@
 """Whole values from a stream of chunks: BatchPut's write path, independent of gRPC.
 
 Values larger than one message arrive as chunks (namespace, key, total_size, offset, data,
-ttl_seconds), each value's chunks in order and one value after another. The assembler
-writes each chunk straight into the value's `Write` (see storage/write.py: the final place
-in a zero-copy storage's arena, or one buffer of the final size) and commits the value only
-when its last byte arrived, so a value is stored whole or not at all. A bad chunk fails
-only its own key (the rest of the stream goes on): the failure is reported as a KeyError,
-the value's space is freed, and its remaining chunks are ignored.
+ttl_seconds), each value's chunks in order and one value after another. A value that comes
+whole in its first chunk is written straight into the storage's `Write` (see
+storage/write.py: its final place in a zero-copy storage's arena, or a buffer). A value in
+several chunks goes to a `StagedWrite`, which keeps its chunks as they arrive and takes
+room in the storage only when the last byte is in: a client that announces a large value
+and stalls evicts nothing and reserves nothing. What the stream holds meanwhile (those
+chunks, and values waiting in its write batch) is counted against the node's write budget
+(write_budget.py). A value is stored whole or not at all. A bad chunk fails only its own key
+(the rest of the stream goes on): the failure is reported as a KeyError, what the value held
+is freed, and its remaining chunks are ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import grpc
 from kvmesh.runtime.errors import InvalidArgument, KvmeshError, status_for
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
-from kvmesh.services.cachenode.storage.write import BATCH_BYTES, BATCH_ITEMS, Write, WriteBatch
+from kvmesh.services.cachenode.storage.write import BATCH_BYTES, BATCH_ITEMS, StagedWrite, Write, WriteBatch
+from kvmesh.services.cachenode.write_budget import StreamHold, WriteBudget
 from kvmesh.v1 import cachenode_pb2
 
 log = logging.getLogger("kvmesh.cachenode")
@@ -67,8 +72,10 @@ class ChunkAssembler:
         limits: Limits | None = None,
         batch_items: int = BATCH_ITEMS,
         batch_bytes: int = BATCH_BYTES,
+        hold: StreamHold | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self._hold = hold or WriteBudget().open("local")
         self.errors: list[cachenode_pb2.KeyError] = []
         self._batch = WriteBatch(storage, batch_items, batch_bytes)
         self._storage = storage
@@ -99,6 +106,8 @@ class ChunkAssembler:
                 self._fail(chunk.namespace, chunk.key, exc)
                 return
         try:
+            if isinstance(current, StagedWrite):
+                await self._make_room(self._received + len(chunk.data))
             self._append(current, chunk)
         except _Rejected as exc:
             self._fail(current.namespace, current.key, exc)
@@ -106,7 +115,13 @@ class ChunkAssembler:
         if self._received < current.size:
             return
         self._current = None
-        await self._batch.commit(current)
+        try:
+            await self._batch.commit(current)
+        except (KvmeshError, ValueError) as exc:  # a staged value found no room in the storage
+            current.abort()
+            code, message = status_for(exc)
+            self.errors.append(cachenode_pb2.KeyError(key=current.key, code=code.name, message=message))
+        await self._account()
         self._collect()
 
     async def finish(self) -> None:
@@ -117,13 +132,43 @@ class ChunkAssembler:
                 f"stream ended with the value incomplete: {self._received} of {current.size} bytes"
             ))
         await self._batch.flush()
+        self._hold.hold(0)
         self._collect()
 
     def abort(self) -> None:
-        """Drops the value being assembled (its reserved space is freed at once)."""
+        """Drops the value being assembled (what it reserved or held is freed at once)."""
         current, self._current = self._current, None
         if current is not None:
             current.abort()
+        self._hold.hold(self._batch.pending_bytes)
+
+    def close(self) -> None:
+        """The stream is over: drops an unfinished value and returns what it held to the budget."""
+        self.abort()
+        self._hold.close()
+
+    async def _make_room(self, staged: int) -> None:
+        """Counts `staged` bytes of the unfinished value, storing the batch first if that makes room."""
+        try:
+            self._hold.hold(self._batch.pending_bytes + staged)
+            return
+        except KvmeshError as exc:
+            if not self._batch.pending:
+                raise _Rejected(exc.code, str(exc)) from None
+        await self._batch.flush()
+        self._collect()
+        try:
+            self._hold.hold(staged)
+        except KvmeshError as exc:
+            raise _Rejected(exc.code, str(exc)) from None
+
+    async def _account(self) -> None:
+        """Counts the batch's waiting values; stores them now when the budget has no room."""
+        try:
+            self._hold.hold(self._batch.pending_bytes)
+        except KvmeshError:
+            await self._batch.flush()
+            self._hold.hold(0)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -136,7 +181,10 @@ class ChunkAssembler:
                 raise InvalidArgument(f"chunk out of order: first chunk of a value at offset {chunk.offset}, not 0")
             total = chunk.total_size or len(chunk.data)
             self.limits.check_size(total)
-            write = self._storage.begin_write(chunk.namespace, chunk.key, total, chunk.ttl_seconds)
+            if len(chunk.data) >= total:  # whole in one message: no byte is missing
+                write: Write = self._storage.begin_write(chunk.namespace, chunk.key, total, chunk.ttl_seconds)
+            else:
+                write = StagedWrite(self._storage, chunk.namespace, chunk.key, total, chunk.ttl_seconds)
         except KvmeshError as exc:
             raise _Rejected(exc.code, str(exc)) from None
         except ValueError as exc:

@@ -13,6 +13,7 @@ RDMA transports; they are delegated to an optional `zerocopy` object.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from kvmesh.runtime.errors import KvmeshError, Unavailable, guard, status_for
 from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler, PutChunkLike
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage, StorageStats
+from kvmesh.services.cachenode.write_budget import WriteBudget
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
 if TYPE_CHECKING:
@@ -48,11 +50,16 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
     """Serves one storage (possibly tiered). `storage` may be set after construction."""
 
     def __init__(
-        self, storage: Storage | None, limits: Limits | None = None, zerocopy: ZeroCopyApi | None = None
+        self,
+        storage: Storage | None,
+        limits: Limits | None = None,
+        zerocopy: ZeroCopyApi | None = None,
+        writes: WriteBudget | None = None,
     ) -> None:
         self.storage = storage
         self.limits = limits or Limits()
         self.zerocopy = zerocopy
+        self.writes = writes or WriteBudget()
 
     # -- validation ----------------------------------------------------------------------
 
@@ -120,9 +127,26 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
             storage = self._storage()
         except KvmeshError as exc:
             await context.abort(exc.code, str(exc))
-        assembler = ChunkAssembler(storage, self.limits)
         try:
-            async for chunk in request_iterator:
+            hold = self.writes.open(context.peer())
+        except KvmeshError as exc:
+            await context.abort(exc.code, str(exc))
+        assembler = ChunkAssembler(storage, self.limits, hold=hold)
+        idle = self.writes.bounds.idle_timeout_s
+        chunks = aiter(request_iterator)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    assembler.abort()
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no chunk for {idle:g} s (--write-idle-timeout-seconds): stream ended",
+                    )
                 if isinstance(chunk, wire.MalformedMessage):
                     assembler.abort()
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, chunk.error)
@@ -130,7 +154,7 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
                 await assembler.add(chunk)
             await assembler.finish()
         finally:
-            assembler.abort()
+            assembler.close()
         return cachenode_pb2.BatchPutResponse(stored=assembler.stored, errors=assembler.errors)
 
     # -- BatchGet ------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.settings import CacheNodeSettings
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
+from kvmesh.services.cachenode.storage.write import BATCH_BYTES
+from kvmesh.services.cachenode.write_budget import WriteBounds, WriteBudget
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2, common_pb2
 
@@ -51,7 +53,15 @@ class CacheNodeService(Service):
             chunk_bytes=min(settings.chunk_bytes, settings.max_message_bytes - 64 * 1024),
             namespaces=settings.allowed_namespaces,
         )
-        self.servicer = KVCacheApi(storage, limits, zerocopy)
+        bounds = WriteBounds(
+            stream_bytes=settings.max_value_bytes + BATCH_BYTES,
+            peer_bytes=settings.max_write_peer_bytes,
+            total_bytes=settings.max_write_total_bytes,
+            peer_streams=settings.max_write_streams_per_peer,
+            streams=settings.max_write_streams,
+            idle_timeout_s=settings.write_idle_timeout_seconds,
+        )
+        self.servicer = KVCacheApi(storage, limits, zerocopy, WriteBudget(bounds))
         self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
         self.session: MemberSession | None = None
         self._load_watch: asyncio.Task[None] | None = None

@@ -44,6 +44,18 @@ class CacheNodeSettings(MemberSettings):
         60_000, ge=10, le=86_400_000, description="data path: a pinned view not released within this is released"
     )
 
+    max_write_peer_bytes: int = Field(
+        512 * 1024**2, gt=0, description="bytes one connection's BatchPut streams may hold unstored (accepts 512MiB)"
+    )
+    max_write_total_bytes: int = Field(
+        1024**3, gt=0, description="bytes all BatchPut streams together may hold before storing (accepts 1GiB)"
+    )
+    max_write_streams_per_peer: int = Field(64, ge=1, description="BatchPut streams open at once on one connection")
+    max_write_streams: int = Field(1024, ge=1, description="BatchPut streams open at once on this node")
+    write_idle_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="a BatchPut stream that sends no chunk for this long is ended"
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _engine_is_storage(cls, data: Any) -> Any:
@@ -52,7 +64,7 @@ class CacheNodeSettings(MemberSettings):
             return {**data, "storage": data["engine"]}
         return data
 
-    @field_validator("max_value_bytes", "chunk_bytes", mode="before")
+    @field_validator("max_value_bytes", "chunk_bytes", "max_write_peer_bytes", "max_write_total_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value

@@ -8,16 +8,21 @@ needed to serve a member is kept only in one replica's memory.
 
 Events map from store changes: a put of a new key is JOIN, an overwrite is UPDATE (load
 changes, and a Register that replaces a member with the same id), a delete is LEAVE.
+
+No answer outgrows a message: List returns pages of at most `page_bytes` of members with a
+token for the next one, and a Watch SNAPSHOT larger than that goes out as several SNAPSHOT
+messages of one revision, `more` set on all but the last.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from google.protobuf.message import DecodeError
 
-from kvmesh.runtime.errors import Unavailable
+from kvmesh.runtime.errors import InvalidArgument, Unavailable
 from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, StoreHandle
 from kvmesh.v1 import common_pb2, metadata_pb2
 
@@ -73,8 +78,9 @@ class MemberDirectory:
     # How often Register retries its compare-and-swap when another registration races it.
     CAS_ATTEMPTS = 8
 
-    def __init__(self, handle: StoreHandle) -> None:
+    def __init__(self, handle: StoreHandle, page_bytes: int = 4 * 1024**2) -> None:
         self._handle = handle
+        self._page_bytes = page_bytes
 
     @property
     def store(self) -> Store:
@@ -140,9 +146,38 @@ class MemberDirectory:
             entry = None  # changed under us (a re-register): read it again
         raise LeaseNotFound(lease_id)
 
-    async def list(self, role: int) -> tuple[list[common_pb2.Member], int]:
-        entries, revision = await self.store.range(role_prefix(role))
-        return [decode_member(e.key, e.value) for e in entries], revision
+    async def list(self, role: int, page_token: str = "") -> tuple[list[common_pb2.Member], int, str]:
+        """One page of members after `page_token` (a member key), the revision, and the next token."""
+        prefix = role_prefix(role)
+        if page_token and not page_token.startswith(prefix):
+            raise InvalidArgument("page_token does not belong to this role's listing")
+        entries, revision = await self.store.range(prefix)
+        members = [decode_member(e.key, e.value) for e in entries if e.key > page_token]
+        keys = [e.key for e in entries if e.key > page_token]
+        page = next(self._pages(members))
+        next_token = keys[len(page) - 1] if len(page) < len(members) else ""
+        return page, revision, next_token
+
+    def _pages(self, members: Sequence[common_pb2.Member]) -> Iterator[builtins.list[common_pb2.Member]]:
+        """`members` cut into pages of at most `page_bytes` (at least one member each); always one page."""
+        page: builtins.list[common_pb2.Member] = []
+        size = 0
+        for member in members:
+            grow = member.ByteSize() + 8
+            if page and size + grow > self._page_bytes:
+                yield page
+                page, size = [], 0
+            page.append(member)
+            size += grow
+        yield page
+
+    def snapshot(self, entries: Sequence[Entry], revision: int) -> Iterator[metadata_pb2.MembershipEvent]:
+        """SNAPSHOT messages of one revision, `more` on all but the last."""
+        pages = list(self._pages([decode_member(e.key, e.value) for e in entries]))
+        for i, page in enumerate(pages):
+            yield metadata_pb2.MembershipEvent(
+                type=metadata_pb2.SNAPSHOT, members=page, revision=revision, more=i < len(pages) - 1
+            )
 
     async def watch(self, role: int, start_revision: int) -> AsyncGenerator[metadata_pb2.MembershipEvent, None]:
         """A replay after `start_revision` when retained, otherwise a SNAPSHOT; then live events."""
@@ -157,11 +192,8 @@ class MemberDirectory:
                 pass  # raised before any event: answer with a snapshot instead
         while True:
             entries, revision = await self.store.range(prefix)
-            yield metadata_pb2.MembershipEvent(
-                type=metadata_pb2.SNAPSHOT,
-                members=[decode_member(e.key, e.value) for e in entries],
-                revision=revision,
-            )
+            for page in self.snapshot(entries, revision):
+                yield page
             try:
                 async with contextlib.aclosing(self.store.watch(prefix, revision)) as changes:
                     async for change in changes:

@@ -83,8 +83,23 @@ class KeyValueApi(metadata_pb2_grpc.MetadataServicer):
     async def Range(self, request: metadata_pb2.RangeRequest, context: grpc.aio.ServicerContext
                     ) -> metadata_pb2.RangeResponse:
         check_prefix(request.prefix, self._limits)
-        entries, revision = await self._store.range(KV + request.prefix, request.limit)
-        return metadata_pb2.RangeResponse(kvs=[_kv(e) for e in entries], revision=revision)
+        if request.start_after:
+            check_key(request.start_after, self._limits)
+        start = KV + request.start_after if request.start_after else ""
+        entries, revision = await self._store.range(KV + request.prefix, 0 if start else request.limit)
+        if start:
+            entries = [e for e in entries if e.key > start]
+            if request.limit:
+                entries = entries[: request.limit]
+        kvs: list[metadata_pb2.KeyValue] = []
+        size = 0
+        for entry in entries:  # no answer outgrows a message: the rest comes with start_after
+            kv = _kv(entry)
+            size += kv.ByteSize() + 8
+            if kvs and size > self._limits.snapshot_page_bytes:
+                return metadata_pb2.RangeResponse(kvs=kvs, revision=revision, more=True)
+            kvs.append(kv)
+        return metadata_pb2.RangeResponse(kvs=kvs, revision=revision)
 
     @guard
     async def CompareAndSwap(

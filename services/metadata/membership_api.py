@@ -105,8 +105,8 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         self, request: metadata_pb2.ListRequest, context: grpc.aio.ServicerContext
     ) -> metadata_pb2.ListResponse:
         check_role(request.role, allow_unspecified=True)
-        members, revision = await self._directory.list(request.role)
-        return metadata_pb2.ListResponse(members=members, revision=revision)
+        members, revision, next_token = await self._directory.list(request.role, request.page_token)
+        return metadata_pb2.ListResponse(members=members, revision=revision, next_page_token=next_token)
 
     async def Watch(
         self, request: metadata_pb2.WatchRequest, context: grpc.aio.ServicerContext

@@ -36,9 +36,13 @@ class MetadataService(Service):
             max_key_bytes=settings.max_key_bytes,
             max_value_bytes=settings.max_value_bytes,
             max_ttl_seconds=settings.max_ttl_seconds,
+            max_member_bytes=settings.max_member_bytes,
+            max_labels=settings.max_labels,
+            max_label_bytes=settings.max_label_bytes,
+            snapshot_page_bytes=min(settings.snapshot_page_bytes, settings.max_message_bytes // 2),
         )
         self.membership = MembershipApi(
-            MemberDirectory(self.handle),
+            MemberDirectory(self.handle, limits.snapshot_page_bytes),
             limits,
             HeartbeatPolicy(max_per_second=settings.max_heartbeats_per_second),
             LoadUpdatePolicy(

@@ -26,8 +26,16 @@ class MetadataSettings(ServiceSettings):
     max_key_bytes: int = Field(1024, ge=1, le=65536, description="longest metadata key")
     max_value_bytes: int = Field(1024 * 1024, ge=1, description="largest metadata value (accepts 1MiB)")
     max_id_bytes: int = Field(253, ge=1, le=4096, description="longest member id")
+    max_member_bytes: int = Field(
+        16 * 1024, ge=256, le=1024**2, description="largest member record (id, address, labels, ...) (accepts 16KiB)"
+    )
+    max_labels: int = Field(64, ge=0, le=4096, description="most labels on one member")
+    max_label_bytes: int = Field(1024, ge=1, le=65536, description="longest label (name and value together)")
+    snapshot_page_bytes: int = Field(
+        4 * 1024**2, ge=64 * 1024, description="members per List page / Watch SNAPSHOT message, in bytes (accepts 4MiB)"
+    )
 
-    @field_validator("max_value_bytes", mode="before")
+    @field_validator("max_value_bytes", "max_member_bytes", "snapshot_page_bytes", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value

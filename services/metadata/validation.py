@@ -14,8 +14,14 @@ class Limits:
     max_id_bytes: int = 253
     max_key_bytes: int = 1024
     max_value_bytes: int = 1024 * 1024
-    max_member_bytes: int = 64 * 1024
+    max_member_bytes: int = 16 * 1024
+    max_labels: int = 64
+    max_label_bytes: int = 1024
     max_ttl_seconds: int = 3600
+    snapshot_page_bytes: int = 4 * 1024**2
+
+
+MAX_ADDRESS_BYTES = 261  # a DNS name (253) or [IPv6], a colon and a port
 
 
 def _printable(text: str) -> bool:
@@ -38,12 +44,36 @@ def check_member(member: common_pb2.Member, limits: Limits) -> None:
         raise InvalidArgument(f"member id longer than {limits.max_id_bytes} bytes")
     if "/" in member.id or not _printable(member.id):
         raise InvalidArgument(f"member id {member.id!r} has '/', spaces or control characters")
+    if member.id in (".", ".."):
+        raise InvalidArgument(f"member id {member.id!r} is a path component, not a name")
     check_role(member.role, allow_unspecified=False)
-    host, sep, port = member.address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"member address must be host:port, got {member.address!r}")
+    check_address(member.address)
+    if len(member.labels) > limits.max_labels:
+        raise InvalidArgument(f"member has {len(member.labels)} labels, more than --max-labels {limits.max_labels}")
+    for name, value in member.labels.items():
+        if len(name.encode()) + len(value.encode()) > limits.max_label_bytes:
+            raise InvalidArgument(f"label {name[:64]!r} is longer than --max-label-bytes {limits.max_label_bytes}")
     if member.ByteSize() > limits.max_member_bytes:
-        raise InvalidArgument(f"member description larger than {limits.max_member_bytes} bytes")
+        raise InvalidArgument(
+            f"member description of {member.ByteSize()} bytes is over --max-member-bytes {limits.max_member_bytes}"
+        )
+
+
+def check_address(address: str) -> None:
+    """host:port with a DNS name, an IPv4 address or a [bracketed] IPv6 address."""
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if (
+        not sep
+        or not host
+        or len(address.encode()) > MAX_ADDRESS_BYTES
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or (":" in host and not bracketed)
+        or not _printable(host)
+        or any(c in host for c in "/@?#")
+    ):
+        raise InvalidArgument(f"member address must be host:port (IPv6 as [addr]:port), got {address[:300]!r}")
 
 
 def check_ttl(ttl_seconds: int, limits: Limits) -> None:

@@ -29,6 +29,7 @@ from kvmesh.v1 import common_pb2
 
 U64_MAX = (1 << 64) - 1
 _MAX_HASHERS = 256  # distinct model names whose hasher is cached
+MAX_DEPARTED = 1024  # departed pods kept for a rejoin at most (the oldest go first)
 
 
 def _block_ids(keys: list[bytes]) -> tuple[int, ...]:
@@ -98,6 +99,13 @@ class RouterStats:
     evicted_blocks: int
     events_applied: int
     events_ignored: int
+    members_in_grace: int = 0
+    membership_stale: bool = False
+
+
+def _too_long(text: str, limit: int) -> bool:
+    """More than `limit` UTF-8 bytes (encoding only when the length in characters cannot tell)."""
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
 
 
 class RouterCore:
@@ -124,22 +132,57 @@ class RouterCore:
         self.routed = 0
         self.events_applied = 0
         self.events_ignored = 0
+        # Set by the service: whether the membership it follows is stale (the watch is broken).
+        self.membership_stale: Callable[[], bool] = lambda: False
 
     # ---- membership -----------------------------------------------------------------------
     def update_pods(self, change: MembershipChange) -> None:
         """Applies one membership diff: leaves first (their slots may be reused), then joins."""
         for member in change.left:
-            self.remove_member(member.id)
+            self.leave(member.id)
         for member in change.joined:
             self.add_member(member)
         for member in change.updated:
             self.add_member(member)
 
     def add_member(self, member: common_pb2.Member) -> Pod:
-        """A member joined (or changed): routable at once."""
+        """A member joined (or changed): routable at once. One that left within the grace window
+        and comes back with the same id and address keeps its tree."""
         pod = self.pods.get(member.id)
+        if pod is not None and pod.departed_at is not None:
+            if pod.address == member.address:
+                return self.pods.rejoin(member)
+            self.remove_member(member.id)  # another process under the same id: its cache is not ours
+            pod = None
         pod = self.pods.add(member) if pod is None else self.pods.update(member)
         return pod
+
+    def leave(self, member_id: str) -> None:
+        """A member left: kept (tree and all, not routed to while others live) for
+        --rejoin-grace-seconds, or removed now when that is 0."""
+        if self.settings.rejoin_grace_seconds <= 0:
+            self.remove_member(member_id)
+            return
+        self.pods.depart(member_id, self.clock())
+        while len(self.pods.departed) > MAX_DEPARTED:
+            self.remove_member(next(iter(self.pods.departed)))
+
+    def expire_departed(self, now: float | None = None) -> int:
+        """Removes the members that left longer than --rejoin-grace-seconds ago."""
+        now = self.clock() if now is None else now
+        cutoff = now - self.settings.rejoin_grace_seconds
+        expired = [m for m, pod in self.pods.departed.items() if (pod.departed_at or 0.0) <= cutoff]
+        for member_id in expired:
+            self.remove_member(member_id)
+        return len(expired)
+
+    def _check_strings(self, model: str, request_id: str) -> None:
+        """Every string a client sends is bounded, so none can make the router hold much memory."""
+        s = self.settings
+        if _too_long(request_id, s.max_request_id_bytes):
+            raise InvalidArgument(f"request_id longer than --max-request-id-bytes {s.max_request_id_bytes}")
+        if _too_long(model, s.max_model_bytes):
+            raise InvalidArgument(f"model name longer than --max-model-bytes {s.max_model_bytes}")
 
     def remove_member(self, member_id: str) -> bool:
         """A member left: its blocks leave every node now, O(its blocks), and it is never chosen."""
@@ -165,6 +208,7 @@ class RouterCore:
 
     def route_tokens(self, tokens: Sequence[int] | np.ndarray, model: str = "", request_id: str = "") -> Decision:
         """Routes a prompt given as token ids (hashed with --block-size; only full blocks count)."""
+        self._check_strings(model, request_id)
         limit = self.settings.max_prompt_blocks * self.settings.block_size
         if len(tokens) >= limit + self.settings.block_size:
             raise InvalidArgument(f"prompt of {len(tokens)} tokens is over --max-prompt-blocks")
@@ -180,6 +224,7 @@ class RouterCore:
 
     def route_text(self, text: str, model: str = "", request_id: str = "") -> Decision:
         """Routes a text prompt (blocks of --text-block-bytes UTF-8 bytes)."""
+        self._check_strings(model, request_id)
         if len(text) >= (self.settings.max_prompt_blocks + 1) * self.settings.text_block_bytes:
             raise InvalidArgument("text prompt is over --max-prompt-blocks")
         return self.route(_block_ids(self.hasher(model).text_keys(text)), model, request_id, checked=True)
@@ -190,6 +235,7 @@ class RouterCore:
         `checked` skips the range check when the ids come from a source that guarantees u64
         (protobuf, the hasher). Raises Unavailable with no engine pod, InvalidArgument on bad ids.
         """
+        self._check_strings(model, request_id)
         if len(block_ids) > self.settings.max_prompt_blocks:
             raise InvalidArgument(
                 f"prompt of {len(block_ids)} blocks is over --max-prompt-blocks={self.settings.max_prompt_blocks}"
@@ -228,6 +274,8 @@ class RouterCore:
             self._drop(previous)
         inflight[request_id] = (slot, pod.generation, now)
         pods.started(slot)
+        if len(inflight) > self.settings.max_inflight_requests:  # forget the oldest, as the sweep would
+            self.release(next(iter(inflight)))
         self.routed += 1
         return Decision(request_id, pod.member_id, pod.address, matched, len(block_ids), self.policy.name, slot)
 
@@ -318,4 +366,6 @@ class RouterCore:
             evicted_blocks=self.tree.evicted,
             events_applied=self.events_applied,
             events_ignored=self.events_ignored,
+            members_in_grace=len(self.pods.departed),
+            membership_stale=self.membership_stale(),
         )

@@ -5,6 +5,10 @@ lists. A slot is reused only after its pod's blocks were removed from the tree (
 does that before `remove`), so a new pod never inherits an old pod's bits. Each occupant
 gets a fresh generation number, so a `Release` for a request routed to a pod that has since
 left never lowers the load of the pod that took its slot.
+
+A pod that left may be kept `departed` for a grace window (its slot and tree bits stay): it
+is no candidate while any live pod is, comes back with its tree if it rejoins, and is the
+last resort while no live pod remains (a metadata flicker makes every engine leave at once).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Pod:
     generation: int
     reported: int = 0  # running + waiting requests from the member's own load report
     precise: bool = False  # sends KV events: no approximate learning for it
+    departed_at: float | None = None  # left at this time, kept while it may rejoin
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -48,13 +53,17 @@ class PodTable:
         self.loads: list[int] = []  # inflight + reported, per slot, kept current for the policies
         self.all_mask = 0
         self.model_masks: dict[str, int] = {}
+        self.departed: dict[str, Pod] = {}  # member id → pod kept after it left, oldest first
+        self.departed_mask = 0
+        self.departed_model_masks: dict[str, int] = {}
         self._free: list[int] = []
         self._generation = 0
         self._slot_lists: dict[int, list[int]] = {}
         self._load_getters: dict[int, Callable[[list[int]], tuple[int, ...]]] = {}
 
     def __len__(self) -> int:
-        return len(self.by_id)
+        """Live pods (departed ones kept for a rejoin are not counted)."""
+        return len(self.by_id) - len(self.departed)
 
     def __contains__(self, member_id: str) -> bool:
         return member_id in self.by_id
@@ -127,11 +136,31 @@ class PodTable:
             self._recompute_masks()
         return pod
 
+    def depart(self, member_id: str, now: float) -> Pod | None:
+        """A member left but may rejoin: no longer a candidate while live pods exist; slot and tree kept."""
+        pod = self.by_id.get(member_id)
+        if pod is None or pod.departed_at is not None:
+            return pod
+        pod.departed_at = now
+        self.departed[member_id] = pod
+        self._recompute_masks()
+        return pod
+
+    def rejoin(self, member: common_pb2.Member) -> Pod:
+        """A departed member is back: live again with its slot (and so its tree)."""
+        pod = self.by_id[member.id]
+        pod.departed_at = None
+        self.departed.pop(member.id, None)
+        self.update(member)
+        self._recompute_masks()
+        return pod
+
     def remove(self, member_id: str) -> Pod | None:
         """A member left; its slot becomes free (the caller already cleared it from the tree)."""
         pod = self.by_id.pop(member_id, None)
         if pod is None:
             return None
+        self.departed.pop(member_id, None)
         self.slots[pod.slot] = None
         self.inflight[pod.slot] = 0
         self.loads[pod.slot] = 0
@@ -142,12 +171,19 @@ class PodTable:
     def _recompute_masks(self) -> None:
         # O(pods) per membership change; keeps candidate selection O(1) per route.
         masks: dict[str, int] = {}
-        all_mask = 0
+        departed: dict[str, int] = {}
+        all_mask = departed_mask = 0
         for pod in self.by_id.values():
+            if pod.departed_at is not None:
+                departed_mask |= pod.bit
+                departed[pod.model] = departed.get(pod.model, 0) | pod.bit
+                continue
             all_mask |= pod.bit
             masks[pod.model] = masks.get(pod.model, 0) | pod.bit
         self.all_mask = all_mask
         self.model_masks = masks
+        self.departed_mask = departed_mask
+        self.departed_model_masks = departed
         self._slot_lists = {}
         self._load_getters = {}
 
@@ -161,7 +197,10 @@ class PodTable:
             mask = self.model_masks.get(model)
             if mask:
                 return mask
-        return self.all_mask
+        if self.all_mask or not self.departed_mask:
+            return self.all_mask
+        # No live pod: the ones that left within the grace window (they are likely coming back).
+        return (self.departed_model_masks.get(model, 0) if model else 0) or self.departed_mask
 
     def slots_of(self, mask: int) -> list[int]:
         """The slots in `mask`, cached until the pod set changes (policies iterate this)."""

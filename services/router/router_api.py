@@ -84,6 +84,9 @@ class RouterApi(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.ReleaseResponse:
         if not request.request_id:
             raise InvalidArgument("request_id is required")
+        limit = self.core.settings.max_request_id_bytes
+        if len(request.request_id.encode()) > limit:
+            raise InvalidArgument(f"request_id longer than --max-request-id-bytes {limit}")
         self.core.release(request.request_id)  # unknown ids are fine: release is idempotent
         return router_pb2.ReleaseResponse()
 
@@ -119,4 +122,6 @@ class RouterApi(router_pb2_grpc.RouterServicer):
             evicted_blocks=s.evicted_blocks,
             events_applied=s.events_applied,
             events_ignored=s.events_ignored,
+            membership_stale=s.membership_stale,
+            members_in_grace=s.members_in_grace,
         )

@@ -58,6 +58,8 @@ class RouterService(Service):
         s = self.settings
         if self._follow:
             self.watcher = MembershipWatcher(s.metadata_addresses, common_pb2.ROLE_ENGINE, self.core.update_pods)
+            watcher = self.watcher
+            self.core.membership_stale = lambda: watcher.stale
             await self.watcher.start()
             if s.register_self:
                 member = common_pb2.Member(
@@ -78,6 +80,7 @@ class RouterService(Service):
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
             core.sweep_requests()
+            core.expire_departed()
             for member_id in list(core.pods.by_id):
                 core.expire_pod(member_id)
                 await asyncio.sleep(0)

@@ -59,6 +59,17 @@ class RouterSettings(MemberSettings):
     random_seed: int | None = Field(
         default=None, ge=0, description="seed of the policies' random choices (default: random)"
     )
+    max_request_id_bytes: int = Field(
+        256, ge=8, le=65536, description="longest request_id a client may send (longer: INVALID_ARGUMENT)"
+    )
+    max_model_bytes: int = Field(256, ge=8, le=65536, description="longest model name a client may send")
+    max_inflight_requests: int = Field(
+        100_000, ge=16, le=100_000_000, description="routed, unreleased requests remembered; the oldest is forgotten"
+    )
+    rejoin_grace_seconds: float = Field(
+        30.0, ge=0, le=86400,
+        description="an engine that left keeps its prefix tree this long in case it rejoins (0: dropped at once)",
+    )
     ext_proc_listen: str | None = Field(
         default=None, description="HOST:PORT to serve Envoy's ext_proc endpoint picker on (default: off)"
     )

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from kvmesh.runtime.errors import ResourceExhausted
 from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
+from kvmesh.services.cachenode.write_budget import WriteBounds, WriteBudget
 from kvmesh.wire import PutChunkView
 
 NS = "ns"
@@ -151,13 +153,14 @@ async def test_batched_values_are_stored_by_finish(storage: Storage) -> None:
 async def test_abort_leaves_nothing_visible_and_frees_the_space(storage: Storage) -> None:
     await storage.put(NS, b"k", b"old")
     held = storage.stats().used_bytes
-    assembler = ChunkAssembler(storage)
+    budget = WriteBudget()
+    assembler = ChunkAssembler(storage, hold=budget.open("peer"))
     await assembler.add(chunks(b"k", b"n" * 3_000_000, 1_000_000)[0])
-    if storage.capabilities.zero_copy:
-        assert storage.stats().used_bytes == held + 3_000_000  # the reservation holds the whole value
+    # Bytes not yet arrived reserve nothing in the storage: only what arrived is held.
+    assert storage.stats().used_bytes == held and budget.held == 1_000_000
     assembler.abort()
     assembler.abort()
-    assert storage.stats().used_bytes == held
+    assert storage.stats().used_bytes == held and budget.held == 0
     assert await storage.get(NS, b"k") == b"old"
     # The freed space is usable again: a value that fits only without the aborted one.
     assert (await assemble(storage, chunks(b"k2", b"m" * 3_000_000, 1_000_000))).stored == 1
@@ -184,3 +187,42 @@ async def test_capabilities_declare_the_write_path(storage: Storage) -> None:
         write.view[:] = b"abcd"
         await write.commit()
     assert write.closed and await storage.get(NS, b"w") == b"abcd"
+
+
+async def test_a_stalled_value_evicts_nothing_and_holds_only_what_arrived(storage: Storage) -> None:
+    for i in range(3):
+        await storage.put(NS, f"old{i}".encode(), b"o" * 1_000_000)
+    budget = WriteBudget()
+    stalled = ChunkAssembler(storage, hold=budget.open("hostile"))
+    # Announces a value as large as the storage, sends 4 KiB of it and stalls.
+    await stalled.add(PutChunkView(NS, b"big", 4 * 1024**2, 0, memoryview(b"s" * 4096), 0))
+    assert budget.held == 4096 and budget.peer_held("hostile") == 4096
+    assert await storage.exists(NS, [b"old0", b"old1", b"old2"]) == [True, True, True]
+    # Another writer stores meanwhile.
+    other = await assemble(storage, chunks(b"other", b"x" * 300_000, 100_000))
+    assert other.stored == 1 and not other.errors
+    stalled.close()
+    assert budget.held == 0 and budget.streams == 0
+
+
+async def test_the_write_budget_fails_values_past_each_bound(storage: Storage) -> None:
+    budget = WriteBudget(WriteBounds(stream_bytes=10_000, peer_bytes=15_000, total_bytes=16_000, peer_streams=2))
+    one, two = budget.open("a"), budget.open("a")
+    with pytest.raises(ResourceExhausted, match="--max-write-streams-per-peer 2"):
+        budget.open("a")
+    first = ChunkAssembler(storage, hold=one)
+    await first.add(PutChunkView(NS, b"k1", 50_000, 0, memoryview(b"1" * 8_000), 0))
+    await first.add(PutChunkView(NS, b"k1", 50_000, 8_000, memoryview(b"1" * 4_000), 0))  # stream: 12,000 > 10,000
+    assert [(e.key, e.code) for e in first.errors] == [(b"k1", "RESOURCE_EXHAUSTED")]
+    assert "--max-write-stream-bytes" in first.errors[0].message and budget.held == 0
+    second = ChunkAssembler(storage, hold=two)
+    await first.add(PutChunkView(NS, b"k2", 50_000, 0, memoryview(b"2" * 9_000), 0))
+    await second.add(PutChunkView(NS, b"k3", 50_000, 0, memoryview(b"3" * 9_000), 0))  # peer: 18,000 > 15,000
+    assert "--max-write-peer-bytes" in second.errors[0].message
+    third = ChunkAssembler(storage, hold=budget.open("b"))
+    await third.add(PutChunkView(NS, b"k4", 50_000, 0, memoryview(b"4" * 6_000), 0))
+    await third.add(PutChunkView(NS, b"k4", 50_000, 6_000, memoryview(b"4" * 2_000), 0))  # total: 17,000
+    assert "--max-write-total-bytes" in third.errors[0].message
+    for assembler in (first, second, third):
+        assembler.close()
+    assert budget.held == 0 and budget.streams == 0

@@ -48,8 +48,10 @@ async def test_a_corrupted_record_is_a_miss_not_a_wrong_value(tmp_path: Path) ->
     env.close()
     storage = await disk(tmp_path)
     try:
+        assert await storage.exists("ns", [b"k"]) == [False]  # Exists checks the checksum as Get does
         assert await storage.get("ns", b"k") is None
         await storage.put("ns", b"k", b"rewritten")
         assert await storage.get("ns", b"k") == b"rewritten"
+        assert await storage.exists("ns", [b"k"]) == [True]
     finally:
         await storage.close()

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 # Import name → the extra that provides it, allowed only in modules that exist for that extra.
 OPTIONAL_IMPORTS = {"torch": "gpu", "mooncake": "rdma", "vineyard": "vineyard"}
-NOT_IN_IMAGE = ("kvmesh/tools/testing/", "kvmesh/v1/")  # the test harness, generated stubs
+# The test harness, generated stubs, and the plug-ins that run inside a third-party product's own
+# environment (vLLM, LMCache, aibrix-kvcache), which provides what they import from it.
+NOT_IN_IMAGE = ("kvmesh/tools/testing/", "kvmesh/v1/", "kvmesh/integrations/")
 
 
 def _closure(requirements: list[str], extras: set[str] | None = None) -> set[str]:

@@ -54,6 +54,14 @@ async def stream_status(call: object) -> grpc.StatusCode:
         (common_pb2.Member(id="ok", role=common_pb2.ROLE_ENGINE, address="no-port"), 10),
         (common_pb2.Member(id="ok", role=common_pb2.ROLE_ENGINE, address="h:99999"), 10),
         (member("ok", labels={"k": "v" * 70_000}), 10),
+        (member("ok", labels={f"l{i}": "v" for i in range(65)}), 10),  # over --max-labels 64
+        (member("ok", labels={"k": "v" * 1100}), 10),  # over --max-label-bytes 1024
+        (member("ok", labels={f"l{i}": "v" * 1000 for i in range(17)}), 10),  # over --max-member-bytes 16 KiB
+        (member(".."), 10),
+        (member("."), 10),
+        (common_pb2.Member(id="ok", role=common_pb2.ROLE_ENGINE, address="a:b:c:1"), 10),
+        (common_pb2.Member(id="ok", role=common_pb2.ROLE_ENGINE, address="h/x:80"), 10),
+        (common_pb2.Member(id="ok", role=common_pb2.ROLE_ENGINE, address="h" * 300 + ":80"), 10),
         (member("ok"), 0),
         (member("ok"), 3601),
         (member("ok"), 4_000_000_000),
@@ -65,6 +73,12 @@ async def test_register_rejects_bad_members_and_ttls(mem: MetadataClient, bad: c
     assert (await mem.membership.List(metadata_pb2.ListRequest())).members == []
     ok = await mem.membership.Register(metadata_pb2.RegisterRequest(member=member("fine"), ttl_seconds=10))
     assert ok.lease_id > 0  # still serving
+
+
+async def test_register_accepts_ipv6_and_dns_addresses(mem: MetadataClient) -> None:
+    for i, address in enumerate(["[::1]:7000", "node-1.example.internal:7000", "10.0.0.1:1"]):
+        good = common_pb2.Member(id=f"m{i}", role=common_pb2.ROLE_ENGINE, address=address)
+        assert (await mem.membership.Register(metadata_pb2.RegisterRequest(member=good, ttl_seconds=10))).lease_id
 
 
 async def test_leases_roles_and_revisions(mem: MetadataClient) -> None:

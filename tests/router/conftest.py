@@ -53,7 +53,8 @@ class Mesh:
 
     async def wait_members(self, predicate: Callable[[set[str]], bool], timeout: float = 10.0) -> None:
         """Polls the router's own member table (not the metadata service's) until `predicate` holds."""
-        await eventually(lambda: predicate(set(self.service.core.pods.by_id)), timeout=timeout, interval=0.01,
+        pods = self.service.core.pods
+        await eventually(lambda: predicate(set(pods.by_id) - set(pods.departed)), timeout=timeout, interval=0.01,
                          what="the router's members")
 
 

@@ -21,13 +21,16 @@ from tests.router.conftest import Mesh
 pytestmark = pytest.mark.timeout(120)
 
 
-async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..., Any]) -> None:
-    mesh: Mesh = await mesh_factory(policy="prefix")
+@pytest.mark.parametrize("grace", [0.0, 30.0])
+async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..., Any], grace: float) -> None:
+    # With a rejoin grace window a pod that left is kept (tree and all) but is no candidate
+    # while live pods exist, which they always do here.
+    mesh: Mesh = await mesh_factory(policy="prefix", rejoin_grace_seconds=grace)
     core = mesh.service.core
     gone: set[str] = set()
     violations: list[str] = []
     decisions: list[str] = []
-    route, remove = core.route, core.remove_member
+    route, leave = core.route, core.leave
 
     def checked_route(*args: Any, **kwargs: Any) -> Decision:
         d = route(*args, **kwargs)
@@ -36,13 +39,12 @@ async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..
         decisions.append(d.member_id)
         return d
 
-    def tracked_remove(member_id: str) -> bool:
-        removed = remove(member_id)
+    def tracked_leave(member_id: str) -> None:
+        leave(member_id)
         gone.add(member_id)
-        return removed
 
     core.route = checked_route  # type: ignore[method-assign]
-    core.remove_member = tracked_remove  # type: ignore[method-assign]
+    core.leave = tracked_leave  # type: ignore[method-assign]
 
     live: list[str] = []
     for i in range(4):
@@ -94,10 +96,11 @@ async def test_no_decision_names_a_pod_after_its_leave(mesh_factory: Callable[..
     assert not violations, violations[:5]
     assert len(decisions) == 3000
     assert churned >= 5 and len(gone) >= 2
-    # Pods that left hold nothing in the tree.
+    # Pods that left hold nothing in the tree (or, within the grace window, are only kept).
     for member_id in gone:
-        assert core.pods.get(member_id) is None
-    assert set(core.pods.by_id) == set(live) or await _eventually(mesh, live)
+        pod = core.pods.get(member_id)
+        assert pod is None if not grace else pod is not None and pod.departed_at is not None
+    assert set(core.pods.by_id) - set(core.pods.departed) == set(live) or await _eventually(mesh, live)
 
 
 async def _eventually(mesh: Mesh, live: list[str]) -> bool:

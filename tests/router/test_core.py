@@ -71,7 +71,7 @@ def test_reported_load_from_updates_steers_least_load() -> None:
 
 
 def test_leave_removes_pod_from_every_node_and_it_is_never_chosen() -> None:
-    router = core("prefix")
+    router = core("prefix", rejoin_grace_seconds=0)
     a, b = member("a"), member("b")
     router.update_pods(joined(a, b))
     for i in range(20):
@@ -191,3 +191,64 @@ def test_empty_prompt_is_routed_by_load() -> None:
     router.update_pods(joined(member("a"), member("b")))
     picks = [router.route([]).member_id for _ in range(4)]
     assert picks.count("a") == 2 and picks.count("b") == 2
+
+
+def test_a_member_that_leaves_and_rejoins_within_the_grace_window_keeps_its_tree() -> None:
+    clock = FakeClock()
+    router = core("prefix", clock=clock, rejoin_grace_seconds=30)
+    a, b = member("a"), member("b")
+    router.update_pods(joined(a, b))
+    first = router.route([1, 2, 3, 4], request_id="q1")
+    holder = member(first.member_id)
+    other = "b" if first.member_id == "a" else "a"
+    router.update_pods(left(holder))
+    assert router.stats().members == 1 and router.stats().members_in_grace == 1
+    for i in range(20):  # not a candidate while a live pod exists
+        assert router.route([1, 2, 3, 4], request_id=f"x{i}").member_id == other
+    clock.now += 10
+    router.update_pods(joined(holder))  # same id and address: the tree comes back with it
+    router.update_pods(left(member(other)))
+    again = router.route([1, 2, 3, 4], request_id="q2")
+    assert again.member_id == holder.id and again.matched_blocks == 4
+
+
+def test_a_rejoin_under_another_address_starts_with_an_empty_tree() -> None:
+    router = core("prefix", rejoin_grace_seconds=30)
+    a = member("a", port=9000)
+    router.update_pods(joined(a))
+    router.route([1, 2, 3], request_id="q1")
+    router.update_pods(left(a))
+    router.update_pods(joined(member("a", port=9999)))
+    assert router.route([1, 2, 3], request_id="q2").matched_blocks == 0
+
+
+def test_with_every_member_gone_the_departed_serve_until_the_grace_ends() -> None:
+    clock = FakeClock()
+    router = core("prefix", clock=clock, rejoin_grace_seconds=30)
+    a, b = member("a"), member("b")
+    router.update_pods(joined(a, b))
+    first = router.route([5, 6, 7], request_id="q1")
+    router.update_pods(left(a, b))  # a metadata flicker: everyone leaves at once
+    kept = router.route([5, 6, 7], request_id="q2")  # no UNAVAILABLE, and the match is kept
+    assert kept.member_id == first.member_id and kept.matched_blocks == 3
+    clock.now += 31
+    assert router.expire_departed() == 2
+    with pytest.raises(Unavailable):
+        router.route([5, 6, 7], request_id="q3")
+    assert router.stats().members_in_grace == 0 and len(router.tree) == 0
+
+
+def test_strings_a_client_sends_are_bounded_and_in_flight_entries_too() -> None:
+    router = core("prefix", max_request_id_bytes=64, max_model_bytes=32, max_inflight_requests=100)
+    router.update_pods(joined(member("a")))
+    with pytest.raises(InvalidArgument, match="--max-request-id-bytes"):
+        router.route([1], request_id="r" * 65)
+    with pytest.raises(InvalidArgument, match="--max-request-id-bytes"):
+        router.route([1], request_id="é" * 33)  # 66 UTF-8 bytes
+    with pytest.raises(InvalidArgument, match="--max-model-bytes"):
+        router.route_tokens(list(range(32)), model="m" * 33)
+    with pytest.raises(InvalidArgument, match="--max-model-bytes"):
+        router.route_text("hello " * 20, model="m" * 33)
+    for i in range(1000):
+        router.route([i], request_id=f"r{i}")
+    assert router.stats().inflight == 100 and router.inflight("a") == 100

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmesh.membership import MembershipChange, MembershipWatcher
+from kvmesh.membership.listing import list_members
 from kvmesh.runtime.channels import open_channel
 from kvmesh.settings import DEFAULT_METADATA_ADDRESS, split_addresses
 from kvmesh.units import format_size
@@ -82,8 +83,8 @@ async def list_once(addresses: list[str], role: int, timeout: float) -> metadata
     for address in addresses:
         async with open_channel(address) as channel:
             try:
-                return await metadata_pb2_grpc.MembershipStub(channel).List(
-                    metadata_pb2.ListRequest(role=role), timeout=timeout)  # type: ignore[arg-type]
+                members, revision = await list_members(metadata_pb2_grpc.MembershipStub(channel), role, timeout)
+                return metadata_pb2.ListResponse(members=members, revision=revision)
             except grpc.aio.AioRpcError as exc:
                 last = exc
     assert last is not None

@@ -173,8 +173,9 @@ def _start(mesh: Mesh) -> None:
 async def _wait_healthy_and_registered(mesh: Mesh, deadline: float) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from kvmesh.membership.listing import list_members
     from kvmesh.runtime.channels import open_channel
-    from kvmesh.v1 import metadata_pb2, metadata_pb2_grpc
+    from kvmesh.v1 import metadata_pb2_grpc
 
     for child in mesh.children:
         assert child.address is not None
@@ -194,11 +195,11 @@ async def _wait_healthy_and_registered(mesh: Mesh, deadline: float) -> None:
     async with open_channel(mesh.metadata_address) as channel:
         stub = metadata_pb2_grpc.MembershipStub(channel)
         while True:
-            listed = await stub.List(metadata_pb2.ListRequest(), timeout=5.0)
-            if len(listed.members) >= want:
+            listed, _ = await list_members(stub, timeout=5.0)
+            if len(listed) >= want:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(listed.members)} of {want} members registered")
+                raise RuntimeError(f"only {len(listed)} of {want} members registered")
             await asyncio.sleep(0.1)
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import grpc
 
+from kvmesh.membership.listing import list_members
 from kvmesh.runtime.channels import open_channel
 from kvmesh.runtime.server import ServerRuntime, Service
 from kvmesh.settings import ServiceSettings
@@ -32,7 +33,6 @@ from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import (
     cachenode_pb2_grpc,
     common_pb2,
-    metadata_pb2,
     metadata_pb2_grpc,
     router_pb2_grpc,
 )
@@ -180,8 +180,8 @@ class MeshHandle:
 
     async def listed(self, role: str) -> list[common_pb2.Member]:
         """The members of `role` the (first) metadata service lists now."""
-        reply = await self.membership().List(metadata_pb2.ListRequest(role=ROLES[role]), timeout=5)  # type: ignore[arg-type]
-        return list(reply.members)
+        members, _ = await list_members(self.membership(), ROLES[role], timeout=5)
+        return members
 
     async def wait_members(self, role: str, count: int, timeout: float = 15.0) -> list[common_pb2.Member]:
         """Polls the metadata service until exactly `count` members of `role` are registered."""

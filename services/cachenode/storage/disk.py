@@ -197,13 +197,22 @@ class DiskStorage(Storage):
             return [self._decode(txn.get(_ident(namespace, k))) for k in keys]
 
     def _exists_sync(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
-        out = []
-        now = time.time()
+        """Present, unexpired and intact: the checksum is checked as `get` checks it, so Exists
+        never promises a value that Get would answer as a miss."""
         with self._env.begin(db=self._values, buffers=True) as txn:
-            for k in keys:
-                record = txn.get(_ident(namespace, k))
-                out.append(record is not None and not (0 < _HEADER.unpack_from(record)[3] <= now))
-        return out
+            return [self._intact(txn.get(_ident(namespace, k))) for k in keys]
+
+    def _intact(self, record: memoryview | None) -> bool:
+        if record is None:
+            return False
+        crc, _flags, _seq, expires = _HEADER.unpack_from(record)
+        if expires and expires <= time.time():
+            return False
+        if zlib.crc32(record[_HEADER.size :]) != crc:
+            self._corrupt += 1
+            log.error("disk value failed its checksum; answering absent", extra={"path": str(self._path)})
+            return False
+        return True
 
     def _delete_sync(self, namespace: str, key: bytes) -> bool:
         ident = _ident(namespace, key)

@@ -7,7 +7,11 @@ reserve/commit/abort protocol lives here and nowhere else:
 - a zero-copy storage hands out a `ReservedWrite` over space it already reserved in its
   arena: bytes land in their final place, and commit only publishes them;
 - any other storage hands out a `BufferedWrite` over a buffer of the final size, which
-  commit hands to `put` (or, through a `WriteBatch`, to one `put_many` for many values).
+  commit hands to `put` (or, through a `WriteBatch`, to one `put_many` for many values);
+- a writer whose bytes arrive over time from a client it does not trust (BatchPut's chunks)
+  uses a `StagedWrite`: it keeps the chunks as they arrive and asks the storage for space
+  (`begin_write`, which may evict) only once the last byte is in, so a client that announces
+  a large value and stalls holds only what it sent, reserves nothing and evicts nothing.
 
 A write is published whole or not at all; leaving a `with` block without committing aborts
 it, and abort after commit (or twice) does nothing.
@@ -177,6 +181,81 @@ class BufferedWrite(Write):
         self._drop()
 
 
+class StagedWrite(Write):
+    """A write that keeps its chunks as they arrive, in order, and stores them once complete.
+
+    Nothing is reserved in the storage until `commit`: then `storage.begin_write` makes room
+    (evicting if it must) for bytes that are all here. `received` is what the write holds.
+    """
+
+    __slots__ = ("_buffer", "_parts", "_storage", "received")
+
+    def __init__(self, storage: Storage, namespace: str, key: bytes, size: int, ttl_seconds: int) -> None:
+        super().__init__(namespace, key, size, ttl_seconds)
+        self._storage = storage
+        self._parts: list[bytes | memoryview] = []
+        self._buffer: bytearray | None = None  # once `view` was asked for
+        self.received = 0
+
+    @property
+    def view(self) -> memoryview:
+        """The whole value in one buffer of the final size (allocates it: prefer `write`)."""
+        if self._buffer is None:
+            self._buffer = bytearray(self.size)
+            offset = 0
+            for part in self._parts:
+                self._buffer[offset : offset + len(part)] = part
+                offset += len(part)
+            self._parts = [memoryview(self._buffer)]
+            self.received = self.size  # a caller filling `view` may write anywhere
+        return memoryview(self._buffer)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Appends `data`, which must continue the value where the last chunk ended."""
+        if self._buffer is not None:
+            super().write(offset, data)
+            return
+        self._check_open()
+        if offset != self.received or offset + len(data) > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset}: expected the next bytes from {self.received}")
+        if data:
+            self._parts.append(data)
+        self.received += len(data)
+
+    def _target(self) -> Write:
+        """The storage's own write of the value, filled with every byte received."""
+        if self.received != self.size:
+            raise ValueError(f"value incomplete: {self.received} of {self.size} bytes")
+        parts, self._parts, self._buffer = self._parts, [], None
+        target = self._storage.begin_write(self.namespace, self.key, self.size, self.ttl_seconds)
+        try:
+            if len(parts) == 1:
+                target.write(0, parts[0])
+            else:
+                offset = 0
+                for part in parts:
+                    target.write(offset, part)
+                    offset += len(part)
+        except BaseException:
+            target.abort()
+            raise
+        return target
+
+    async def _publish(self) -> None:
+        await self._target().commit()
+
+    def _drop(self) -> None:
+        self._parts = []
+        self._buffer = None
+        self.received = 0
+
+    def _stage(self, batch: WriteBatch) -> None:
+        target = self._target()
+        target._check_open()
+        target._open = False
+        target._stage(batch)
+
+
 class WriteBatch:
     """Commits many writes of one storage, storing buffered values together.
 
@@ -199,6 +278,11 @@ class WriteBatch:
     def pending(self) -> int:
         """Values committed to the batch but not yet stored."""
         return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the values committed to the batch but not yet stored."""
+        return self._pending_bytes
 
     async def commit(self, write: Write) -> None:
         """Commits `write` through the batch (flushing when the batch is full)."""

@@ -8,7 +8,10 @@ runs in this store's own thread pool, and each watch stream is read by a thread 
 that hands events to the event loop. Needs etcd >= 3.4 (the `/v3/` gateway).
 
 URI parameters: `prefix` (default /kvmesh), `timeout` seconds per call (default 5),
-`threads` (default 32). TLS (`etcds://`, or any of these set): `ca` (CA bundle), `cert` and `key`
+`threads` (default 32), `watch_buffer_bytes` (changes one watch may have waiting for its
+reader, default 64MiB: a reader further behind is cut off and resumes). History is etcd's
+own, bounded by etcd's compaction (`--auto-compaction-retention`) and `--quota-backend-bytes`.
+TLS (`etcds://`, or any of these set): `ca` (CA bundle), `cert` and `key`
 (client certificate, for etcd's `--client-cert-auth`), `check_hostname` (default true).
 Authentication (etcd `auth enable`): `etcds://user:password@host:port` or `?user=NAME&password_file=PATH`;
 the gateway does not take the certificate's CN as the user, so a password is needed. Lease ids are
@@ -55,7 +58,9 @@ def _unb64(data: str | None) -> bytes:
 
 class EtcdStore(Store):
     def __init__(self, hosts: list[tuple[str, int]], prefix: str, timeout: float, threads: int,
-                 tls: EtcdTLS | None = None, credentials: tuple[str, str] | None = None) -> None:
+                 tls: EtcdTLS | None = None, credentials: tuple[str, str] | None = None,
+                 watch_buffer_bytes: int = 64 * 1024**2) -> None:
+        self._watch_buffer_bytes = watch_buffer_bytes
         self._hosts = hosts
         self._prefix = prefix.rstrip("/") + "/"
         self._timeout = timeout
@@ -90,11 +95,12 @@ class EtcdStore(Store):
             raise UriError(f"{uri.redacted()}: prefix must start with '/'")
         timeout = uri.float_param("timeout", 5.0)
         threads = uri.int_param("threads", 32)
-        if timeout <= 0 or not 1 <= threads <= 1024:
-            raise UriError(f"{uri.redacted()}: timeout must be > 0 and threads in 1..1024")
+        buffer = uri.size_param("watch_buffer_bytes", 64 * 1024**2)
+        if timeout <= 0 or not 1 <= threads <= 1024 or buffer < 1024:
+            raise UriError(f"{uri.redacted()}: timeout must be > 0, threads in 1..1024, watch_buffer_bytes >= 1KiB")
         tls = EtcdTLS.from_uri(uri)
         credentials = _credentials(uri)
-        store = cls(hosts, prefix, timeout, threads, tls, credentials)
+        store = cls(hosts, prefix, timeout, threads, tls, credentials, buffer)
         if credentials is not None:
             try:
                 await store._call("/auth/authenticate", {}, authenticate=True)
@@ -266,6 +272,8 @@ class EtcdStore(Store):
                 _shutdown(resp)
                 return
             for line in _lines(resp.iter_content(chunk_size=None)):
+                if stop.is_set():  # closed, or cut off for falling behind
+                    return
                 result = json.loads(line).get("result") or {}
                 if int(result.get("compact_revision", 0) or 0) > 0:
                     deliver(Compacted(f"etcd compacted through {result['compact_revision']}"))
@@ -292,8 +300,19 @@ class EtcdStore(Store):
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
         opened: list[requests.Response] = []
+        waiting = [0]  # bytes of changes queued and not yet read (updated under `lock`)
+        lock = threading.Lock()
+
+        def size(item: object) -> int:
+            return sum(len(c.key) + len(c.value) + 128 for c in item) if isinstance(item, list) else 0
 
         def deliver(item: object) -> None:
+            with lock:
+                waiting[0] += size(item)
+                behind = waiting[0] > self._watch_buffer_bytes
+            if behind:
+                item = Unavailable("watch fell behind; resume from the last revision")
+                stop.set()
             with contextlib.suppress(RuntimeError):  # the loop closed
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -307,6 +326,8 @@ class EtcdStore(Store):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                with lock:
+                    waiting[0] -= size(item)
                 for change in item:  # type: ignore[attr-defined]
                     yield change
         finally:

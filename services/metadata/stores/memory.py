@@ -7,7 +7,10 @@ in microseconds, so after a restart they are larger
 than any revision of the previous incarnation: a watcher resuming from an old revision
 is told it is not retained and gets a fresh SNAPSHOT instead of a replay of another history.
 
-URI parameters: `retain` (events kept for resume, default 10000), `sweep_ms` (default 100).
+URI parameters: `retain` (events kept for resume, default 10000), `retain_bytes` (bytes of
+keys and values those events may hold, default 64MiB: old values are never kept beyond it),
+`sweep_ms` (default 100). A watcher's queue is bounded the same way (events and bytes): one
+that falls further behind is cut off and resumes (or gets a SNAPSHOT).
 """
 
 from __future__ import annotations
@@ -33,19 +36,35 @@ class _Lease:
     keys: set[str] = field(default_factory=set)
 
 
+CHANGE_OVERHEAD = 128  # bytes a Change costs besides its key and value
+
+
+def change_bytes(change: Change) -> int:
+    return len(change.key) + len(change.value) + CHANGE_OVERHEAD
+
+
 class _Subscriber:
     """One watcher's queue; a watcher that falls too far behind is cut off (it resumes)."""
 
-    def __init__(self, prefix: str, limit: int) -> None:
+    def __init__(self, prefix: str, limit: int, limit_bytes: int) -> None:
         self.prefix = prefix
         self.queue: asyncio.Queue[Change | None] = asyncio.Queue(maxsize=limit)
+        self.limit_bytes = limit_bytes
+        self.queued_bytes = 0
         self.overflowed = False
+
+    def taken(self, change: Change) -> None:
+        """The watcher took `change` off the queue."""
+        self.queued_bytes -= change_bytes(change)
 
     def offer(self, change: Change) -> None:
         if self.overflowed or not change.key.startswith(self.prefix):
             return
         try:
+            if self.queued_bytes + change_bytes(change) > self.limit_bytes:
+                raise asyncio.QueueFull
             self.queue.put_nowait(change)
+            self.queued_bytes += change_bytes(change)
         except asyncio.QueueFull:
             self.overflowed = True
             with contextlib.suppress(asyncio.QueueEmpty):
@@ -53,11 +72,16 @@ class _Subscriber:
             self.queue.put_nowait(None)
 
 
+DEFAULT_RETAIN_BYTES = 64 * 1024**2
+
+
 class MemoryStore(Store):
     """All state in this process; every operation is a few dict updates on the event loop."""
 
-    def __init__(self, retain: int = 10_000, sweep_s: float = 0.1) -> None:
+    def __init__(self, retain: int = 10_000, sweep_s: float = 0.1, retain_bytes: int = DEFAULT_RETAIN_BYTES) -> None:
         self._retain = retain
+        self._retain_bytes = retain_bytes
+        self._log_bytes = 0
         self._sweep_s = sweep_s
         self._entries: dict[str, Entry] = {}
         self._sorted_keys: list[str] = []
@@ -73,10 +97,11 @@ class MemoryStore(Store):
         if uri.hosts and uri.host:
             raise UriError(f"{uri.redacted()}: memory:// takes no host")
         retain = uri.int_param("retain", 10_000)
+        retain_bytes = uri.size_param("retain_bytes", DEFAULT_RETAIN_BYTES)
         sweep_ms = uri.int_param("sweep_ms", 100)
-        if retain < 1 or not 1 <= sweep_ms <= 10_000:
-            raise UriError(f"{uri.redacted()}: retain must be >= 1 and sweep_ms in 1..10000")
-        return cls(retain=retain, sweep_s=sweep_ms / 1000.0)
+        if retain < 1 or retain_bytes < 1 or not 1 <= sweep_ms <= 10_000:
+            raise UriError(f"{uri.redacted()}: retain and retain_bytes must be >= 1 and sweep_ms in 1..10000")
+        return cls(retain=retain, sweep_s=sweep_ms / 1000.0, retain_bytes=retain_bytes)
 
     async def start(self) -> None:
         self._sweeper.start()
@@ -139,12 +164,14 @@ class MemoryStore(Store):
     # -- keys ----------------------------------------------------------------------------
     def _emit(self, change: Change) -> None:
         self._log.append(change)
-        while len(self._log) > self._retain:
+        self._log_bytes += change_bytes(change)
+        while len(self._log) > self._retain or self._log_bytes > self._retain_bytes:
             dropped = self._log.popleft()
+            self._log_bytes -= change_bytes(dropped)
             self._compacted = dropped.revision
         # A revision may carry several changes (a revoke): keep them all or none.
         while self._log and self._log[0].revision <= self._compacted:
-            self._log.popleft()
+            self._log_bytes -= change_bytes(self._log.popleft())
         for sub in self._subscribers:
             sub.offer(change)
 
@@ -210,7 +237,7 @@ class MemoryStore(Store):
     async def watch(self, prefix: str, after_revision: int) -> AsyncGenerator[Change, None]:
         if not self._compacted <= after_revision <= self._revision:
             raise Compacted(f"revision {after_revision} is not retained")
-        sub = _Subscriber(prefix, limit=max(1024, self._retain))
+        sub = _Subscriber(prefix, limit=max(1024, self._retain), limit_bytes=self._retain_bytes)
         backlog = [c for c in self._log if c.revision > after_revision and c.key.startswith(prefix)]
         self._subscribers.add(sub)
         try:
@@ -220,6 +247,7 @@ class MemoryStore(Store):
                 item = await sub.queue.get()
                 if item is None:
                     raise Unavailable("watch fell behind or the store closed; resume from the last revision")
+                sub.taken(item)
                 yield item
         finally:
             self._subscribers.discard(sub)

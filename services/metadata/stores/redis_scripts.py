@@ -1,23 +1,27 @@
 """The Lua scripts of the Redis backend: every change is one script, so it is atomic.
 
 Each script starts with the shared prelude: `P` is the key prefix, `RETAIN` how many
-revisions of the change log to keep. Lease ids are random 63-bit numbers chosen by the
-caller (unguessable; kept as strings, never Lua numbers, which would round them). Revisions
-start at Redis' clock in microseconds when the store is first used (or after Redis lost its data), so they never
-repeat an earlier incarnation's. Numbers go through `s()` because Lua would print large
-ones in exponent notation.
+revisions of the change log to keep and `RETAIN_BYTES` how many bytes of keys and values it
+may hold (ARGV[2] is "RETAIN:RETAIN_BYTES"), so old values are never kept beyond that.
+Lease ids are random 63-bit numbers chosen by the caller (unguessable; kept as strings, never
+Lua numbers, which would round them). Revisions start at Redis' clock in microseconds when the
+store is first used (or after Redis lost its data), so they never repeat an earlier
+incarnation's. Numbers go through `s()` because Lua would print large ones in exponent notation.
 
 Layout under P: `:rev` (current revision), `:compacted` (log trimmed through here),
-`:lease_seq`, `:log` (stream, entry id `<revision>-<n>`), `:keys` (sorted set for prefix
-ranges), `:kv:<key>` (hash v, m, c, l), `:lease:<id>` (expiring key: the lease is alive
-while it exists), `:lease:<id>:keys` (set), `:leases` (sorted set id → deadline, for the sweeper).
+`:lease_seq`, `:log` (stream, entry id `<revision>-<n>`), `:log_bytes` (what the log holds),
+`:log_sizes` (entry sizes), `:keys` (sorted set for prefix ranges), `:kv:<key>` (hash v, m,
+c, l), `:lease:<id>` (expiring key: the lease is alive while it exists), `:lease:<id>:keys`
+(set), `:leases` (sorted set id → deadline, for the sweeper).
 """
 
 from __future__ import annotations
 
 PRELUDE = r"""
 local P = ARGV[1]
-local RETAIN = tonumber(ARGV[2])
+local RETAIN = tonumber(string.match(ARGV[2], '^(%d+)'))
+local RETAIN_BYTES = tonumber(string.match(ARGV[2], ':(%d+)$') or '0')
+local ENTRY_OVERHEAD = 64
 local function s(n) return string.format('%d', n) end
 local function now_ms()
   local t = redis.call('TIME')
@@ -33,19 +37,45 @@ local function init()
   end
 end
 local function current_rev() return tonumber(redis.call('GET', P .. ':rev')) end
+-- Drops the oldest log entries older than RETAIN revisions or while the log holds more than
+-- RETAIN_BYTES (never those of revision `rev`, being written), whole revisions at a time.
+-- `:log_sizes` lists "<entry id> <bytes>" in log order, so trimming never reads the values.
+local function trim(rev)
+  local total = tonumber(redis.call('GET', P .. ':log_bytes') or '0')
+  local floor = tonumber(redis.call('GET', P .. ':compacted'))
+  local by_count = rev - RETAIN
+  if total <= RETAIN_BYTES and by_count <= floor then return end
+  while true do
+    local head = redis.call('LINDEX', P .. ':log_sizes', 0)
+    if not head then
+      total = 0
+      if by_count > floor then redis.call('XTRIM', P .. ':log', 'MINID', '~', s(by_count + 1)) end
+      break
+    end
+    local id, size = string.match(head, '^(%S+) (%d+)$')
+    local erev = tonumber(string.match(id, '^(%d+)'))
+    if erev >= rev or not (total > RETAIN_BYTES or erev <= by_count or erev == floor) then break end
+    redis.call('LPOP', P .. ':log_sizes')
+    redis.call('XDEL', P .. ':log', id)
+    total = total - tonumber(size)
+    floor = erev
+  end
+  if by_count > floor then floor = by_count end
+  redis.call('SET', P .. ':compacted', s(floor))
+  redis.call('SET', P .. ':log_bytes', s(math.max(total, 0)))
+end
 local function next_rev()
   local rev = redis.call('INCR', P .. ':rev')
-  if rev % 64 == 0 then
-    local floor = rev - RETAIN
-    if floor > tonumber(redis.call('GET', P .. ':compacted')) then
-      redis.call('XTRIM', P .. ':log', 'MINID', '~', s(floor + 1))
-      redis.call('SET', P .. ':compacted', s(floor))
-    end
-  end
+  if rev % 64 == 0 then trim(rev) end
   return rev
 end
 local function emit(kind, key, value, lease, created, rev, seq)
-  redis.call('XADD', P .. ':log', s(rev) .. '-' .. seq, 't', kind, 'k', key, 'v', value, 'l', lease, 'c', created)
+  local id = s(rev) .. '-' .. seq
+  local size = #key + #value + ENTRY_OVERHEAD
+  redis.call('XADD', P .. ':log', id, 't', kind, 'k', key, 'v', value, 'l', lease, 'c', created)
+  redis.call('RPUSH', P .. ':log_sizes', id .. ' ' .. size)
+  local total = redis.call('INCRBY', P .. ':log_bytes', size)
+  if total > RETAIN_BYTES then trim(rev) end
 end
 local function write(key, value, lease, rev)
   local hk = P .. ':kv:' .. key

@@ -1,17 +1,18 @@
 """`redis://host:port/db?prefix=kvmesh`: stateless replicas over one Redis (redis.asyncio).
 
 Every change is one Lua script (see `redis_scripts`), so writes, CAS and lease ends are
-atomic, and each appends its events to a Redis Stream, the ordered change log that
-watches read (XREAD BLOCK) and resume from (the entry id is the revision). A lease is an
-expiring key, PEXPIREd by each heartbeat, so "alive" is Redis' own answer. Redis deletes an
-expired key without telling anyone reliably (keyspace notifications are fire-and-forget),
-so each replica also runs a sweeper: every `sweep_ms` one script ends the leases whose
-deadline (a sorted set) has passed, deleting their keys and logging the LEAVE events.
-The sweep is idempotent, so running it on every replica is safe and any survivor does it.
+atomic, and each appends its events to a Redis Stream, the ordered change log that watches
+read (XREAD BLOCK) and resume from (the entry id is the revision). A lease is an expiring
+key, PEXPIREd by each heartbeat, so "alive" is Redis' own answer. Redis deletes an expired
+key without telling anyone reliably (keyspace notifications are fire-and-forget), so each
+replica also runs a sweeper: every `sweep_ms` one script ends the leases whose deadline (a
+sorted set) has passed, deleting their keys and logging the LEAVE events. The sweep is
+idempotent, so running it on every replica is safe and any survivor does it.
 
 URI parameters: `prefix` (default kvmesh), `retain` (revisions kept for resume, default
-10000), `sweep_ms` (default 200), `timeout` seconds per call (default 5), `connections`
-(pool size for calls, default 64), `password_file` (the ACL user's password, read from a file).
+10000), `retain_bytes` (bytes of keys and values the log may hold, default 64MiB),
+`sweep_ms` (default 200), `timeout` seconds per call (default 5), `connections` (pool size
+for calls, default 64), `password_file` (the ACL user's password, read from a file).
 `rediss://` uses TLS: `ca`, `cert`, `key`, `verify` (default true), `check_hostname` (default
 false). An ACL user goes in the URI: `rediss://kvmesh@host:6380/0?password_file=...&ca=...`.
 """
@@ -46,6 +47,7 @@ log = logging.getLogger("kvmesh.metadata.redis")
 
 T = TypeVar("T")
 MAX_SEQ = 2**64 - 1
+DEFAULT_RETAIN_BYTES = 64 * 1024**2
 
 
 def _password(uri: Uri) -> str | None:
@@ -74,11 +76,11 @@ def _tls_kwargs(uri: Uri) -> dict[str, Any]:
 
 class RedisStore(Store):
     def __init__(self, client: aioredis.Redis, watch_client: aioredis.Redis, prefix: str, retain: int,
-                 sweep_s: float, block_ms: int) -> None:
+                 sweep_s: float, block_ms: int, retain_bytes: int = DEFAULT_RETAIN_BYTES) -> None:
         self._client = client
         self._watch_client = watch_client
         self._prefix = prefix
-        self._retain = retain
+        self._retain = f"{retain}:{retain_bytes}"  # the scripts' ARGV[2]
         self._block_ms = block_ms
         self._scripts = {
             name: client.register_script(getattr(lua, name))
@@ -96,6 +98,9 @@ class RedisStore(Store):
             raise UriError(f"{uri.redacted()}: the path must be a database number, got {uri.path!r}")
         prefix = uri.param("prefix", "kvmesh") or "kvmesh"
         retain = uri.int_param("retain", 10_000)
+        retain_bytes = uri.size_param("retain_bytes", DEFAULT_RETAIN_BYTES)
+        if retain_bytes < 1024:
+            raise UriError(f"{uri.redacted()}: retain_bytes must be >= 1KiB")
         sweep_ms = uri.int_param("sweep_ms", 200)
         timeout = uri.float_param("timeout", 5.0)
         if retain < 64 or not 1 <= sweep_ms <= 10_000 or timeout <= 0:
@@ -117,7 +122,7 @@ class RedisStore(Store):
         # Each watch holds one connection in XREAD BLOCK.
         watch_client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool(
             **common, max_connections=1024, socket_timeout=block_ms / 1000 + timeout))
-        return cls(client, watch_client, prefix, retain, sweep_ms / 1000.0, block_ms)
+        return cls(client, watch_client, prefix, retain, sweep_ms / 1000.0, block_ms, retain_bytes)
 
     async def start(self) -> None:
         self._sweeper.start()
