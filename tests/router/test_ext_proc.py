@@ -180,3 +180,13 @@ def test_prompt_reader() -> None:
     for bad in (b'{"messages": [1]}', b'{"max_tokens": -1, "prompt": "x"}', b'{"prompt": {"a": 1}}'):
         with pytest.raises(BadBody):
             parse_body(bad)
+
+
+async def test_a_pod_in_its_rejoin_grace_is_never_sent_a_request(picker: Picker) -> None:
+    """The core's last resort with no live engine is a pod that just left; HTTP cannot wait for it."""
+    picker.core.leave("e0")
+    picker.core.leave("e1")
+    _, response = await picker.exchange(headers(), body({"model": MODEL, "prompt": "x" * 100}))
+    assert response.immediate_response.status.code == 503
+    assert "no live engine" in json.loads(response.immediate_response.body)["error"]["message"]
+    assert picker.inflight() == 0

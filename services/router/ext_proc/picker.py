@@ -11,10 +11,11 @@ stream (the response's end, a reset, a client gone), or until the response body'
 when Envoy is configured to send it.
 
 Requests it cannot route get an immediate response instead: 400 for a body it cannot read,
-413 for a body over the limit, 503 when no pod can serve, 429 when every pod is at the shedding
-limit. The HTTP face of an engine is its `openai-address` label when it has one (the engine
-simulator serves gRPC at its member address), else the member address itself (a vLLM pod
-registered by its sidecar).
+413 for a body over the limit, 503 when no live pod can serve, 429 when every pod is at the
+shedding limit. A pod that left (kept by the core for `--rejoin-grace-seconds` as a last
+resort) is never sent a request: that is a 503 too. The HTTP face of an engine is its
+`openai-address` label when it has one (the engine simulator serves gRPC at its member
+address), else the member address itself (a vLLM pod registered by its sidecar).
 """
 
 from __future__ import annotations
@@ -125,14 +126,22 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
         core = self.core
         try:
             if spec.tokens is not None:
-                return core.route_tokens(spec.tokens, spec.model, request_id)
-            if spec.text:
-                return core.route_text(spec.text, spec.model, request_id)
-            return core.route((), spec.model, request_id, checked=True)
+                decision = core.route_tokens(spec.tokens, spec.model, request_id)
+            elif spec.text:
+                decision = core.route_text(spec.text, spec.model, request_id)
+            else:
+                decision = core.route((), spec.model, request_id, checked=True)
         except Unavailable as exc:
             raise Rejected(503, "unavailable", f"no engine can serve model {spec.model!r}: {exc}") from None
         except InvalidArgument as exc:
             raise Rejected(400, "invalid_request_error", str(exc)) from None
+        pod = core.pods.get(decision.member_id)
+        if pod is None or pod.departed_at is not None:
+            # The core's last resort while no engine is live is a pod that left within
+            # --rejoin-grace-seconds; an HTTP request cannot wait for it to come back.
+            core.release(decision.request_id)
+            raise Rejected(503, "unavailable", f"no live engine can serve model {spec.model!r}")
+        return decision
 
     def _answer(self, body: bytes, request_id: str, phase: str) -> tuple[ep.ProcessingResponse, bool]:
         """The response to the request's last inbound message, and whether it was routed."""
