@@ -5,8 +5,10 @@
 In-process replay (the router's own RouterCore, simulated engines, pool model, virtual clock)
 of the trace on 8 engines x 1,000 blocks: every router policy without a pool, then the
 `prefix` policy with a 32,000-block pool, side by side with the bound of one infinite
-cache, and one LRU cache of the engines' summed memory (8,000 blocks) as the ceiling of
-what routing alone could reach. Prints the figures against the targets:
+cache, one LRU cache of the engines' summed memory (8,000 blocks) as the ceiling of
+what routing alone could reach, and the oracle (`kvmesh/tools/replay/oracle.py`: the same load
+rule with every engine's real cache), of which each policy's hit rate is printed as a share.
+Prints the figures against the targets:
   prefix alone >= 50% of the infinite-cache bound (random reaches about 16%);
   prefix + 32,000-block pool >= 90% of the bound, with max/mean requests per engine <= 1.1.
 `--quick` replays the first 2,000 requests only. `--live-check` also replays the first 300
@@ -25,6 +27,7 @@ from pathlib import Path
 from kvmesh.tools.processes import kvmesh_env
 from kvmesh.tools.replay.core_router import CoreRouter
 from kvmesh.tools.replay.metrics import ReplayResult
+from kvmesh.tools.replay.oracle import OracleRouter
 from kvmesh.tools.replay.pool import PoolModel
 from kvmesh.tools.replay.report import print_summary, wide_console, write_json, write_plots
 from kvmesh.tools.replay.simulate import ReplayConfig, replay_in_process
@@ -71,6 +74,10 @@ def main() -> int:
     # The router's load gate loosened: fewer requests leave the pod that holds their prefix.
     results.append(replay_in_process(requests, CoreRouter("prefix", imbalance_abs=32), "prefix imbalance_abs=32",
                                      ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY)))
+    # The oracle: the same load rule with every engine's real cache (what routing could reach).
+    oracle = replay_in_process(requests, OracleRouter(), "oracle",
+                               ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY))
+    results.append(oracle)
     with_pool = replay_in_process(requests, CoreRouter("prefix"), "prefix",
                                   ReplayConfig(engines=STORAGE_BACKENDS, capacity_blocks=CAPACITY, pool_blocks=POOL))
     results.append(with_pool)
@@ -78,6 +85,13 @@ def main() -> int:
                                           f"{time.perf_counter() - started:.1f} s wall")
     by = {r.policy: r.summary() for r in results[:-1]}
     gated = by["prefix imbalance_abs=32"]
+    oracle_hit = float(by["oracle"]["total_hit_rate"])
+    console.print(f"hit rate as a share of the oracle ({oracle_hit * 100:.1f}%) and of the infinite-cache bound "
+                  f"({bound * 100:.1f}%), no pool:")
+    for policy, s in by.items():
+        hit = float(s["total_hit_rate"])
+        console.print(f"  {policy:26s} {hit * 100:5.1f}%  {hit / oracle_hit * 100 if oracle_hit else 0:5.1f}% of oracle"
+                      f"  {float(s['fraction_of_bound']) * 100:5.1f}% of bound")
     pool_s = with_pool.summary()
     checks = [
         ("prefix alone, fraction of bound", float(by["prefix"]["fraction_of_bound"]), ">=", 0.50),

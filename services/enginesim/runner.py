@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -35,7 +36,10 @@ class EngineRunner:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._done: dict[str, asyncio.Future[SimRequest]] = {}
-        self._timers: set[asyncio.TimerHandle] = set()
+        # Pending deliveries by number: TimerHandle's __eq__ compares arguments, so a set of handles
+        # whose arguments refer back to them recursed without end when two fell due at once.
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timer_ids = itertools.count()
 
     def now_ms(self) -> float:
         """Simulated milliseconds since start."""
@@ -53,7 +57,7 @@ class EngineRunner:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
-        for handle in self._timers:
+        for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         for fut in self._done.values():
@@ -77,9 +81,8 @@ class EngineRunner:
         """The caller gave up waiting (the request still runs to completion in the engine)."""
         self._done.pop(request_id, None)
 
-    def _deliver(self, handle_box: list[asyncio.TimerHandle], event: EngineEvent) -> None:
-        for h in handle_box:
-            self._timers.discard(h)
+    def _deliver(self, timer: int, event: EngineEvent) -> None:
+        self._timers.pop(timer, None)
         if event.kind is EventKind.FINISHED and event.request is not None:
             fut = self._done.pop(event.request.request_id, None)
             if fut is not None and not fut.done():
@@ -94,10 +97,8 @@ class EngineRunner:
         loop = asyncio.get_running_loop()
         while True:
             for event in self.engine.run_until(self.now_ms() + 1e-6):
-                box: list[asyncio.TimerHandle] = []
-                handle = loop.call_at(self._wall(event.time_ms), self._deliver, box, event)
-                box.append(handle)
-                self._timers.add(handle)
+                timer = next(self._timer_ids)
+                self._timers[timer] = loop.call_at(self._wall(event.time_ms), self._deliver, timer, event)
             nxt = self.engine.next_activity_ms()
             self._wake.clear()
             timeout = None if nxt is None else max(0.0, (nxt - self.now_ms()) / 1000.0 / self.speedup)

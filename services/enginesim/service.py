@@ -12,6 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,6 +28,9 @@ from kvmesh.services.enginesim.runner import EngineRunner
 from kvmesh.services.enginesim.settings import EngineSimSettings
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, enginesim_pb2, enginesim_pb2_grpc
+
+if TYPE_CHECKING:
+    from kvmesh.services.enginesim.openai_api import OpenAIFace
 
 log = logging.getLogger("kvmesh.enginesim")
 
@@ -76,6 +80,13 @@ class EngineSimService(Service):
         self.router_watcher: MembershipWatcher | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.completed = 0
+        # request id → future resolved at the request's first token (streaming HTTP answers).
+        self.first_tokens: dict[str, asyncio.Future[None]] = {}
+        self.http: OpenAIFace | None = None
+        if settings.http_listen:
+            from kvmesh.services.enginesim.openai_api import OpenAIFace  # only with the flag: imports aiohttp
+
+            self.http = OpenAIFace(self)
 
     # ---- lifecycle
     def register(self, server: grpc.aio.Server) -> None:
@@ -94,6 +105,9 @@ class EngineSimService(Service):
             )
             await self.router_watcher.start()
         self.reporter.sync_routers()
+        labels = {"capacity_blocks": str(self.settings.capacity_blocks), "speedup": f"{self.settings.speedup:g}"}
+        if self.http is not None and self.settings.http_listen:
+            labels["openai-address"] = await self.http.start(self.settings.http_listen)
         member = common_pb2.Member(
             id=self.member_id,
             role=common_pb2.ROLE_ENGINE,
@@ -101,7 +115,7 @@ class EngineSimService(Service):
             model=self.settings.model,
             zone=self.settings.zone,
             capacity_bytes=self.settings.capacity_blocks * self.settings.block_tokens * self.timing.kv_bytes_per_token,
-            labels={"capacity_blocks": str(self.settings.capacity_blocks), "speedup": f"{self.settings.speedup:g}"},
+            labels=labels,
         )
         self.session = MemberSession(self.settings.metadata_addresses, member, self.settings.ttl_seconds, self.load)
         await self.session.start()
@@ -113,6 +127,8 @@ class EngineSimService(Service):
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close(deregister=False)
+        if self.http is not None:
+            await self.http.close()
         if self.router_watcher is not None:
             await self.router_watcher.close()
         await self.runner.close()
@@ -221,6 +237,10 @@ class EngineSimService(Service):
         return now_local, covered - now_local
 
     def _on_event(self, event: EngineEvent) -> None:
+        if event.kind is EventKind.FIRST_TOKEN and event.request is not None:
+            waiter = self.first_tokens.pop(event.request.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         if event.kind is EventKind.STORED:
             self.reporter.stored(event.blocks)
         elif event.kind is EventKind.REMOVED:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from kvmesh.blocks import DEFAULT_TEXT_BLOCK_BYTES
 from kvmesh.services.enginesim.timing import TimingModel
 from kvmesh.settings import MemberSettings, split_addresses
 from kvmesh.units import parse_size
@@ -25,6 +26,16 @@ class EngineSimSettings(MemberSettings):
     namespace: str = Field("kvmesh", description="cache-pool namespace of the blocks")
     hash_namespace: str = Field(
         "", description="namespace mixed into token-prompt block ids (must match the router's --hash-namespace)"
+    )
+    http_listen: str | None = Field(
+        None, description="HOST:PORT of the OpenAI HTTP face (default: off); advertised as label openai-address"
+    )
+    http_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="HTTP face: largest request body (larger: 413)"
+    )
+    text_block_bytes: int = Field(
+        DEFAULT_TEXT_BLOCK_BYTES, ge=1, le=1 << 20,
+        description="HTTP face: UTF-8 bytes per block of a text prompt (must match the router's)",
     )
     pool: bool = Field(True, description="fetch missing prefix blocks from the cache pool and offload new ones")
     router: str | None = Field(
@@ -50,6 +61,11 @@ class EngineSimSettings(MemberSettings):
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_address(cls, value: str | None) -> str | None:
+        return cls._check_address(value) if value else None
 
     @field_validator("router")
     @classmethod

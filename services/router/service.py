@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -25,6 +26,9 @@ from kvmesh.services.router.settings import RouterSettings
 from kvmesh.services.router.tokenize import Tokenizers
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import common_pb2, router_pb2_grpc
+
+if TYPE_CHECKING:
+    from kvmesh.services.router.ext_proc.server import ExtProcServer
 
 log = logging.getLogger("kvmesh.router")
 
@@ -47,6 +51,11 @@ class RouterService(Service):
         self.session: MemberSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._warm_task: asyncio.Task[None] | None = None
+        self.ext_proc: ExtProcServer | None = None
+        if settings.ext_proc_listen:
+            from kvmesh.services.router.ext_proc.server import ExtProcServer  # only with the flag: imports xds-protos
+
+            self.ext_proc = ExtProcServer(self.core, settings)
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
@@ -71,6 +80,8 @@ class RouterService(Service):
                 self.session = MemberSession(s.metadata_addresses, member, s.ttl_seconds)
                 await self.session.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="router-sweeper")
+        if self.ext_proc is not None:
+            await self.ext_proc.start()
 
     def update_pod_set(self, change: MembershipChange) -> None:
         """One membership diff: the tree first, then the KV-event subscriptions (both synchronous)."""
@@ -103,12 +114,16 @@ class RouterService(Service):
                 await asyncio.sleep(0)
 
     async def drain(self) -> None:
+        if self.ext_proc is not None:
+            await self.ext_proc.drain()
         if self.session is not None:
             await self.session.close(deregister=True)
             self.session = None
 
     async def close(self) -> None:
         await self.drain()
+        if self.ext_proc is not None:
+            await self.ext_proc.close(self.settings.grace_seconds)
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None

@@ -78,6 +78,21 @@ class RouterSettings(MemberSettings):
         le=1 << 20,
         description="KV events are applied in slices of about this many blocks, one per event-loop turn",
     )
+    ext_proc_listen: str | None = Field(
+        default=None, description="HOST:PORT to serve Envoy's ext_proc endpoint picker on (default: off)"
+    )
+    ext_proc_max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="ext_proc: largest request body read (larger: HTTP 413)",
+    )
+    ext_proc_max_streams: int = Field(
+        4096, ge=1, le=1_000_000, description="ext_proc: concurrent streams, one per HTTP request in flight"
+    )
+    ext_proc_shed_inflight: int = Field(
+        0, ge=0, le=1_000_000, description="ext_proc: HTTP 429 when every pod has this many in flight (0: never)"
+    )
+    ext_proc_tls_cert: str | None = Field(default=None, description="ext_proc: PEM certificate (TLS listener)")
+    ext_proc_tls_key: str | None = Field(default=None, description="ext_proc: PEM private key (TLS listener)")
     register_self: bool = Field(
         default=True, description="register the router itself with the metadata service (ROLE_ROUTER)"
     )
@@ -136,6 +151,10 @@ class RouterSettings(MemberSettings):
             model, _, path = item.partition("=")
             out[model.strip()] = path.strip()
         return out
+    @field_validator("ext_proc_listen")
+    @classmethod
+    def _ext_proc_address(cls, value: str | None) -> str | None:
+        return cls._check_address(value) if value else None
 
     @field_validator("policy")
     @classmethod

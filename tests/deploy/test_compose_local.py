@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
+from kvmesh.tools.testing.envoy import run_envoy
 from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
@@ -31,6 +33,7 @@ from tests.deploy.compose import resolved_config
 from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route
 
 SERVICE_COMMANDS = ("metadata", "cachenode", "router", "enginesim")
+GATEWAYS = ("gateway",)  # Envoy, started with the real binary after the mesh is up
 # Small enough for a loaded 2-core machine; the same variables a user sets for `docker compose up`.
 TEST_VARIABLES = {"KVMESH_BENCH_LIMIT": "24", "KVMESH_BENCH_SPEEDUP": "20", "KVMESH_LOG_LEVEL": "warning"}
 ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*):(\d{1,5})(?!\d)")
@@ -60,11 +63,14 @@ class LocalCompose:
         for name, svc in self.services.items():
             if name in self.infra or "KVMESH_LISTEN" not in svc.get("environment", {}):
                 continue
-            port = int(svc["environment"]["KVMESH_LISTEN"].rpartition(":")[2])
-            local = f"127.0.0.1:{free_port()}"
             aliases = (svc.get("networks", {}).get("default") or {}).get("aliases", [])
-            for host in (name, *aliases):
-                self.addresses[(host, port)] = local
+            # Every listener of the service (gRPC, the router's ext_proc, an engine's HTTP face).
+            for key, value in svc["environment"].items():
+                if key.endswith("_LISTEN") and value.startswith("0.0.0.0:"):
+                    port = int(value.rpartition(":")[2])
+                    local = f"127.0.0.1:{free_port()}"
+                    for host in (name, *aliases):
+                        self.addresses[(host, port)] = local
         self.processes: dict[str, KvmeshProcess] = {}
 
     def local(self, service: str) -> str:
@@ -74,7 +80,7 @@ class LocalCompose:
 
     def _rewrite(self, service: str, value: str) -> str:
         if value.startswith("0.0.0.0:"):
-            return self.local(service)
+            return self.addresses[(service, int(value.rpartition(":")[2]))]
 
         def address(m: re.Match[str]) -> str:
             return self.addresses.get((m.group(1), int(m.group(2))), m.group(0))
@@ -88,7 +94,7 @@ class LocalCompose:
 
     def order(self) -> list[list[str]]:
         """Services in waves: each wave depends only on earlier ones (what compose does)."""
-        pending = {n for n in self.services if n not in self.infra}
+        pending = {n for n in self.services if n not in self.infra and n not in GATEWAYS}
         done = set(self.infra)
         waves = []
         while pending:
@@ -133,6 +139,30 @@ class LocalCompose:
         return [n for n, p in self.processes.items() if p.running()]
 
 
+def expect_gateway_answers(mesh: LocalCompose, workdir: Path) -> None:
+    svc = mesh.services["gateway"]
+    config_file = next(v["source"] for v in svc["volumes"] if v["target"] == "/etc/envoy/envoy.yaml")
+    text = Path(config_file).read_text()
+    port, admin = free_port(), free_port()
+    listen = int(svc["ports"][0]["target"])
+    text = text.replace(f"{{address: 0.0.0.0, port_value: {listen}}}", f"{{address: 127.0.0.1, port_value: {port}}}")
+    text = text.replace("port_value: 9901", f"port_value: {admin}")
+    host, _, picker_port = mesh.addresses[("router", 9002)].rpartition(":")
+    text = text.replace("{address: router, port_value: 9002}", f"{{address: {host}, port_value: {picker_port}}}")
+    text = text.replace("type: STRICT_DNS", "type: STATIC")
+    gateway = run_envoy(workdir, text, port, admin)
+    try:
+        body = json.dumps({"model": "llama-3-8b", "prompt": "hello from compose " * 8, "max_tokens": 2}).encode()
+        request = urllib.request.Request(f"{gateway.url}/v1/completions", data=body,
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-kvmesh-engine"] in ("enginesim-1", "enginesim-2")
+            assert json.loads(resp.read())["object"] == "text_completion"
+    finally:
+        gateway.stop()
+
+
 @pytest.fixture
 def infra(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
     """This test's own etcd or Redis (not the session ones: other tests' members must not show up)."""
@@ -168,6 +198,10 @@ def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: 
         for name, address in cachenodes.items():
             expect_round_trip(address, name, min_tiers=2)
             assert (tmp_path / name / f"{name}-data").is_dir()
+
+        # The gateway: the real Envoy with the compose file's own envoy.yaml (addresses made local)
+        # answers an OpenAI request through the router's endpoint picker.
+        expect_gateway_answers(mesh, tmp_path)
 
         if profile == "etcd":
             # The one-shot benchmark job replays its workload through the running mesh and succeeds.

@@ -62,6 +62,9 @@ def replay_in_process(
     engines = {m: BatchingEngine(config.timing, config.capacity_blocks, config.block_tokens) for m in ids}
     pool = PoolModel(config.pool_blocks) if config.pool_blocks > 0 else None
     router.set_engines(ids)
+    attach = getattr(router, "attach_engines", None)
+    if attach is not None:  # the oracle reads the engines' real caches
+        attach(engines)
     result = ReplayResult(policy, "in-process", ids, bound=infinite_cache_bound(requests),
                           settings=config.as_dict())
     inflight = dict.fromkeys(ids, 0)
