@@ -25,6 +25,7 @@ from kvmesh.tools.testing.integrations import integration_env, integration_pytho
 from kvmesh.tools.testing.ports import free_port
 
 MODEL_NAME = "tiny-llama"
+MODEL_FOLDER = "tiny-llama-2"  # a new name when tiny_model.py changes, so cached copies are rebuilt
 BLOCK_SIZE = 32  # CPU attention needs a multiple of 32
 READY_TIMEOUT_S = 240.0
 
@@ -32,7 +33,7 @@ READY_TIMEOUT_S = 240.0
 def tiny_model() -> Path:
     """The folder of the tiny random Llama model (with its word-level tokenizer), built if missing."""
     python = integration_python("vllm")
-    dest = venvs_root() / "models" / MODEL_NAME
+    dest = venvs_root() / "models" / MODEL_FOLDER
     if not (dest / "config.json").exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(python), str(Path(__file__).with_name("tiny_model.py")), str(dest)],
