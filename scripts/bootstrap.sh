@@ -31,7 +31,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
   echo "bootstrap: installing Python dependencies into .venv (log: .venv/pip-install.log)"
   # torch: the CPU build is enough for the gpu:// tier's tests (gpu://cpu); CUDA hosts install their own.
   if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -c requirements/constraints.txt -e ".[dev,gpu,rdma,vineyard,k8s]"; } \
+         .venv/bin/python -m pip install -c requirements/constraints.txt -e ".[dev,gpu,rdma,vineyard,k8s]" &&
+         # xds-protos (the Envoy ext_proc stubs) bundles an old copy of opentelemetry-proto's
+         # modules that overwrites the real ones (no InstrumentationScope: telemetry fails to
+         # start); putting opentelemetry-proto's own files back afterwards fixes the clash.
+         .venv/bin/python -m pip install -c requirements/constraints.txt --no-deps --force-reinstall \
+           opentelemetry-proto; } \
        >.venv/pip-install.log 2>&1; then
     tail -n 60 .venv/pip-install.log >&2
     echo "bootstrap: pip install failed (full log: .venv/pip-install.log)" >&2

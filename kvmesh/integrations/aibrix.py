@@ -110,14 +110,19 @@ class KvmeshConnector(Connector):
             statuses.append(Status.ok())
         return statuses + [Status(StatusCodes.NOT_FOUND)] * (len(mrs) - len(statuses))
 
-    async def mput(self, keys: Sequence[bytes], mrs: Sequence[MemoryRegion | Sequence[MemoryRegion]]) -> list[Status]:
+    async def mput(
+        self, keys: Sequence[bytes], mrs: Sequence[MemoryRegion | Sequence[MemoryRegion]]
+    ) -> list[Status] | Status:
+        # A failure is one Status for the whole batch, never a list holding failures:
+        # aibrix-kvcache 0.8.0's L2 cache raises AttributeError on such a list (it calls
+        # `.result()` on a failed Status) instead of reporting the put as failed.
         if not all(isinstance(mr, MemoryRegion) for mr in mrs):
-            return [Status(StatusCodes.INVALID, "kvmesh: GDR memory regions are not supported")] * len(keys)
+            return Status(StatusCodes.INVALID, "kvmesh: GDR memory regions are not supported")
         items = [(self._key(k), mr.tobytes()) for k, mr in zip(keys, mrs, strict=True)]  # type: ignore[union-attr]
         stored = await self._link.acall(lambda client: client.put_many(items), self._timeout_s)
         if stored == len(items):
             return [Status.ok()] * len(items)
-        return [Status(StatusCodes.ERROR, "kvmesh: not stored")] * len(items)
+        return Status(StatusCodes.ERROR, "kvmesh: not stored")
 
     async def delete(self, key: bytes) -> Status:
         mesh_key = self._key(key)

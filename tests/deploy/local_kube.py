@@ -124,7 +124,11 @@ class LocalKube:
 
     def _rewrite(self, pod: Pod, value: str) -> str:
         if value.startswith("0.0.0.0:"):
-            return self.local(pod)
+            port = int(value.rpartition(":")[2])
+            if port == pod.grpc_port:
+                return self.local(pod)
+            # Another listener of the pod (an HTTP face): a loopback port of its own.
+            return self.addresses.setdefault((pod.ip, port), f"127.0.0.1:{free_port()}")
         value = ADDRESS.sub(lambda m: self.addresses.get((m.group(1), int(m.group(2))), m.group(0)), value)
         for mount in pod.container.get("volumeMounts", []):
             here = self.workdir / pod.name / mount["name"]

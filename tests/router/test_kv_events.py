@@ -183,8 +183,15 @@ async def test_engine_that_leaves_is_forgotten_and_mediums_count(central: Mesh, 
         await until_matched(central, tokens(0, 2), "e1", 1)
         await central.leave("e1")
         await central.wait_members(lambda ids: ids == {"e2"})
+        # Its event stream is dropped at once and it is never routed to while e2 lives. Its tree
+        # is kept only for the rejoin grace window (a metadata flicker must not cost it).
         assert "e1" not in central.service.kv_events.ingest.streams
-        assert len(central.service.core.tree) == 0
+        stats = await central.stub.Stats(router_pb2.RouterStatsRequest())
+        assert stats.members_in_grace == 1
+        assert (await matched(central, tokens(0, 2)))[0] == "e2"
+        central.service.core.expire_departed(now=float("inf"))
+        assert (await central.stub.Stats(router_pb2.RouterStatsRequest())).members_in_grace == 0
+        assert "e1" not in central.service.core.pods.by_id  # its tree went with it
     finally:
         await pub.close()
 
