@@ -60,4 +60,4 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray | memoryview]]) -> None:
 
 def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
     """`as_bytes` as a memoryview (what socket reads and writes take); same errors."""
-    return memoryview(as_bytes(buf, writable=writable))
+    return as_bytes(buf, writable=writable).data  # the array's own memoryview: no copy
