@@ -40,6 +40,7 @@ from kvmesh.v1 import router_pb2
 
 VALUE = 2 * 1024**2
 CHUNK = 4 * 1024**2
+IN_FLIGHT = 16  # operations in flight, as bench.cachenode runs single values
 TARGET_DATA = 0.85
 TARGET_ROUTE = 0.90
 
@@ -68,21 +69,21 @@ async def data_path(plain_address: str, tls_address: str, plain: SecuritySetting
     """GB/s per round for put and get, and CPU seconds per GB moved (server + client), plaintext
     and TLS, alternating."""
     _use(plain)
-    plain_system = GrpcSystem("plaintext", plain_address, CHUNK)
+    plain_system = GrpcSystem("plaintext", plain_address, CHUNK, pids["plaintext"])
     _use(tls)
-    tls_system = GrpcSystem("mtls", tls_address, CHUNK)
+    tls_system = GrpcSystem("mtls", tls_address, CHUNK, pids["mtls"])
     out: dict[str, list[float]] = {f"{s} {op}": [] for s in ("plaintext", "mtls") for op in ("put", "get", "cpu")}
     try:
         for system in (plain_system, tls_system):  # warm-up: connect, fill the keys gets read
-            put, _ = system.ops(VALUE)
-            await drive(put, 64)
+            put, _ = system.ops(VALUE, 1)
+            await drive(put, 64, IN_FLIGHT)
         for _ in range(rounds):
             for system in (plain_system, tls_system):
-                put, get = system.ops(VALUE)
+                put, get = system.ops(VALUE, 1)
                 cpu = cpu_seconds(pids[system.name]) + time.process_time()
-                seconds, _ = await drive(put, count)
+                seconds, _ = await drive(put, count, IN_FLIGHT)
                 out[f"{system.name} put"].append(count * VALUE / seconds / 1e9)
-                seconds, _ = await drive(get, count)
+                seconds, _ = await drive(get, count, IN_FLIGHT)
                 out[f"{system.name} get"].append(count * VALUE / seconds / 1e9)
                 cpu = cpu_seconds(pids[system.name]) + time.process_time() - cpu
                 out[f"{system.name} cpu"].append(cpu / (2 * count * VALUE / 1e9))
