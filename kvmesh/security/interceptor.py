@@ -73,6 +73,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return principal
 
 
+async def _passes(check: Check, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Runs `check` for a streaming response. A refusal has already set the status through
+    `context.abort`; the generator then ends quietly, since an abort raised out of an async
+    generator that has not yielded sometimes reached the client as INTERNAL instead."""
+    try:
+        await check(context)
+    except grpc.aio.AbortError:
+        return False
+    return True
+
+
 def _wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
     """The same handler with `check` run first, for each of the four call shapes."""
     if not handler.request_streaming and not handler.response_streaming:
@@ -88,7 +99,8 @@ def _wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler
         inner_us = handler.unary_stream
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            await check(context)
+            if not await _passes(check, context):
+                return
             async for item in _as_stream(inner_us(request, context)):
                 yield item
 
@@ -106,7 +118,8 @@ def _wrap(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-        await check(context)
+        if not await _passes(check, context):
+            return
         async for item in _as_stream(inner_ss(requests, context)):
             yield item
 
