@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 REPEAT_CANCEL_AFTER_S = 0.5
+RECANCEL_TURNS = 8
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, repeat_after: float = REPEAT_CANCEL_AFTER_S) -> None:
@@ -19,7 +20,9 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, repeat_after: floa
     result instead of raising when the cancel lands just as the inner future completes, and
     redis-py sends every command through it. Such a task runs on as if never cancelled (a
     loop like a store's sweeper would run forever), so a task still running `repeat_after`
-    seconds after its cancel is cancelled again, until it ends.
+    seconds after its cancel is cancelled again, once on each of `RECANCEL_TURNS` loop turns
+    in a row, until it ends. One cancel per turn lands in every phase of a short loop like
+    that, where cancels spaced by a timer can keep landing in the same losing phase.
     """
     pending = list(dict.fromkeys(t for t in tasks if t is not None))
     for task in pending:
@@ -27,8 +30,13 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, repeat_after: floa
     running = set(pending)
     while running:
         _, running = await asyncio.wait(running, timeout=repeat_after)
-        for task in running:
-            task.cancel()
+        for _ in range(RECANCEL_TURNS):
+            if not running:
+                break
+            for task in running:
+                task.cancel()
+            await asyncio.sleep(0)
+            running = {task for task in running if not task.done()}
     for task in pending:
         if not task.cancelled():
             task.result()  # re-raises what the task failed with

@@ -3,8 +3,9 @@
 One long-lived client stream per router. Events are queued without blocking the engine; a
 broken stream is re-opened with full-jitter backoff, and after a reconnect the router is
 first told `cleared` and then the engine's whole current cache, because events sent while it
-was unreachable are lost (the router then holds an exact copy again instead of drifting); the
-cache is sent once more a little later, in case the router did not know this member yet.
+was unreachable are lost (the router then holds an exact copy again instead of drifting). On
+every stream, the first included, the cache is sent once more a little later, in case the
+router did not know this member yet when the first events arrived.
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ class EventReporter:
     async def _batches(self, queue: asyncio.Queue[router_pb2.KvEvent], resync: bool) -> AsyncIterator[
         router_pb2.KvEventBatch
     ]:
-        late_resync: float | None = None
         if resync:
             for batch in self._snapshot_batches(cleared=True):
                 yield batch
-            # A router that just restarted may not know this member yet (its membership watch
-            # races our reconnect) and ignores events from unknown members: say it once more.
-            late_resync = asyncio.get_running_loop().time() + self._late_resync_s
+        # A router that just started (or this engine, just joined) may not know this member
+        # yet: its membership watch races our stream, and it ignores events from unknown
+        # members. Say the whole cache once more a little later, on every stream.
+        late_resync: float | None = asyncio.get_running_loop().time() + self._late_resync_s
         while True:
             if late_resync is not None:
                 try:

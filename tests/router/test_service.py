@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 
+from kvmesh.services.enginesim.events import EventReporter
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import router_pb2
 from tests.router.conftest import Mesh
@@ -166,3 +167,24 @@ async def test_sweeper_expires_approximate_blocks_and_stale_requests(mesh_factor
 
     await eventually(swept, timeout=5, interval=0.05, what="the sweeper to drop the request and its blocks")
     assert mesh.service.core.inflight("e1") == 0
+
+
+async def test_engine_events_sent_before_the_router_knew_it_are_said_again(mesh_factory: Callable[..., Any]) -> None:
+    # The engine's first events race the router's membership watch: the router ignores them
+    # (unknown member), and the reporter's late resync on the very first stream repairs that.
+    mesh = await _mesh(mesh_factory)
+    cache: list[list[int]] = []
+    reporter = EventReporter("late-1", lambda: [mesh.router_address], lambda: cache, late_resync_s=1.0)
+    try:
+        cache.append([31, 32, 33])
+        reporter.stored([31, 32, 33])
+        await eventually(lambda: mesh.service.core.events_ignored >= 1, timeout=10, interval=0.01,
+                         what="the router to ignore the unknown member's events")
+        await mesh.join("late-1")
+        await mesh.wait_members(lambda ids: ids == {"late-1"})
+        await eventually(lambda: mesh.service.core.events_applied >= 1, timeout=10, interval=0.05,
+                         what="the late resync to reach the router")
+        decision = await mesh.stub.Route(blocks(31, 32, 33, 34))
+        assert decision.member_id == "late-1" and decision.matched_blocks == 3
+    finally:
+        await reporter.close()
