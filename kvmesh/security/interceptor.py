@@ -75,8 +75,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 async def _passes(check: Check, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     """Runs `check` for a streaming response. A refusal has already set the status through
-    `context.abort`; the generator then ends quietly, since an abort raised out of an async
-    generator that has not yielded sometimes reached the client as INTERNAL instead."""
+    `context.abort`, so the response generator just ends, with nothing yielded."""
     try:
         await check(context)
     except grpc.aio.AbortError:
