@@ -39,18 +39,48 @@ def served_model(base_url: str, timeout: float) -> str:
     return str(data[0].get("id", "")) if data else ""
 
 
-def parse_load(text: str) -> common_pb2.Load:
-    """Running and waiting requests and KV usage (0..1) from Prometheus text, summed over labels."""
+def metric_sums(text: str, prefix: str = "") -> dict[str, float]:
+    """Prometheus text's sample values by name (labels summed away), for names starting with `prefix`.
+
+    Lenient on purpose: a line that does not parse is skipped, never the whole page, so one odd
+    metric cannot hide the load. A sample line is `name[{labels}] value [timestamp]`, and label
+    values may hold spaces, so the value is the first field after the labels, not the last one.
+    """
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        if not line.startswith(prefix) or line.startswith("#"):
             continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
+        name, brace, labelled = line.partition("{")
+        if brace:
+            fields = labelled[_labels_end(labelled) :].split()
+        else:
+            name, *fields = line.split()
         try:
-            values[name] = values.get(name, 0.0) + float(value)
-        except ValueError:
+            value = float(fields[0])
+        except (IndexError, ValueError):
             continue
+        values[name] = values.get(name, 0.0) + value
+    return values
+
+
+def _labels_end(labelled: str) -> int:
+    """Where the label set ends: just past its closing brace, skipping braces inside quoted values."""
+    quoted = escaped = False
+    for i, ch in enumerate(labelled):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = quoted
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "}" and not quoted:
+            return i + 1
+    return len(labelled)
+
+
+def parse_load(text: str) -> common_pb2.Load:
+    """Running and waiting requests and KV usage (0..1) from Prometheus text, summed over labels."""
+    values = metric_sums(text, "vllm:")
     usage = next((values[n] for n in KV_USAGE if n in values), 0.0)
     return common_pb2.Load(
         running_requests=max(0, int(values.get(RUNNING, 0.0))),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kvmesh.services.agent.engine import parse_load
+from kvmesh.services.agent.engine import metric_sums, parse_load
 from kvmesh.services.agent.settings import AgentSettings
 
 METRICS = """\
@@ -42,3 +42,18 @@ def test_settings() -> None:
                 {"unhealthy_after": 0}):
         with pytest.raises(ValidationError):
             AgentSettings(**bad)
+
+
+def test_metric_sums_reads_the_value_not_a_timestamp_or_an_exemplar() -> None:
+    text = (
+        '# HELP vllm:num_requests_running Running.\n'
+        'vllm:num_requests_running{model_name="a b}c",engine="0"} 3 1733000000000\n'
+        'vllm:num_requests_running{model_name="x\\"}y"} 2\n'
+        'vllm:prefix_cache_hits_total{model_name="m"} 7 # {trace_id="q"} 99\n'
+        'vllm:request_success_total 5\n'
+        'vllm:broken{a="1"}\n'
+    )
+    sums = metric_sums(text)
+    assert sums == {"vllm:num_requests_running": 5.0, "vllm:prefix_cache_hits_total": 7.0,
+                    "vllm:request_success_total": 5.0}
+    assert parse_load(text).running_requests == 5

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmesh.services.agent.engine import metric_sums
 from kvmesh.tools.testing.integrations import integration_env, integration_python, venvs_root
 from kvmesh.tools.testing.ports import free_port
 
@@ -101,17 +102,7 @@ class VllmServer:
         """The server's Prometheus counters and gauges, summed over labels."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name_labels, _, value = line.rpartition(" ")
-            name = name_labels.split("{", 1)[0]
-            try:
-                values[name] = values.get(name, 0.0) + float(value)
-            except ValueError:
-                continue
-        return values
+        return metric_sums(text)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
