@@ -157,6 +157,7 @@ class RouterCore:
             self.policy = make_policy(policy or self.settings.policy, self.settings, self.rng)
         self.clock = clock
         self.pods = PodTable()
+        self.pods.recent_window = self.settings.share_window
         self.tree = PrefixTree(self.settings.max_tree_blocks)
         # request_id → (slot, pod generation, routed at); insertion order is routing order.
         self._inflight: dict[str, tuple[int, int, float]] = {}

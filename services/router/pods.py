@@ -51,6 +51,10 @@ class PodTable:
         self.by_id: dict[str, Pod] = {}
         self.inflight: list[int] = []
         self.loads: list[int] = []  # inflight + reported, per slot, kept current for the policies
+        self.recent_window = 256  # routes over which `recent` forgets (set from --balance-window)
+        self._recent: list[float] = []  # routes to each slot, decayed per route, as of `_recent_at`
+        self._recent_at: list[int] = []
+        self._routes = 0  # routes so far: the clock `recent` decays on
         self.all_mask = 0
         self.model_masks: dict[str, int] = {}
         self.departed: dict[str, Pod] = {}  # member id → pod kept after it left, oldest first
@@ -78,6 +82,19 @@ class PodTable:
     def started(self, slot: int) -> None:
         self.inflight[slot] += 1
         self.loads[slot] += 1
+        self._recent[slot] = self.recent(slot) + 1.0
+        self._routes += 1
+        self._recent_at[slot] = self._routes
+
+    def recent(self, slot: int) -> float:
+        """Routes to `slot` lately: each past route counts (1 - 1/window) less per later route.
+
+        In-flight counts say how busy a pod is now; this says how much of the traffic it has
+        been taking, which a fast pod with few in flight can still hog (a hot prefix).
+        """
+        behind = self._routes - self._recent_at[slot]
+        value = self._recent[slot]
+        return value * (1.0 - 1.0 / self.recent_window) ** behind if behind and value else value
 
     def finished(self, slot: int) -> None:
         if self.inflight[slot] > 0:
@@ -107,6 +124,8 @@ class PodTable:
             self.slots.append(None)
             self.inflight.append(0)
             self.loads.append(0)
+            self._recent.append(0.0)
+            self._recent_at.append(0)
         self._generation += 1
         pod = Pod(
             member_id=member.id,
@@ -120,6 +139,7 @@ class PodTable:
         self.slots[slot] = pod
         self.inflight[slot] = 0
         self.loads[slot] = pod.reported
+        self._recent[slot] = 0.0  # a new pod starts with no share, so it draws new work first
         self.by_id[member.id] = pod
         self._recompute_masks()
         return pod

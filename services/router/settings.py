@@ -43,6 +43,14 @@ class RouterSettings(MemberSettings):
     imbalance_abs: int = Field(
         8, ge=0, le=1_000_000, description="prefix: when max-min load exceeds this, only least-loaded pods compete"
     )
+    share_weight: float = Field(
+        4.0, ge=0.0, le=1_000.0,
+        description="prefix: prompt share one pod's excess of recent routes over the mean costs it "
+        "(4.0: a tenth of the mean share above chance outweighs 0.4 of the prompt matched; 0: off)",
+    )
+    share_window: int = Field(
+        256, ge=1, le=10_000_000, description="prefix: routes over which a pod's share of recent routes fades"
+    )
     cache_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="cache-aware: match ratio above which the best-matching pod wins"
     )

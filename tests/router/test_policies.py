@@ -82,3 +82,27 @@ def test_kv_aware_cost_and_temperature() -> None:
         picks[d.member_id] += 1
         hot.release(d.request_id)
     assert len(picks) == 3 and picks["a"] == max(picks.values())
+
+
+def test_prefix_spreads_a_hot_shared_prefix_but_keeps_long_matches() -> None:
+    def hot(router: RouterCore) -> None:
+        # Pod b holds a 2-of-10-block "system prompt" and one long 9-block history, and took 8
+        # of the last 10 routes, each released at once (nothing in flight: the in-flight gate idles).
+        router.apply_events("b", [Stored(0, PROMPT[:2]), Stored(0, [50, 51, 52, 53, 54, 55, 56, 57, 58])])
+        for member_id, routes in (("a", 1), ("b", 8), ("c", 1)):
+            pod = router.pods.get(member_id)
+            assert pod is not None
+            for _ in range(routes):
+                router.pods.started(pod.slot)
+                router.pods.finished(pod.slot)
+
+    router = setup("prefix", share_weight=1.0)
+    hot(router)
+    new_conversation = router.route(PROMPT, request_id="n")
+    assert new_conversation.member_id != "b"  # b holds 20% more of it: not worth its excess share
+    next_turn = router.route([50, 51, 52, 53, 54, 55, 56, 57, 58, 59], request_id="t")
+    assert (next_turn.member_id, next_turn.matched_blocks) == ("b", 9)  # 90% more: it stays
+
+    pure = setup("prefix", share_weight=0)
+    hot(pure)
+    assert pure.route(PROMPT).member_id == "b"  # share weight 0: the longest match alone

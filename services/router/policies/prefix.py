@@ -1,11 +1,19 @@
-"""`prefix`: longest prefix match, unless the load is too uneven.
+"""`prefix`: longest prefix match, traded against load and against each pod's share of traffic.
 
 When max - min load over the candidates exceeds `--imbalance-abs`, only the least-loaded
 pods compete (a hot prefix must not pile every request onto one pod). Among the competitors
-the longest match wins; ties go to the lower load, then at random.
+each pod scores the share of the prompt it holds, less `--share-weight` times how far its
+share of recent routes (`PodTable.recent`, fading over `--share-window` routes) is above the
+mean, beyond chance. So a pod that has been taking more than its share keeps the requests it
+holds much of (a conversation's next turn), but a request it holds little more of than others
+(a new conversation on a hot system prompt) goes elsewhere: in-flight counts alone miss that
+pile-up when engines answer quickly and only 1-3 requests are in flight at a time. The best
+score wins; ties go to the lower load, then the smaller recent share, then at random.
 """
 
 from __future__ import annotations
+
+import math
 
 from kvmesh.services.router.policies.base import Policy, RouteContext
 
@@ -16,24 +24,30 @@ class PrefixPolicy(Policy):
     def choose(self, ctx: RouteContext) -> int:
         slots = ctx.slots
         loads = ctx.loads()
+        if len(slots) == 1:
+            return slots[0]
         low = min(loads)
         gated = max(loads) - low > self.settings.imbalance_abs
-        load_of = ctx.pods.loads  # by slot
-        # Only pods holding part of the prompt are in `depths` (usually few).
-        best = 0
+        depths = ctx.depths()
+        total = ctx.total or 1
+        weight = self.settings.share_weight
+        pods = ctx.pods
+        recent = [pods.recent(slot) for slot in slots]
+        mean = sum(recent) / len(recent)
+        # Excess only beyond chance: one standard deviation of a fair (Poisson) share plus one
+        # route, so a lone conversation's few turns at low traffic still stay together.
+        fair = mean + math.sqrt(mean) + 1.0
+        best: tuple[float, int, float] | None = None
         ties: list[int] = []
-        for slot, depth in ctx.depths().items():
-            if gated and load_of[slot] != low:
+        for slot, load, share in zip(slots, loads, recent, strict=True):
+            if gated and load != low:
                 continue
-            if depth > best:
-                best, ties = depth, [slot]
-            elif depth == best:
+            score = depths.get(slot, 0) / total
+            if share > fair:
+                score -= weight * (share - fair) / mean
+            key = (score, -load, -share)
+            if best is None or key > best:
+                best, ties = key, [slot]
+            elif key == best:
                 ties.append(slot)
-        if not best:
-            if gated:
-                ties = [s for s, load in zip(slots, loads, strict=True) if load == low]
-                return ties[0] if len(ties) == 1 else self.rng.choice(ties)
-            return self.least_loaded(slots, loads)
-        if len(ties) == 1:
-            return ties[0]
-        return self.least_loaded(ties, [load_of[s] for s in ties])
+        return ties[0] if len(ties) == 1 else self.rng.choice(ties)
