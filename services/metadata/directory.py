@@ -112,6 +112,8 @@ class MemberDirectory:
         one compare-and-swap: a member re-registered in between is checked again.
         """
         key = member_key(member)
+        if may_replace is not None:  # a refused take-over must not even grant a lease
+            await self._check_replace(member, await self.store.get(key), may_replace)
         lease_id, ttl = await self.store.grant(ttl_seconds)
         try:
             await self.store.put(lease_key(lease_id), lease_index(key, owner), lease_id)
@@ -119,10 +121,8 @@ class MemberDirectory:
             # Expect a new member first (one round trip); a failed swap returns what is there.
             replaced: Entry | None = None
             for _ in range(self.CAS_ATTEMPTS):
-                if replaced is not None and may_replace is not None and replaced.lease_id:
-                    current_owner = await self.owner_of(replaced.lease_id)  # None: its lease just ended
-                    if current_owner is not None and not may_replace(current_owner):
-                        raise PermissionDenied(f"member {member.id!r} is registered by another principal")
+                if replaced is not None and may_replace is not None:
+                    await self._check_replace(member, replaced, may_replace)
                 expected = replaced.mod_revision if replaced else 0
                 ok, revision, current = await self.store.compare_and_swap(key, expected, value, lease_id)
                 if ok:
@@ -138,6 +138,15 @@ class MemberDirectory:
                 await self.store.revoke(lease_id)
             raise
         return lease_id, ttl, revision
+
+    async def _check_replace(self, member: common_pb2.Member, live: Entry | None,
+                             may_replace: Callable[[str], bool]) -> None:
+        """PERMISSION_DENIED when `live` (the stored member) belongs to a lease the caller may not take over."""
+        if live is None or not live.lease_id:
+            return
+        owner = await self.owner_of(live.lease_id)  # None: its lease has just ended
+        if owner is not None and not may_replace(owner):
+            raise PermissionDenied(f"member {member.id!r} is registered by another principal")
 
     async def refresh(self, lease_id: int) -> int:
         return await self.store.refresh(lease_id)

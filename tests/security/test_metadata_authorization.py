@@ -127,6 +127,7 @@ async def test_membership_attacks_are_refused(request: pytest.FixtureRequest, pk
         lease = await victim.register(_node("cachenode-0", 7000))
         before = await admin.members()
         assert before["cachenode-0"].address == "127.0.0.1:7000"
+        revision = (await admin.kv.Range(metadata_pb2.RangeRequest(prefix=""), timeout=5)).revision
 
         # Take-over of a live member id: by another cache node (the policy: only itself), and by a
         # principal the policy lets register that id (ownership: not while someone else's is live).
@@ -153,7 +154,8 @@ async def test_membership_attacks_are_refused(request: pytest.FixtureRequest, pk
                                    timeout=5)
 
         await _looks_unknown(probe(lease), lease, probe(unknown), unknown)
-        assert await admin.members() == before  # nothing changed
+        assert await admin.members() == before  # nothing changed, not even the store's revision
+        assert (await admin.kv.Range(metadata_pb2.RangeRequest(prefix=""), timeout=5)).revision == revision
         reply = await admin.kv.Get(metadata_pb2.GetKeyRequest(key="cachenode-9/probe"), timeout=5)
         assert not reply.found
 
