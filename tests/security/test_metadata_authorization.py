@@ -288,3 +288,23 @@ async def test_key_watch_shows_only_readable_keys(pki: Pki, tmp_path: Path) -> N
                 break
         call.cancel()
         assert seen == ["config/b", "config/d"]
+
+
+async def test_ownership_holds_across_replicas(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> None:
+    """Two metadata replicas over one Redis: a lease registered through one is its owner's on the
+    other too (the owner is stored in the backend, not in a replica's memory)."""
+    settings = pki.server_flags(pki.issue("metadata"), security_policy=_policy(tmp_path / "policy.json"))
+    async with process_mesh(metadata=2, metadata_backend=backend_uri(request, "redis"), metadata_settings=settings,
+                            wait_registered=False) as mesh:
+        first, second = mesh.metadata_addresses
+        async with _callers(first, victim=pki.client(pki.issue("cachenode-0"))) as a, \
+                _callers(second, victim=pki.client(pki.issue("cachenode-0")),
+                         operator=pki.client(pki.issue("operator"))) as b:
+            lease = await a["victim"].register(_node("cachenode-0", 7000))
+            unknown = _unknown_lease()
+            await _looks_unknown(b["operator"].keepalive(lease), lease, b["operator"].keepalive(unknown), unknown)
+            code, _ = await _refusal(b["operator"].register(_node("cachenode-0", 6666)))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            await b["victim"].keepalive(lease)  # the owner, on the other replica
+            await b["victim"].membership.Deregister(metadata_pb2.DeregisterRequest(lease_id=lease), timeout=5)
+            assert "cachenode-0" not in await a["victim"].members()
