@@ -4,7 +4,9 @@ A member lives at `members/<role>/<id>` (its serialized `Member`), bound to its 
 lease expiry or revocation deletes it in the backend itself and every replica sees the
 same LEAVE. `leases/<lease_id>` (bound to the same lease) maps a lease back to its member
 key, so any replica can serve a KeepAlive for a lease granted through another one: nothing
-needed to serve a member is kept only in one replica's memory.
+needed to serve a member is kept only in one replica's memory. With a security policy it also
+names the lease's owner (the principal that registered it: `<member key>\n<owner>`), so every
+replica, on every backend, enforces the same ownership.
 
 Events map from store changes: a put of a new key is JOIN, an overwrite is UPDATE (load
 changes, and a Register that replaces a member with the same id), a delete is LEAVE.
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 
 from google.protobuf.message import DecodeError
 
-from kvmesh.runtime.errors import InvalidArgument, Unavailable
+from kvmesh.runtime.errors import InvalidArgument, PermissionDenied, Unavailable
 from kvmesh.services.metadata.stores.base import Change, Compacted, Entry, LeaseNotFound, Store, StoreHandle
 from kvmesh.v1 import common_pb2, metadata_pb2
 
@@ -48,6 +50,18 @@ def member_key(member: common_pb2.Member) -> str:
 
 def lease_key(lease_id: int) -> str:
     return f"{LEASES}{lease_id}"
+
+
+def lease_index(member_key: str, owner: str) -> bytes:
+    """The value of `leases/<id>`: the member key, then the owner's name when there is one."""
+    return (f"{member_key}\n{owner}" if owner else member_key).encode()
+
+
+def parse_lease_index(value: bytes) -> tuple[str, str]:
+    """(member key, owner) of a `leases/<id>` value; owner "" for a lease registered without a
+    policy (member keys never hold a newline: ids are printable without spaces)."""
+    member_key, _, owner = value.decode(errors="replace").partition("\n")
+    return member_key, owner
 
 
 def decode_member(key: str, value: bytes) -> common_pb2.Member:
@@ -86,20 +100,29 @@ class MemberDirectory:
     def store(self) -> Store:
         return self._handle.store
 
-    async def register(self, member: common_pb2.Member, ttl_seconds: int) -> tuple[int, int, int]:
+    async def register(self, member: common_pb2.Member, ttl_seconds: int, owner: str = "",
+                       may_replace: Callable[[str], bool] | None = None) -> tuple[int, int, int]:
         """Creates or replaces the member under a new lease: (lease_id, ttl, revision).
 
         A member with the same role and id is overwritten (watchers see UPDATE) and its old
-        lease is revoked, with whatever else was bound to it.
+        lease is revoked, with whatever else was bound to it. `owner` is stored with the new
+        lease; `may_replace(owner of the live member)` says whether the caller may take over a
+        live member (PERMISSION_DENIED otherwise, nothing changed); a member whose lease has
+        ended may be replaced by anyone allowed to register it. The check and the swap are
+        one compare-and-swap: a member re-registered in between is checked again.
         """
         key = member_key(member)
+        if may_replace is not None:  # a refused take-over must not even grant a lease
+            await self._check_replace(member, await self.store.get(key), may_replace)
         lease_id, ttl = await self.store.grant(ttl_seconds)
         try:
-            await self.store.put(lease_key(lease_id), key.encode(), lease_id)
+            await self.store.put(lease_key(lease_id), lease_index(key, owner), lease_id)
             value = member.SerializeToString()
             # Expect a new member first (one round trip); a failed swap returns what is there.
             replaced: Entry | None = None
             for _ in range(self.CAS_ATTEMPTS):
+                if replaced is not None and may_replace is not None:
+                    await self._check_replace(member, replaced, may_replace)
                 expected = replaced.mod_revision if replaced else 0
                 ok, revision, current = await self.store.compare_and_swap(key, expected, value, lease_id)
                 if ok:
@@ -116,27 +139,42 @@ class MemberDirectory:
             raise
         return lease_id, ttl, revision
 
+    async def _check_replace(self, member: common_pb2.Member, live: Entry | None,
+                             may_replace: Callable[[str], bool]) -> None:
+        """PERMISSION_DENIED when `live` (the stored member) belongs to a lease the caller may not take over."""
+        if live is None or not live.lease_id:
+            return
+        owner = await self.owner_of(live.lease_id)  # None: its lease has just ended
+        if owner is not None and not may_replace(owner):
+            raise PermissionDenied(f"member {member.id!r} is registered by another principal")
+
     async def refresh(self, lease_id: int) -> int:
         return await self.store.refresh(lease_id)
 
     async def deregister(self, lease_id: int) -> int:
         return await self.store.revoke(lease_id)
 
-    async def member_of(self, lease_id: int) -> Entry:
-        """The member entry bound to `lease_id`; LeaseNotFound when there is none."""
+    async def owner_of(self, lease_id: int) -> str | None:
+        """The principal that registered `lease_id` ("" without a policy); None for an unknown lease."""
+        index = await self.store.get(lease_key(lease_id))
+        return None if index is None else parse_lease_index(index.value)[1]
+
+    async def member_of(self, lease_id: int) -> tuple[Entry, str]:
+        """The member entry bound to `lease_id` and the lease's owner; LeaseNotFound when there is none."""
         index = await self.store.get(lease_key(lease_id))
         if index is None:
             raise LeaseNotFound(lease_id)
-        entry = await self.store.get(index.value.decode())
+        key, owner = parse_lease_index(index.value)
+        entry = await self.store.get(key)
         if entry is None or entry.lease_id != lease_id:
             raise LeaseNotFound(lease_id)
-        return entry
+        return entry, owner
 
     async def update_load(self, lease_id: int, entry: Entry | None, load: common_pb2.Load) -> Entry:
         """Writes a new load into the member (one UPDATE event); returns the entry written."""
         for _ in range(2):
             if entry is None:
-                entry = await self.member_of(lease_id)
+                entry, _ = await self.member_of(lease_id)
             member = decode_member(entry.key, entry.value)
             member.load.CopyFrom(load)
             value = member.SerializeToString()

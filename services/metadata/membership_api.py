@@ -1,4 +1,10 @@
-"""The `kvmesh.v1.Membership` gRPC service over a `MemberDirectory`."""
+"""The `kvmesh.v1.Membership` gRPC service over a `MemberDirectory`.
+
+With a security policy, Register asks the policy (id, role, capacity) and records the caller as
+the lease's owner; KeepAlive and Deregister of a lease the caller does not own answer NOT_FOUND
+exactly like an unknown lease. List and Watch are open to every authenticated principal
+(members' addresses are what routers, engines and clients need; see docs/security.md).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import grpc
 from opentelemetry.metrics import Observation
 
 from kvmesh.runtime.errors import guard
+from kvmesh.services.metadata.authorization import Authorizer
 from kvmesh.services.metadata.directory import MemberDirectory, decode_member
 from kvmesh.services.metadata.policy import HeartbeatPolicy, LoadThrottle, LoadUpdatePolicy
 from kvmesh.services.metadata.stores.base import Entry, LeaseNotFound
@@ -27,8 +34,10 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         limits: Limits,
         heartbeat: HeartbeatPolicy,
         load_updates: LoadUpdatePolicy,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._directory = directory
+        self._authorizer = authorizer or Authorizer()
         self._limits = limits
         self._heartbeat = heartbeat
         self._load_updates = load_updates
@@ -56,7 +65,11 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
     ) -> metadata_pb2.RegisterResponse:
         check_member(request.member, self._limits)
         check_ttl(request.ttl_seconds, self._limits)
-        lease_id, ttl, revision = await self._directory.register(request.member, request.ttl_seconds)
+        auth = self._authorizer
+        auth.check_register(request.member)
+        lease_id, ttl, revision = await self._directory.register(
+            request.member, request.ttl_seconds, owner=auth.owner(),
+            may_replace=auth.may_act_on if auth.enabled else None)
         self._registrations.add(1, {"role": common_pb2.Role.Name(request.member.role)})
         return metadata_pb2.RegisterResponse(
             lease_id=lease_id, ttl_seconds=ttl, heartbeat_interval_ms=self._interval_ms(ttl), revision=revision
@@ -74,7 +87,9 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
                 check_lease(request.lease_id)
                 if request.lease_id != lease_id:  # first message, or the client switched leases
                     lease_id = request.lease_id
-                    entry = await self._directory.member_of(lease_id)
+                    entry, owner = await self._directory.member_of(lease_id)
+                    if self._authorizer.enabled and not self._authorizer.may_act_on(owner):
+                        raise LeaseNotFound(lease_id)  # someone else's lease looks unknown
                     throttle = LoadThrottle(self._load_updates, decode_member(entry.key, entry.value).load)
                 ttl = await self._directory.refresh(lease_id)
                 assert throttle is not None
@@ -97,6 +112,9 @@ class MembershipApi(metadata_pb2_grpc.MembershipServicer):
         self, request: metadata_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> metadata_pb2.DeregisterResponse:
         check_lease(request.lease_id)
+        if self._authorizer.enabled and not self._authorizer.may_act_on(
+                await self._directory.owner_of(request.lease_id)):
+            raise LeaseNotFound(request.lease_id)  # someone else's lease looks unknown
         await self._directory.deregister(request.lease_id)
         return metadata_pb2.DeregisterResponse()
 

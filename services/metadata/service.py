@@ -8,6 +8,7 @@ import grpc
 
 from kvmesh.runtime.errors import Unavailable
 from kvmesh.runtime.server import Service
+from kvmesh.services.metadata.authorization import Authorizer
 from kvmesh.services.metadata.directory import MemberDirectory
 from kvmesh.services.metadata.keyvalue_api import KeyValueApi
 from kvmesh.services.metadata.membership_api import MembershipApi
@@ -41,6 +42,7 @@ class MetadataService(Service):
             max_label_bytes=settings.max_label_bytes,
             snapshot_page_bytes=min(settings.snapshot_page_bytes, settings.max_message_bytes // 2),
         )
+        authorizer = Authorizer.from_file(settings.security_policy)
         self.membership = MembershipApi(
             MemberDirectory(self.handle, limits.snapshot_page_bytes),
             limits,
@@ -49,8 +51,9 @@ class MetadataService(Service):
                 min_interval_s=settings.load_update_interval_ms / 1000.0,
                 max_per_second=settings.max_load_updates_per_second,
             ),
+            authorizer,
         )
-        self.keyvalue = KeyValueApi(self.handle, limits)
+        self.keyvalue = KeyValueApi(self.handle, limits, MemberDirectory(self.handle), authorizer)
         self._store: Store | None = None
 
     def register(self, server: grpc.aio.Server) -> None:

@@ -32,6 +32,7 @@ def _policy(path: Path) -> Path:
         "tenant-a": {"tokens_sha256": [token_digest(TENANT_TOKEN)], "namespaces": {"read": ["tenant-a"]}},
         "ops": {"tokens_sha256": [token_digest(ADMIN_TOKEN)], "admin": True},
         "cert-admin": {"admin": True},
+        "cachenode-*": {"register": {"roles": ["cachenode"], "members": ["self"]}},
     }}))
     return path
 
@@ -115,7 +116,7 @@ async def test_certificate_identities_with_a_policy(pki: Pki, tmp_path: Path) ->
     async with process_mesh(metadata=1, metadata_settings=settings, wait_registered=False) as mesh:
         address = mesh.metadata_address
         node, admin = pki.client(pki.issue("engine-0")), pki.client(pki.issue("cert-admin"))
-        assert await _code(address, node, _list) == grpc.StatusCode.OK  # authenticated (grants come with the wiring)
+        assert await _code(address, node, _list) == grpc.StatusCode.OK  # any authenticated principal may list
         assert await _code(address, node, _reflection_status) == grpc.StatusCode.PERMISSION_DENIED
         async with open_channel(address, tls=admin) as channel:
             assert "grpc.health.v1.Health" in await _services(channel)
