@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,10 @@ import grpc
 import pytest
 from grpc import StatusCode as Code
 
+from kvmesh import control_wire as cw
 from kvmesh import frames
 from kvmesh.client.cache import CacheClient, NodeInfo
+from kvmesh.client.control import SocketControl
 from kvmesh.client.dataplane import MISS, DataPlaneConnecting, DataPlanePool, DataPlaneRefused, DataPlaneUnavailable
 from kvmesh.runtime.channels import open_channel
 from kvmesh.security.identity import token_digest
@@ -291,6 +295,47 @@ async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) 
         stub = cachenode_pb2_grpc.KVCacheStub(tenant)
         assert await code_of(stub.Allocate(allocate, timeout=10)) == Code.PERMISSION_DENIED
         assert await code_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(allocate, timeout=10)) == Code.OK
+        # The local control socket: this user (the node's) binds the session with its id...
+        assert attached.control_socket
+        control = await SocketControl.connect(attached.control_socket, attached.session_id, 10)
+        control.close()
+        # ...another local user is refused before its HELLO, even with the live session id (run
+        # as nobody with the system Python: this one may sit under a home nobody can read).
+        if os.geteuid() == 0 and shutil.which("python3", path="/usr/bin:/bin"):
+            assert await other_user_hello(attached.control_socket, attached.session_id) == (
+                cw.ERROR, Code.PERMISSION_DENIED.value[0])
         session.cancel()
+
+
+OTHER_USER_HELLO = """
+import socket, struct, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect("\\0" + sys.argv[1][1:])
+session = sys.argv[2].encode()
+try:
+    sock.sendall(struct.pack("<IB", len(session), 1) + session)
+except OSError:
+    pass  # refused and closed before the HELLO: the answer is still there to read
+head = b""
+while len(head) < 5:
+    part = sock.recv(5 - len(head))
+    if not part:
+        break
+    head += part
+length, kind = struct.unpack("<IB", head) if len(head) == 5 else (0, -1)
+code = sock.recv(1) if length else b""
+print(kind, code[0] if code else -1)
+"""
+
+
+async def other_user_hello(address: str, session_id: str) -> tuple[int, int]:
+    """A HELLO from another local user (nobody), in a child process: (answer kind, status code)."""
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("python3", path="/usr/bin:/bin") or "python3", "-I", "-c", OTHER_USER_HELLO, address, session_id,
+        user=65534, group=65534, stdout=asyncio.subprocess.PIPE, cwd="/")
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    kind, code = out.split()
+    return int(kind), int(code)
 
 
