@@ -277,7 +277,7 @@ async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) 
     """An attached client maps the node's whole arena: a tenant may not attach, an admin may, and
     a session's calls come only from the principal that attached it."""
     async with secured_node(pki, tmp_path, storage="memory://?capacity=16MiB&arena=shm") as (
-            _, address, _), open_channel(address, tls=token_tls(pki, TOKEN_A)) as tenant, \
+            _, address, endpoint), open_channel(address, tls=token_tls(pki, TOKEN_A)) as tenant, \
                 open_channel(address, tls=token_tls(pki, TOKEN_OPS)) as admin:
         request = cachenode_pb2.AttachRequest(client_id="t", transport=cachenode_pb2.TRANSPORT_SHM)
 
@@ -305,6 +305,13 @@ async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) 
             assert await other_user_hello(attached.control_socket, attached.session_id) == (
                 cw.ERROR, Code.PERMISSION_DENIED.value[0])
         session.cancel()
+        # A tenant's client library on the same host is refused the shared memory once, then uses
+        # the data plane (and asks no more).
+        infos = [NodeInfo("n0", address, data_endpoint=endpoint)]
+        async with await CacheClient.from_nodes(infos, namespace=A, local="auto",
+                                                tls=token_tls(pki, TOKEN_A)) as client:
+            assert await client.put(b"k", b"tenant a's") and await client.get(b"k") == b"tenant a's"
+            assert "n0" in client._local._unavailable
 
 
 OTHER_USER_HELLO = """
