@@ -276,7 +276,8 @@ async def test_tenants_share_a_prompt_never_a_block(pki: Pki, tmp_path: Path) ->
 async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) -> None:
     """An attached client maps the node's whole arena: a tenant may not attach, an admin may, and
     a session's calls come only from the principal that attached it."""
-    async with secured_node(pki, tmp_path, storage="memory://?capacity=16MiB&arena=shm") as (
+    async with secured_node(pki, tmp_path, storage="memory://?capacity=16MiB&arena=shm",
+                            namespace_quotas="small=1KiB") as (
             _, address, endpoint), open_channel(address, tls=token_tls(pki, TOKEN_A)) as tenant, \
                 open_channel(address, tls=token_tls(pki, TOKEN_OPS)) as admin:
         request = cachenode_pb2.AttachRequest(client_id="t", transport=cachenode_pb2.TRANSPORT_SHM)
@@ -295,6 +296,10 @@ async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) 
         stub = cachenode_pb2_grpc.KVCacheStub(tenant)
         assert await code_of(stub.Allocate(allocate, timeout=10)) == Code.PERMISSION_DENIED
         assert await code_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(allocate, timeout=10)) == Code.OK
+        # Allocations are charged to the namespace's quota like every other write.
+        too_big = cachenode_pb2.AllocateRequest(session_id=attached.session_id, namespace="small", key=b"k", size=2048)
+        assert await code_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(too_big, timeout=10)) == \
+            Code.RESOURCE_EXHAUSTED
         # The local control socket: this user (the node's) binds the session with its id...
         assert attached.control_socket
         control = await SocketControl.connect(attached.control_socket, attached.session_id, 10)
