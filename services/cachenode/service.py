@@ -69,9 +69,8 @@ class CacheNodeService(Service):
             streams=settings.max_write_streams,
             idle_timeout_s=settings.write_idle_timeout_seconds,
         )
-        policy = PolicyFile(settings.security_policy) if settings.security_policy is not None else None
         self.tenants = TenantGate(
-            NamespaceAuthorizer(policy),
+            NamespaceAuthorizer(),  # its policy is read in start(), where a bad file stops the node cleanly
             NamespaceQuotas(settings.namespace_quota_bytes, settings.quota_overrides, lambda: self.servicer.storage),
             NamespaceRateLimits(settings.namespace_rate_limit, settings.rate_overrides),
         )
@@ -101,6 +100,9 @@ class CacheNodeService(Service):
         )
 
     async def start(self, address: str) -> None:
+        authorizer = self.tenants.authorizer
+        if self.settings.security_policy is not None and authorizer.policy is None:
+            authorizer.policy = PolicyFile(self.settings.security_policy)  # before storage: no call is served yet
         if self.servicer.storage is None:
             self.servicer.storage = await build_storage(self.settings.storage)
         storage = self.servicer.storage
