@@ -38,8 +38,8 @@ import grpc
 
 from kvmesh import wire
 from kvmesh.client.cache import CacheClient, NodeInfo
-from kvmesh.client.dataplane import client_ssl_context
 from kvmesh.runtime.channels import channel_options, open_channel
+from kvmesh.security.tls import ClientTLS, TLSFiles
 from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
 from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
 from kvmesh.tools.testing.certs import make_tls_files
@@ -563,7 +563,7 @@ async def measure(
         DataPlaneSystem("dp", await CacheClient.from_nodes(plain, local="never"), node.pid),
         DataPlaneSystem(
             "dp-tls",
-            await CacheClient.from_nodes(tls, local="never", data_ssl=client_ssl_context(str(ca))),
+            await CacheClient.from_nodes(tls, local="never", tls=ClientTLS(TLSFiles(tls_ca=ca))),
             tls_node.pid,
         ),
         GrpcSystem("grpc", node.address, chunk, node.pid),
@@ -597,7 +597,9 @@ def run(quick: bool, chunk: int, sizes: list[int]) -> bool:
         files = make_tls_files(Path(tmp))
         node = KvmeshProcess(common, name="cachenode")
         tls_node = KvmeshProcess(
-            [*common, "--data-tls-cert", str(files.cert), "--data-tls-key", str(files.key)], name="cachenode-tls"
+            [*common, "--tls-cert", str(files.cert), "--tls-key", str(files.key), "--tls-ca", str(files.ca),
+             "--no-tls-require-client-cert"],
+            name="cachenode-tls",
         )
         noop_port = free_port()
         noop = subprocess.Popen(

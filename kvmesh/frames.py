@@ -30,6 +30,7 @@ _LENGTH = struct.Struct("<Q")
 
 MAX_NAMESPACE_BYTES = 65535
 MAX_KEY_BYTES = 65535
+MAX_TOKEN_BYTES = 4096  # an AUTH frame's metadata
 
 
 class Op(enum.IntEnum):
@@ -39,6 +40,7 @@ class Op(enum.IntEnum):
     GET = 2
     EXISTS = 3
     DELETE = 4
+    AUTH = 5  # a bearer token, sent once at connection start (docs/dataplane.md)
 
 
 class Flag(enum.IntFlag):
@@ -179,6 +181,14 @@ def decode_request(op: int, count: int, meta: bytes | bytearray | memoryview) ->
     if pos != end:
         raise FrameError(f"request metadata is {end} bytes but its {count} entries take {pos}")
     return Request(namespace, ttl, keys, sizes)
+
+
+def encode_auth(request_id: int, token: str) -> bytes:
+    """An AUTH request: the token as UTF-8 metadata, no entries, no payload."""
+    data = token.encode()
+    if not data or len(data) > MAX_TOKEN_BYTES:
+        raise ValueError(f"a token is 1..{MAX_TOKEN_BYTES} bytes")
+    return encode_header(Op.AUTH, request_id, 0, len(data), 0) + data
 
 
 # -- responses -------------------------------------------------------------------------

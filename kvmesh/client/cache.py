@@ -42,6 +42,8 @@ from kvmesh.client.hashring import HashRing
 from kvmesh.client.local import LocalDataPath, LocalPaths, LocalPathUnavailable
 from kvmesh.membership import MembershipChange, MembershipWatcher
 from kvmesh.runtime.channels import DEFAULT_MAX_MESSAGE_BYTES, open_channel
+from kvmesh.security.client import process_client_tls
+from kvmesh.security.tls import ClientTLS, client_ssl_context
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc, common_pb2
 
 log = logging.getLogger("kvmesh.client")
@@ -87,11 +89,12 @@ class NodeInfo:
 class _Node:
     """One node's pooled channel and stub (a gRPC channel multiplexes all calls over HTTP/2)."""
 
-    def __init__(self, info: NodeInfo, max_message_bytes: int, data: DataPlanePool | None = None) -> None:
+    def __init__(self, info: NodeInfo, max_message_bytes: int, data: DataPlanePool | None = None,
+                 tls: ClientTLS | None = None) -> None:
         self.info = info
         self.data = data
         self.data_down_until = 0.0
-        self.channel = open_channel(info.address, max_message_bytes)
+        self.channel = open_channel(info.address, max_message_bytes, tls=tls)
         self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
         # The value-carrying streams use hand-coded messages (kvmesh.wire): fewer copies.
         self.batch_put = self.channel.stream_unary(
@@ -129,6 +132,7 @@ class CacheClient:
         data_plane: str = "auto",
         data_ssl: ssl.SSLContext | None = None,
         data_connections: int = 2,
+        tls: ClientTLS | None = None,
     ) -> None:
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
@@ -156,6 +160,9 @@ class CacheClient:
         self.data_plane = data_plane
         self.data_ssl = data_ssl
         self.data_connections = data_connections
+        # Credentials for every connection to the nodes (gRPC and the data plane): `tls`, else the
+        # process's --tls-* / KVMESH_TLS_* files and --auth-token-file (None: plaintext, anonymous).
+        self.tls = tls or process_client_tls()
 
     # -- construction --------------------------------------------------------------------
 
@@ -198,18 +205,24 @@ class CacheClient:
             if node_id in self._nodes:
                 self._nodes[node_id].info = info
             else:
-                self._nodes[node_id] = _Node(info, self.max_message_bytes, self._data_pool_for(info))
+                self._nodes[node_id] = _Node(info, self.max_message_bytes, self._data_pool_for(info), self.tls)
         self.ring = HashRing({n.id: n.capacity_bytes for n in wanted.values()})
 
     def _data_pool_for(self, info: NodeInfo) -> DataPlanePool | None:
         if self.data_plane == "never" or not info.data_endpoint:
             return None
+        tls = self.tls
+        ssl_context = self.data_ssl
+        if ssl_context is None and tls is not None:
+            ssl_context = client_ssl_context(tls.files)  # the gRPC channels' CA and certificate
         return DataPlanePool(
             info.data_endpoint,
-            ssl_context=self.data_ssl,
+            ssl_context=ssl_context,
             connections=self.data_connections,
             call_timeout_s=self.call_timeout_s,
             retry_after_s=DATA_PLANE_RETRY_S,
+            token=tls.token if tls is not None else None,
+            server_hostname=tls.files.tls_server_name if tls is not None else None,
         )
 
     def _close_later(self, node: _Node) -> None:

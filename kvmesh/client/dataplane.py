@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from kvmesh import frames
@@ -294,7 +294,10 @@ class _Connection(asyncio.BufferedProtocol):
 def client_ssl_context(
     ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
 ) -> ssl.SSLContext:
-    """A TLS client context trusting `ca_file` (or the system CAs), with an optional client certificate."""
+    """A TLS client context trusting `ca_file` (or the system CAs), with an optional client certificate.
+
+    `CacheClient` builds its own from the process's --tls-* files (or its `tls=`); this is for
+    callers that drive a `DataPlanePool` directly."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     if cert_file:
         context.load_cert_chain(cert_file, key_file)
@@ -313,8 +316,12 @@ class DataPlanePool:
         connect_timeout_s: float = 2.0,
         call_timeout_s: float = 30.0,
         retry_after_s: float = 5.0,
+        token: Callable[[], str | None] | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         host, _, port = endpoint.rpartition(":")
+        self._token = token
+        self._server_hostname = server_hostname
         self.endpoint = endpoint
         self._host = host.strip("[]")
         self._port = int(port)
@@ -338,12 +345,26 @@ class DataPlanePool:
                     self._host,
                     self._port,
                     ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
+                    server_hostname=(self._server_hostname or self._host) if self._ssl is not None else None,
                 )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise DataPlaneUnavailable(f"cannot connect to {self.endpoint}: {exc}") from None
+        token = self._token() if self._token is not None else None
+        if token:
+            await self._authenticate(protocol, token)
         self._connections.append(protocol)
         return protocol
+
+    async def _authenticate(self, connection: _Connection, token: str) -> None:
+        """Sends the connection's AUTH frame (once, first) and waits for the node to accept it."""
+        request_id = connection.new_id()
+        call = _Call(Op.AUTH, asyncio.get_running_loop().create_future(), None)
+        try:
+            await connection.call(request_id, frames.encode_auth(request_id, token), (), call,
+                                  self._connect_timeout_s)
+        except (DataPlaneRefused, DataPlaneUnavailable) as exc:
+            connection.abort()
+            raise DataPlaneUnavailable(f"{self.endpoint} did not accept the token: {exc}") from None
 
     async def _connection(self) -> _Connection:
         if self._closed:

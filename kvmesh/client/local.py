@@ -450,6 +450,11 @@ class LocalPaths:
             self._unavailable.add(node_id)
             return None
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                # The policy keeps this principal off the node's shared memory: ask no more.
+                log.info("node %s: not allowed to attach (%s); using the other paths", node_id, exc.details())
+                self._unavailable.add(node_id)
+                return None
             log.debug("node %s: attach failed (%s); using gRPC for now", node_id, exc.code().name)
             return None
         self._paths[node_id] = path

@@ -176,6 +176,10 @@ class ClientTLS:
                     credentials, grpc.access_token_call_credentials(token))
         return credentials
 
+    def token(self) -> str | None:
+        """The bearer token presented with each call, as the file holds it now (None: none)."""
+        return self._token() if self._token is not None else None
+
     def channel_options(self) -> list[tuple[str, Any]]:
         if self.files.tls_server_name:
             return [("grpc.ssl_target_name_override", self.files.tls_server_name)]

@@ -11,16 +11,23 @@ chunks, and values waiting in its write batch) is counted against the node's wri
 (write_budget.py). A value is stored whole or not at all. A bad chunk fails only its own key
 (the rest of the stream goes on): the failure is reported as a KeyError, what the value held
 is freed, and its remaining chunks are ignored.
+
+Before a value takes any room, `admit(namespace, key, size)` (the node's tenant gate) may refuse
+it: over the namespace's quota (RESOURCE_EXHAUSTED) fails that value alone, like a value with no
+room; any other refusal (not allowed in the namespace) is raised out of `add`, and the caller
+ends the stream. A value charged but then not stored stays charged until the quota's next
+reconciliation with the storage (quotas.py), so a quota is never under-counted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import grpc
 
-from kvmesh.runtime.errors import InvalidArgument, KvmeshError, status_for
+from kvmesh.runtime.errors import InvalidArgument, KvmeshError, ResourceExhausted, status_for
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.write import BATCH_BYTES, BATCH_ITEMS, StagedWrite, Write, WriteBatch
@@ -73,8 +80,10 @@ class ChunkAssembler:
         batch_items: int = BATCH_ITEMS,
         batch_bytes: int = BATCH_BYTES,
         hold: StreamHold | None = None,
+        admit: Callable[[str, bytes, int], Awaitable[None]] | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self._admit = admit
         self._hold = hold or WriteBudget().open("local")
         self.errors: list[cachenode_pb2.KeyError] = []
         self._batch = WriteBatch(storage, batch_items, batch_bytes)
@@ -101,6 +110,7 @@ class ChunkAssembler:
                 return
             self._skipping = None
             try:
+                await self._admit_value(chunk)
                 current = self._begin(chunk)
             except _Rejected as exc:
                 self._fail(chunk.namespace, chunk.key, exc)
@@ -171,6 +181,20 @@ class ChunkAssembler:
             self._hold.hold(0)
 
     # -- steps ---------------------------------------------------------------------------
+
+    async def _admit_value(self, chunk: PutChunkLike) -> None:
+        """Asks the tenant gate about a new value before it takes room (see the module docstring)."""
+        if self._admit is None or chunk.offset != 0:
+            return  # a value not starting at 0 is refused by `_begin`
+        try:
+            self.limits.check_namespace(chunk.namespace)
+            self.limits.check_key(chunk.key)
+        except KvmeshError as exc:
+            raise _Rejected(exc.code, str(exc)) from None
+        try:
+            await self._admit(chunk.namespace, bytes(chunk.key), chunk.total_size or len(chunk.data))
+        except ResourceExhausted as exc:
+            raise _Rejected(exc.code, str(exc)) from None
 
     def _begin(self, chunk: PutChunkLike) -> Write:
         """Validates the first chunk of a value and makes room for the whole of it."""

@@ -9,6 +9,14 @@ it is being sent.
 
 The data-path RPCs (Attach/Allocate/Seal/Acquire/ReleaseViews) belong to the zero-copy and
 RDMA transports; they are delegated to an optional `zerocopy` object.
+
+Every call that touches blocks passes the node's `TenantGate` with the caller's principal
+(`current_principal()`, set by the authenticating interceptor) before the storage sees it: reads
+(Get, Exists, BatchGet) need the namespace's read grant, writes (Put, Delete, BatchPut) its
+write grant, within the namespace's request rate and, for writes, its byte quota. BatchPut is
+checked value by value: the first value in a namespace the caller may not write ends the stream
+PERMISSION_DENIED (that value and the rest are not stored). Stats reports node-wide counters
+only (no namespace, no key), so any authenticated caller may read it.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import grpc
 
 from kvmesh import wire
 from kvmesh.runtime.errors import KvmeshError, Unavailable, guard, status_for
+from kvmesh.security.identity import current_principal
 from kvmesh.services.cachenode.chunk_assembly import ChunkAssembler, PutChunkLike
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage, StorageStats
+from kvmesh.services.cachenode.tenants import TenantGate
 from kvmesh.services.cachenode.write_budget import WriteBudget
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
@@ -55,11 +65,13 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
         limits: Limits | None = None,
         zerocopy: ZeroCopyApi | None = None,
         writes: WriteBudget | None = None,
+        tenants: TenantGate | None = None,
     ) -> None:
         self.storage = storage
         self.limits = limits or Limits()
         self.zerocopy = zerocopy
         self.writes = writes or WriteBudget()
+        self.tenants = tenants or TenantGate()
 
     # -- validation ----------------------------------------------------------------------
 
@@ -76,6 +88,7 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
         self.limits.check_namespace(request.namespace)
         self.limits.check_key(request.key)
         self.limits.check_size(len(request.value))
+        await self.tenants.write_async(current_principal(), request.namespace, [(request.key, len(request.value))])
         await storage.put(request.namespace, request.key, request.value, request.ttl_seconds)
         return cachenode_pb2.PutResponse()
 
@@ -84,6 +97,7 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
         storage = self._storage()
         self.limits.check_namespace(request.namespace)
         self.limits.check_key(request.key)
+        self.tenants.read(current_principal(), request.namespace)
         value = await storage.get(request.namespace, request.key)
         if value is None:
             return cachenode_pb2.GetResponse(found=False)
@@ -94,13 +108,17 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
         storage = self._storage()
         self.limits.check_namespace(request.namespace)
         self.limits.check_key(request.key)
-        return cachenode_pb2.DeleteResponse(deleted=await storage.delete(request.namespace, request.key))
+        self.tenants.delete(current_principal(), request.namespace)
+        deleted = await storage.delete(request.namespace, request.key)
+        self.tenants.deleted(request.namespace, request.key)
+        return cachenode_pb2.DeleteResponse(deleted=deleted)
 
     @guard
     async def Exists(self, request: cachenode_pb2.ExistsRequest, context: grpc.aio.ServicerContext) -> Any:
         storage = self._storage()
         self.limits.check_namespace(request.namespace)
         self.limits.check_keys(request.keys)
+        self.tenants.read(current_principal(), request.namespace)
         present = await storage.exists(request.namespace, list(request.keys)) if request.keys else []
         prefix = 0
         for hit in present:
@@ -131,7 +149,14 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
             hold = self.writes.open(context.peer())
         except KvmeshError as exc:
             await context.abort(exc.code, str(exc))
-        assembler = ChunkAssembler(storage, self.limits, hold=hold)
+        principal = current_principal()
+        counted: set[str] = set()  # namespaces this stream (one request) was counted against
+
+        async def admit(namespace: str, key: bytes, size: int) -> None:
+            await self.tenants.write_async(principal, namespace, [(key, size)], namespace not in counted)
+            counted.add(namespace)
+
+        assembler = ChunkAssembler(storage, self.limits, hold=hold, admit=admit)
         idle = self.writes.bounds.idle_timeout_s
         chunks = aiter(request_iterator)
         try:
@@ -151,7 +176,11 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
                     assembler.abort()
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, chunk.error)
                     continue  # not reached: abort raises
-                await assembler.add(chunk)
+                try:
+                    await assembler.add(chunk)
+                except KvmeshError as exc:  # not allowed in this namespace: the stream ends here
+                    assembler.abort()
+                    await context.abort(exc.code, str(exc))
             await assembler.finish()
         finally:
             assembler.close()
@@ -176,6 +205,7 @@ class KVCacheApi(cachenode_pb2_grpc.KVCacheServicer):
             storage = self._storage()
             self.limits.check_namespace(request.namespace)
             self.limits.check_keys(request.keys)
+            self.tenants.read(current_principal(), request.namespace)
         except KvmeshError as exc:
             await context.abort(exc.code, str(exc))
         namespace = request.namespace

@@ -17,15 +17,21 @@ import grpc
 
 from kvmesh.membership import MemberSession
 from kvmesh.runtime.server import Service
+from kvmesh.security.policy import PolicyFile
+from kvmesh.security.tls import server_ssl_context
+from kvmesh.services.cachenode.authorization import NamespaceAuthorizer
 from kvmesh.services.cachenode.dataplane.limits import DataPlaneLimits
-from kvmesh.services.cachenode.dataplane.server import DataPlaneServer, server_ssl_context
+from kvmesh.services.cachenode.dataplane.server import DataPlaneServer
 from kvmesh.services.cachenode.kvcache_api import KVCacheApi
 from kvmesh.services.cachenode.kvcache_methods import add_kvcache_to_server
 from kvmesh.services.cachenode.limits import Limits
+from kvmesh.services.cachenode.quotas import NamespaceQuotas
+from kvmesh.services.cachenode.rate_limits import NamespaceRateLimits
 from kvmesh.services.cachenode.settings import CacheNodeSettings
 from kvmesh.services.cachenode.storage.base import Storage
 from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.services.cachenode.storage.write import BATCH_BYTES
+from kvmesh.services.cachenode.tenants import TenantGate
 from kvmesh.services.cachenode.write_budget import WriteBounds, WriteBudget
 from kvmesh.tasks import cancel_and_wait
 from kvmesh.v1 import cachenode_pb2, common_pb2
@@ -63,7 +69,12 @@ class CacheNodeService(Service):
             streams=settings.max_write_streams,
             idle_timeout_s=settings.write_idle_timeout_seconds,
         )
-        self.servicer = KVCacheApi(storage, limits, zerocopy, WriteBudget(bounds))
+        self.tenants = TenantGate(
+            NamespaceAuthorizer(),  # its policy is read in start(), where a bad file stops the node cleanly
+            NamespaceQuotas(settings.namespace_quota_bytes, settings.quota_overrides, lambda: self.servicer.storage),
+            NamespaceRateLimits(settings.namespace_rate_limit, settings.rate_overrides),
+        )
+        self.servicer = KVCacheApi(storage, limits, zerocopy, WriteBudget(bounds), self.tenants)
         self.member_id = settings.member_id or f"cachenode-{uuid.uuid4().hex[:12]}"
         self.session: MemberSession | None = None
         self._load_watch: asyncio.Task[None] | None = None
@@ -89,6 +100,9 @@ class CacheNodeService(Service):
         )
 
     async def start(self, address: str) -> None:
+        authorizer = self.tenants.authorizer
+        if self.settings.security_policy is not None and authorizer.policy is None:
+            authorizer.policy = PolicyFile(self.settings.security_policy)  # before storage: no call is served yet
         if self.servicer.storage is None:
             self.servicer.storage = await build_storage(self.settings.storage)
         storage = self.servicer.storage
@@ -105,6 +119,7 @@ class CacheNodeService(Service):
                 max_pinned_fraction=self.settings.max_pinned_fraction,
                 view_lease_ms=self.settings.view_lease_ms,
                 control_socket=self.settings.local_control_socket,
+                tenants=self.tenants,
             )
             if self._zerocopy is not None:
                 await self._zerocopy.start()
@@ -137,9 +152,8 @@ class CacheNodeService(Service):
         else:
             host, _, port_text = settings.data_listen.rpartition(":")
             port = int(port_text)
-        ssl_context = None
-        if settings.data_tls_cert and settings.data_tls_key:
-            ssl_context = server_ssl_context(settings.data_tls_cert, settings.data_tls_key, settings.data_tls_client_ca)
+        # The service's own certificate and CA (--tls-*), rotating like the gRPC listener's.
+        ssl_context = server_ssl_context(settings) if settings.server_enabled else None
         self.dataplane = DataPlaneServer(
             lambda: self.servicer.storage,
             self.servicer.limits,
@@ -152,6 +166,7 @@ class CacheNodeService(Service):
                 idle_timeout_s=settings.data_idle_timeout_s,
             ),
             ssl_context,
+            self.tenants,
         )
         bound = await self.dataplane.start(host.strip("[]"), port)
         # `auto` and wildcard hosts are reached where the gRPC address is (--advertise included).
@@ -213,6 +228,7 @@ class CacheNodeService(Service):
         if self.dataplane is not None:  # before the storage: open writes are aborted into it
             await self.dataplane.close()
             self.dataplane = None
+        await self.tenants.close()
         storage, self.servicer.storage = self.servicer.storage, None
         if storage is not None:
             await storage.close()

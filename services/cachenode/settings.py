@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from kvmesh.settings import MemberSettings
 from kvmesh.units import parse_size
+
+
+def _overrides(text: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """'a=1GiB,b=0' → {'a': parse('1GiB'), 'b': parse('0')}; raises ValueError on a bad entry."""
+    out: dict[str, Any] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        namespace, sep, value = item.rpartition("=")
+        if not sep:
+            raise ValueError(f"expected NAMESPACE=VALUE, got {item!r}")
+        parsed = parse(value.strip())
+        if parsed < 0:
+            raise ValueError(f"{item!r}: must not be negative")
+        out[namespace.strip()] = parsed
+    return out
 
 
 class CacheNodeSettings(MemberSettings):
@@ -74,10 +91,18 @@ class CacheNodeSettings(MemberSettings):
         64 * 1024, ge=0, description="data plane: bytes per second a connection sending or reading a frame must move"
     )
     data_idle_timeout_s: float = Field(300.0, gt=0, description="data plane: idle connections are closed after this")
-    data_tls_cert: str | None = Field(None, description="data plane: PEM certificate (with --data-tls-key: TLS)")
-    data_tls_key: str | None = Field(None, description="data plane: PEM private key of --data-tls-cert")
-    data_tls_client_ca: str | None = Field(
-        None, description="data plane: PEM CA that client certificates must chain to (mutual TLS)"
+
+    namespace_quota_bytes: int = Field(
+        0, ge=0, description="bytes one namespace may keep on this node (accepts 4GiB; 0: no quota)"
+    )
+    namespace_quotas: str = Field(
+        "", description="per-namespace quotas overriding --namespace-quota-bytes: NS=SIZE,... (0: none)"
+    )
+    namespace_rate_limit: float = Field(
+        0.0, ge=0, description="requests per second one namespace may make to this node (0: no limit)"
+    )
+    namespace_rate_limits: str = Field(
+        "", description="per-namespace rates overriding --namespace-rate-limit: NS=RATE,... (0: none)"
     )
 
     @model_validator(mode="before")
@@ -98,11 +123,36 @@ class CacheNodeSettings(MemberSettings):
             raise ValueError(f"expected HOST:PORT, auto or off, got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _tls_pair(self) -> CacheNodeSettings:
-        if bool(self.data_tls_cert) != bool(self.data_tls_key):
-            raise ValueError("--data-tls-cert and --data-tls-key go together")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_data_tls_flags(cls, data: Any) -> Any:
+        """The data plane uses the service's --tls-* files since security was wired: say so plainly."""
+        if isinstance(data, dict):
+            old = sorted(k for k in data if str(k).startswith("data_tls_"))
+            if old:
+                raise ValueError(f"{', '.join(old)}: the data plane now uses --tls-cert/--tls-key/--tls-ca "
+                                 "(see docs/dataplane.md)")
+        return data
+
+    @field_validator("namespace_quotas")
+    @classmethod
+    def _check_quotas(cls, value: str) -> str:
+        _overrides(value, parse_size)
+        return value
+
+    @field_validator("namespace_rate_limits")
+    @classmethod
+    def _check_rates(cls, value: str) -> str:
+        _overrides(value, float)
+        return value
+
+    @property
+    def quota_overrides(self) -> dict[str, int]:
+        return _overrides(self.namespace_quotas, parse_size)
+
+    @property
+    def rate_overrides(self) -> dict[str, float]:
+        return _overrides(self.namespace_rate_limits, float)
 
     @field_validator(
         "max_value_bytes",
@@ -112,6 +162,7 @@ class CacheNodeSettings(MemberSettings):
         "data_max_frame_bytes",
         "data_max_inflight_bytes",
         "data_min_rate_bytes",
+        "namespace_quota_bytes",
         mode="before",
     )
     @classmethod

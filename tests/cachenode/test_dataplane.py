@@ -26,7 +26,8 @@ from kvmesh.client.dataplane import (
     client_ssl_context,
 )
 from kvmesh.frames import Flag, Op, Status
-from kvmesh.tools.testing.certs import make_tls_files
+from kvmesh.security.tls import ClientTLS, TLSFiles
+from kvmesh.tools.testing.certs import TlsFiles, make_tls_files
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.v1 import cachenode_pb2
@@ -347,9 +348,15 @@ async def test_inflight_budget_is_shared_by_connections() -> None:
         second.close()
 
 
+def _tls_flags(tls: TlsFiles, require_client_cert: bool) -> dict[str, Any]:
+    """The service's own --tls-* flags: the data plane serves with the same files as gRPC."""
+    return {"tls_cert": str(tls.cert), "tls_key": str(tls.key), "tls_ca": str(tls.ca),
+            "tls_require_client_cert": require_client_cert}
+
+
 async def test_tls_data_plane(tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path)
-    async with node(data_tls_cert=str(tls.cert), data_tls_key=str(tls.key)) as (mesh, endpoint):
+    async with node(**_tls_flags(tls, require_client_cert=False)) as (mesh, endpoint):
         address = mesh.of_role("cachenode")[0].address
         value = os.urandom(3 * MiB)
         context = client_ssl_context(str(tls.ca))
@@ -370,11 +377,13 @@ async def test_tls_data_plane(tmp_path: Path) -> None:
             _, writer = await asyncio.open_connection(host, int(port), ssl=ssl.create_default_context())
             writer.close()
         infos = [NodeInfo("n0", address, data_endpoint=endpoint)]
+        grpc_tls = ClientTLS(TLSFiles(tls_ca=tls.ca))
         async with await CacheClient.from_nodes(
-            infos, namespace="ns", local="never", data_ssl=ssl.create_default_context()
+            infos, namespace="ns", local="never", data_ssl=ssl.create_default_context(), tls=grpc_tls
         ) as c:
             assert await c.get(b"secret") == value
-        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=context) as c:
+        # By default the client library's data plane uses the same CA as its gRPC channels.
+        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", tls=grpc_tls) as c:
             assert await c.get(b"secret") == value
             data = c._nodes["n0"].data
             assert data is not None
@@ -385,8 +394,7 @@ async def test_tls_data_plane(tmp_path: Path) -> None:
 
 async def test_mutual_tls(tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path)
-    settings = {"data_tls_cert": str(tls.cert), "data_tls_key": str(tls.key), "data_tls_client_ca": str(tls.ca)}
-    async with node(**settings) as (mesh, endpoint):
+    async with node(**_tls_flags(tls, require_client_cert=True)) as (mesh, endpoint):
         address = mesh.of_role("cachenode")[0].address
         with_cert = client_ssl_context(str(tls.ca), str(tls.client_cert), str(tls.client_key))
         pool = DataPlanePool(endpoint, ssl_context=with_cert)
@@ -401,11 +409,12 @@ async def test_mutual_tls(tmp_path: Path) -> None:
         finally:
             await anonymous.close()
         infos = [NodeInfo("n0", address, data_endpoint=endpoint)]
+        mutual = ClientTLS(TLSFiles(tls_ca=tls.ca, tls_cert=tls.client_cert, tls_key=tls.client_key))
         async with await CacheClient.from_nodes(
-            infos, namespace="ns", local="never", data_ssl=client_ssl_context(str(tls.ca))
+            infos, namespace="ns", local="never", data_ssl=client_ssl_context(str(tls.ca)), tls=mutual
         ) as client:
             assert await client.get(b"m") == b"mutual"  # over gRPC
-        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", data_ssl=with_cert) as client:
+        async with await CacheClient.from_nodes(infos, namespace="ns", local="never", tls=mutual) as client:
             assert await client.get(b"m") == b"mutual"
             data = client._nodes["n0"].data
             assert data is not None

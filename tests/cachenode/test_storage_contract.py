@@ -152,3 +152,28 @@ async def test_eviction_keeps_within_capacity(kind: str, request: pytest.Fixture
         assert await storage.get("ns", b"e39") is not None  # still serving after refusing
     finally:
         await storage.close()
+
+
+# (namespace, key) pairs a careless encoding maps to one stored key: a separator that may occur in
+# either part, plain concatenation, a namespace that is a prefix of another with the rest moved
+# into the key. A namespace is a tenant boundary: every pair must stay its own value.
+COLLIDING = [
+    ("tenant-a\0x", b"k"), ("tenant-a", b"x\0k"),
+    ("ab", b"c"), ("a", b"bc"), ("", b"abc"),
+    ("a/b", b"c"), ("a", b"/b/c"), ("a:b", b"c"), ("a", b":b:c"),
+    ("\x01", b"a"), ("", b"\x01\x00\x00a"),
+    ("a" * 255, b"k"), ("a" * 254, b"ak"),
+]
+
+
+async def test_namespaces_never_collide(storage: Storage) -> None:
+    for i, (namespace, key) in enumerate(COLLIDING):
+        await storage.put(namespace, key, f"value {i}".encode())
+    for i, (namespace, key) in enumerate(COLLIDING):
+        assert await storage.get(namespace, key) == f"value {i}".encode(), (namespace, key)
+    assert await storage.exists("a", [b"b/c", b"bc\0"]) == [False, False]
+    # Deleting one pair leaves every other one in place.
+    assert await storage.delete("a", b"bc") is True
+    assert await storage.get("a", b"bc") is None
+    assert await storage.get("ab", b"c") == f"value {COLLIDING.index(('ab', b'c'))}".encode()
+    assert await storage.get("", b"abc") == f"value {COLLIDING.index(('', b'abc'))}".encode()

@@ -21,6 +21,7 @@ from kvmesh.v1 import cachenode_pb2
 from tests.cachenode.test_storage_contract import (  # noqa: F401 - the shared storage contract, on rdma://
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
+    test_namespaces_never_collide,
     test_overwrite_delete_and_namespaces,
     test_round_trip_of_every_size,
     test_ttl_expires,

@@ -13,6 +13,7 @@ from kvmesh.services.cachenode.storage.registry import build_storage
 from tests.cachenode.test_storage_contract import (  # noqa: F401 - collected here with this module's storage
     test_concurrent_writers_and_readers_never_see_torn_values,
     test_exists_and_batches_keep_order,
+    test_namespaces_never_collide,
     test_overwrite_delete_and_namespaces,
     test_round_trip_of_every_size,
     test_ttl_expires,

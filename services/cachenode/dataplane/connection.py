@@ -12,6 +12,14 @@ Bounds: a frame's metadata and payload are checked against the limits before any
 allocated; the node-wide budget of PUT bytes in flight is shared by every connection; a
 connection whose unsent responses pass a frame's worth stops being read until they drain;
 a connection that moves less than `min_rate_bytes` per second while busy, or idles, is cut.
+
+Identity: over mutual TLS the connection's principal is the client certificate's subject Common
+Name; an AUTH frame (a bearer token, sent once at connection start) names the principal the
+policy gives that token's digest, and takes precedence, as in gRPC. With a policy in force, a
+request on a connection without a principal is answered UNAUTHENTICATED and the connection
+closes; an unknown token likewise. Each request then passes the node's tenant gate (namespace
+permission, rate, quota) before the storage sees it; a refused request is answered with its
+error frame and the connection goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 from kvmesh import frames
 from kvmesh.frames import Flag, FrameError, Header, Op, Status
 from kvmesh.runtime.errors import KvmeshError, ResourceExhausted, Unavailable, status_for
+from kvmesh.security.identity import Principal, token_digest
 from kvmesh.services.cachenode.limits import MAX_NAMESPACE_BYTES
 from kvmesh.services.cachenode.storage.base import Pinned
 from kvmesh.services.cachenode.storage.write import ReservedWrite, Write, WriteBatch
@@ -47,6 +56,16 @@ _HEADER, _META, _VALUES, _CLOSED = range(4)
 _OPS = frozenset(int(op) for op in Op)
 
 
+def _certificate_principal(transport: asyncio.BaseTransport) -> Principal | None:
+    """The verified client certificate's subject CN (TLS with client certificates), else None."""
+    peercert = transport.get_extra_info("peercert")
+    for rdn in (peercert or {}).get("subject", ()):
+        for field, value in rdn:
+            if field == "commonName" and value.strip():
+                return Principal(value.strip(), "certificate")
+    return None
+
+
 def status_code(exc: BaseException) -> int:
     """The frame status of an exception (the gRPC code number)."""
     code, _ = status_for(exc)
@@ -66,6 +85,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self._want = frames.HEADER_BYTES
         self._pos = 0
         self._header: Header | None = None
+        self._principal: Principal | None = None  # from the client certificate, or an AUTH frame
         # The PUT being received.
         self._namespace = ""
         self._ttl = 0
@@ -101,6 +121,7 @@ class DataConnection(asyncio.BufferedProtocol):
         else:
             self._transport.set_write_buffer_limits(high=0)  # resume_writing = everything sent: pins may go
         self._node.connections.add(self)
+        self._principal = _certificate_principal(self._transport)
         self._schedule_check()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -182,6 +203,11 @@ class DataConnection(asyncio.BufferedProtocol):
         node = self._node
         if header.flags & Flag.RESPONSE:
             raise FrameError("a client sent a response frame")
+        if header.op == Op.AUTH:
+            if header.payload_len or header.entries or not 0 < header.meta_len <= frames.MAX_TOKEN_BYTES:
+                raise FrameError(f"an AUTH frame carries a token of 1..{frames.MAX_TOKEN_BYTES} bytes and nothing else")
+            self._expect(_META, memoryview(bytearray(header.meta_len)), header.meta_len)
+            return
         if header.entries > node.dp_limits.max_batch_keys:
             raise FrameError(f"{header.entries} keys in one frame (at most {node.dp_limits.max_batch_keys})")
         bound = frames.request_meta_bound(
@@ -214,6 +240,16 @@ class DataConnection(asyncio.BufferedProtocol):
     def _on_meta(self) -> None:
         header = self._header
         assert header is not None and self._target is not None
+        if header.op == Op.AUTH:
+            token = bytes(self._target)
+            self._next_header()
+            self._authenticate(header, token)
+            return
+        tenants = self._node.tenants
+        if tenants.enforcing and self._principal is None:
+            self._fail(Status.UNAUTHENTICATED, "this node enforces a security policy: connect with a client "
+                                               "certificate (mutual TLS) or send an AUTH frame with a token first")
+            return
         request = frames.decode_request(header.op, header.entries, self._target)
         self._next_header()
         if header.op == Op.PUT:
@@ -223,6 +259,10 @@ class DataConnection(asyncio.BufferedProtocol):
             storage = self._storage()
             self._node.limits.check_namespace(request.namespace)
             self._node.limits.check_keys(request.keys)
+            if header.op == Op.DELETE:
+                tenants.delete(self._principal, request.namespace)
+            else:
+                tenants.read(self._principal, request.namespace)
         except KvmeshError as exc:
             self._send_error(header, status_code(exc), str(exc))
             return
@@ -230,6 +270,17 @@ class DataConnection(asyncio.BufferedProtocol):
             self._get(storage, header, request.namespace, request.keys)
         else:
             self._spawn(self._exists_or_delete(storage, header, request.namespace, request.keys))
+
+    def _authenticate(self, header: Header, token: bytes) -> None:
+        """An AUTH frame: the token's principal becomes the connection's (ignored without a policy)."""
+        tenants = self._node.tenants
+        if tenants.enforcing:
+            principal = tenants.authorizer.principal_for_token(token_digest(token.decode(errors="replace").strip()))
+            if principal is None:
+                self._fail(Status.UNAUTHENTICATED, "bad credentials: unknown token")
+                return
+            self._principal = principal
+        self._send([frames.encode_codes(Op.AUTH, header.request_id, b"")])
 
     def _storage(self) -> Storage:
         storage = self._node.storage
@@ -258,6 +309,8 @@ class DataConnection(asyncio.BufferedProtocol):
             limits.check_keys(request.keys)
             for size in request.sizes:
                 limits.check_size(size)
+            self._node.tenants.write(self._principal, request.namespace, list(zip(request.keys, request.sizes,
+                                                                                  strict=True)))
             if not self._node.budget.take(header.payload_len):
                 raise ResourceExhausted(
                     f"the node is receiving {self._node.budget.used} bytes of values already "
@@ -389,7 +442,10 @@ class DataConnection(asyncio.BufferedProtocol):
             if header.op == Op.EXISTS:
                 answers = await storage.exists(namespace, keys) if keys else []
             else:
-                answers = [await storage.delete(namespace, key) for key in keys]
+                answers = []
+                for key in keys:
+                    answers.append(await storage.delete(namespace, key))
+                    self._node.tenants.deleted(namespace, key)
         except Exception as exc:
             self._send_error(header, status_code(exc), status_for(exc)[1])
             return

@@ -1,4 +1,9 @@
-"""The data-plane listener: accepts connections (plain TCP or TLS) and owns them until close."""
+"""The data-plane listener: accepts connections (plain TCP or TLS) and owns them until close.
+
+TLS comes from the service's own settings (`--tls-cert`, `--tls-key`, `--tls-ca`,
+`--tls-require-client-cert`: `kvmesh.security.tls.server_ssl_context`, rotating), so the data
+plane and the gRPC port present the same certificate and accept the same clients. Who may do
+what is the node's `TenantGate`, the same one gRPC asks."""
 
 from __future__ import annotations
 
@@ -11,18 +16,9 @@ from kvmesh.services.cachenode.dataplane.connection import DataConnection
 from kvmesh.services.cachenode.dataplane.limits import DataPlaneLimits, InflightBudget
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Storage
+from kvmesh.services.cachenode.tenants import TenantGate
 
 log = logging.getLogger("kvmesh.cachenode.dataplane")
-
-
-def server_ssl_context(cert_file: str, key_file: str, client_ca_file: str | None = None) -> ssl.SSLContext:
-    """A TLS server context from PEM files; with a client CA, clients must present a certificate (mTLS)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    if client_ca_file:
-        context.load_verify_locations(client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class DataPlaneServer:
@@ -34,8 +30,10 @@ class DataPlaneServer:
         limits: Limits,
         dp_limits: DataPlaneLimits,
         ssl_context: ssl.SSLContext | None = None,
+        tenants: TenantGate | None = None,
     ) -> None:
         self._storage = storage
+        self.tenants = tenants or TenantGate()
         self.limits = limits
         self.dp_limits = dp_limits
         self.budget = InflightBudget(dp_limits.max_inflight_bytes)

@@ -4,6 +4,12 @@
 tells the client where the node's memory is, and when the stream ends, for whatever reason
 (the client closed it, the client process died and its connection broke, the node is
 stopping), the session's views are released and its unsealed allocations dropped.
+
+With a security policy, attaching needs admin or namespaces read and write `*`: an attached
+client maps the node's whole arena, every tenant's values included, so per-namespace grants
+cannot fence it. The session remembers who attached; its calls (over gRPC, only from that same
+principal, or over the local control socket, see control.py) act as that principal and still
+pass the tenant gate per namespace (permission, rate, quota) like every other plane.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, Unavailable, guard
+from kvmesh.runtime.errors import FailedPrecondition, KvmeshError, PermissionDenied, Unavailable, guard
+from kvmesh.security.identity import current_principal
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Pinned, Storage
 from kvmesh.services.cachenode.storage.tiered import TieredStorage
+from kvmesh.services.cachenode.tenants import TenantGate
 from kvmesh.services.cachenode.zerocopy.attachments import Attachment, AttachmentTable, ZeroCopyLimits
 from kvmesh.services.cachenode.zerocopy.control import ControlSocket
 from kvmesh.services.cachenode.zerocopy.exports import exports_of
@@ -31,9 +39,11 @@ class ZeroCopyApi:
     """Data-path sessions over one node's storage; `start()` runs the allocation sweeper."""
 
     def __init__(
-        self, storage: Storage, limits: ZeroCopyLimits | None = None, control_socket: bool = True
+        self, storage: Storage, limits: ZeroCopyLimits | None = None, control_socket: bool = True,
+        tenants: TenantGate | None = None,
     ) -> None:
         self.limits = limits or ZeroCopyLimits()
+        self.tenants = tenants or TenantGate()
         self._storage = storage.mappable()
         # With a tier list, the data path works on L1 and keeps the tiers' contract: sealed
         # values are written through to the lower tiers, and acquiring a value that only a
@@ -65,6 +75,7 @@ class ZeroCopyApi:
         max_pinned_fraction: float = ZeroCopyLimits.max_pinned_fraction,
         view_lease_ms: int = int(ZeroCopyLimits.view_lease_s * 1000),
         control_socket: bool = True,
+        tenants: TenantGate | None = None,
     ) -> ZeroCopyApi | None:
         """The data path of a cache node, from its settings; None when its storage offers no transport."""
         storage_zc = storage.mappable()
@@ -81,6 +92,7 @@ class ZeroCopyApi:
                 view_lease_s=view_lease_ms / 1000,
             ),
             control_socket=control_socket,
+            tenants=tenants,
         )
 
     @property
@@ -148,7 +160,9 @@ class ZeroCopyApi:
             if self._draining:
                 raise Unavailable("the cache node is stopping")
             table = self._table()
-            session = table.open(request.client_id, request.transport)
+            principal = current_principal()
+            self.tenants.authorizer.check_every_namespace(principal)
+            session = table.open(request.client_id, request.transport, principal)
         except KvmeshError as exc:
             await context.abort(exc.code, str(exc))
             return
@@ -181,25 +195,37 @@ class ZeroCopyApi:
     async def allocate(
         self, request: cachenode_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.AllocateResponse:
+        self._owned(request.session_id)
         return await self.handle_allocate(request)
 
     @guard
     async def seal(
         self, request: cachenode_pb2.SealRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.SealResponse:
+        self._owned(request.session_id)
         return await self.handle_seal(request)
 
     @guard
     async def acquire(
         self, request: cachenode_pb2.AcquireRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.AcquireResponse:
+        self._owned(request.session_id)
         return await self.handle_acquire(request)
 
     @guard
     async def release_views(
         self, request: cachenode_pb2.ReleaseViewsRequest, context: grpc.aio.ServicerContext
     ) -> cachenode_pb2.ReleaseViewsResponse:
+        self._owned(request.session_id)
         return await self.handle_release_views(request)
+
+    def _owned(self, session_id: str) -> None:
+        """With a policy, a session's gRPC calls come only from the principal that attached it."""
+        if not self.tenants.enforcing:
+            return
+        caller, owner = current_principal(), self._session(session_id).principal
+        if caller is None or owner is None or caller.name != owner.name:
+            raise PermissionDenied(f"data-path session {session_id!r} belongs to another principal")
 
     @property
     def calls_complete_at_once(self) -> bool:
@@ -212,6 +238,8 @@ class ZeroCopyApi:
     def allocate_now(self, request: cachenode_pb2.AllocateRequest) -> cachenode_pb2.AllocateResponse:
         session = self._session(request.session_id)
         items = [(i.key, i.size) for i in request.items] or [(request.key, request.size)]
+        self.limits.requests.check_namespace(request.namespace)
+        self.tenants.write(session.principal, request.namespace, [(bytes(k), s) for k, s in items])
         allocations = self._table().allocate(session, request.namespace, items, request.ttl_seconds)
         segment = session.export.segment
         messages = [
@@ -277,6 +305,8 @@ class ZeroCopyApi:
         table = self._table()
         if request.release_view_ids:
             table.release(session, request.release_view_ids)
+        self.limits.requests.check_namespace(request.namespace)
+        self.tenants.read(session.principal, request.namespace)
         return session, table.acquire(session, request.namespace, request.keys)
 
     @staticmethod

@@ -34,6 +34,7 @@ from kvmesh.runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvmesh.security.identity import Principal
 from kvmesh.services.cachenode.limits import Limits
 from kvmesh.services.cachenode.storage.base import Pinned, ZeroCopyStorage
 from kvmesh.services.cachenode.storage.write import ReservedWrite
@@ -102,6 +103,7 @@ class Attachment:
     released_views: _Recent = field(default_factory=_Recent)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     on_end: list[Callable[[], None]] = field(default_factory=list)  # e.g. close its control connection
+    principal: Principal | None = None  # who attached (with a policy): the session acts as it
 
     @property
     def transport_name(self) -> str:
@@ -125,7 +127,8 @@ class AttachmentTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, client_id: str, transport: int) -> Attachment:  # transport: cachenode_pb2.Transport
+    def open(self, client_id: str, transport: int,  # transport: cachenode_pb2.Transport
+             principal: Principal | None = None) -> Attachment:
         export = self.exports.get(transport)
         if export is None:
             offered = ", ".join(TRANSPORT_NAMES[t] for t in sorted(self.exports)) or "none"
@@ -140,7 +143,8 @@ class AttachmentTable:
             raise ResourceExhausted(
                 f"this node already serves {self.limits.max_sessions} data-path sessions (--max-sessions)"
             )
-        session = Attachment(id=secrets.token_hex(8), client_id=client_id[:256], export=export)
+        # 128 random bits: the id is the capability the local control socket's HELLO presents.
+        session = Attachment(id=secrets.token_hex(16), client_id=client_id[:256], export=export, principal=principal)
         self._sessions[session.id] = session
         log.debug("session %s attached (client %s, %s)", session.id, session.client_id, session.transport_name)
         return session

@@ -9,6 +9,13 @@ hands out. One connection per session: a HELLO binds it, the session's end close
 connections are bounded by `--max-sessions` (plus a few waiting for their HELLO, which must
 come within `HELLO_TIMEOUT_S`).
 
+Authentication, with a security policy: two checks. The peer's credentials (SO_PEERCRED) must
+name this node's own user or root — the only users that can map the node's shared-memory
+segment (mode 0600) anyway; any other local user is refused PERMISSION_DENIED before its HELLO.
+The HELLO then presents the session id, 128 random bits that only the authenticated Attach stream
+hands out: it is the bearer token binding the connection to that session, whose principal every
+call acts as (namespace grants, rates and quotas are checked per call, see api.py).
+
 Requests on one connection are answered in order. Calls that never await (a storage without
 lower tiers) are served inside `data_received`, with no task per call; the others run in a
 task while later frames wait. Memory per connection is bounded: one frame is at most
@@ -26,6 +33,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,7 +53,20 @@ HELLO_TIMEOUT_S = 5.0
 PENDING_HELLOS = 16  # connections allowed to wait for their HELLO at once, beyond the sessions
 MAX_QUEUED = 64  # frames read ahead on one connection while an earlier call runs
 
-RESOURCE_EXHAUSTED, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 8, 3, 4
+RESOURCE_EXHAUSTED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, PERMISSION_DENIED = 8, 3, 4, 7
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The user id of the process at the other end of a Unix socket (None when unknown)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return None
+    return int(uid)
 
 
 class ControlSocket:
@@ -160,6 +181,9 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         if len(self._server.connections) >= self._server.max_connections:
             self._fail(RESOURCE_EXHAUSTED, "too many control connections (bounded by --max-sessions)")
+            return
+        if self._server.api.tenants.enforcing and peer_uid(transport) not in (os.geteuid(), 0):
+            self._fail(PERMISSION_DENIED, "the control socket serves only this node's own user (and root)")
             return
         self._server.connections.add(self)
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
