@@ -51,7 +51,8 @@ async def test_envoy_reaches_the_picker_over_mutual_tls_as_an_authorized_gateway
     async with process_mesh(metadata=1, routers=1, wait_registered=False, timeout=None, ready_timeout=60,
                             metadata_settings=flags(ca, "metadata", pki), router_settings=router) as mesh:
         for i in range(2):
-            await mesh.add("engine", **ENGINE, **flags(ca, f"engine-{i}", pki))
+            engine: dict[str, Any] = {**ENGINE, **flags(ca, f"engine-{i}", pki)}
+            await mesh.add("engine", **engine)
         ops = issue(ca, "ops", pki)
         tls = ClientTLS(TLSFiles(tls_ca=ca.cert_path, tls_cert=ops.cert, tls_key=ops.key))
         async with open_channel(mesh.router_address, tls=tls) as channel:
