@@ -139,12 +139,12 @@ class RouterApi(router_pb2_grpc.RouterServicer):
     async def Release(
         self, request: router_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ReleaseResponse:
+        owner = self.access.route_owner()  # authorization first: a refused caller learns nothing more
         if not request.request_id:
             raise InvalidArgument("request_id is required")
         limit = self.core.settings.max_request_id_bytes
         if len(request.request_id.encode()) > limit:
             raise InvalidArgument(f"request_id longer than --max-request-id-bytes {limit}")
-        owner = self.access.route_owner()
         # Unknown ids are fine (release is idempotent); another principal's id is answered the
         # same way and changes nothing, so a release tells nobody whether the id exists.
         if not self.core.release(request.request_id, owner) and self.access.is_admin():
