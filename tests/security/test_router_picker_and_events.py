@@ -23,7 +23,7 @@ from kvmesh.services.router.kv_events.subscriber import KvEventSubscriber
 from kvmesh.services.router.settings import RouterSettings
 from tests.router.helpers import member
 from tests.security.conftest import Pki
-from tests.security.router_mesh import POLICY
+from tests.security.router_mesh import POLICY, refused_stream
 
 MODEL = "m"
 
@@ -57,7 +57,8 @@ async def _pick(pki: Pki, address: str, name: str | None) -> tuple[grpc.StatusCo
             await call.done_writing()
             return grpc.StatusCode.OK, answer
         except grpc.aio.AioRpcError as exc:
-            return exc.code(), None
+            # A refusal may race the client's own send (see router_mesh.CLIENT_SEND_RACE).
+            return (grpc.StatusCode.PERMISSION_DENIED if refused_stream(exc) else exc.code()), None
 
 
 async def test_picker_serves_the_services_tls_and_authorizes_the_gateway(
