@@ -159,8 +159,11 @@ class RouterCore:
         self.pods = PodTable()
         self.pods.recent_window = self.settings.share_window
         self.tree = PrefixTree(self.settings.max_tree_blocks)
-        # request_id → (slot, pod generation, routed at); insertion order is routing order.
-        self._inflight: dict[str, tuple[int, int, float]] = {}
+        # (owner, request_id) → (slot, pod generation, routed at); insertion order is routing order.
+        # The owner is the principal that routed the request ("" without a security policy): one
+        # principal's ids never meet another's, so nobody can release (or re-route) a request
+        # it did not route, even by reusing its id.
+        self._inflight: dict[tuple[str, str], tuple[int, int, float]] = {}
         self._hashers: dict[str, BlockHasher] = {}
         self.routed = 0
         self.events_applied = 0
@@ -239,7 +242,8 @@ class RouterCore:
             self._hashers[model] = h
         return h
 
-    def route_tokens(self, tokens: Sequence[int] | np.ndarray, model: str = "", request_id: str = "") -> Decision:
+    def route_tokens(self, tokens: Sequence[int] | np.ndarray, model: str = "", request_id: str = "",
+                     owner: str = "") -> Decision:
         """Routes a prompt given as token ids (hashed with --block-size; only full blocks count)."""
         self._check_strings(model, request_id)
         limit = self.settings.max_prompt_blocks * self.settings.block_size
@@ -253,20 +257,23 @@ class RouterCore:
             ids = _block_ids(self.hasher(model).token_keys(tokens))
         except (ValueError, OverflowError, TypeError) as exc:
             raise InvalidArgument(f"bad token ids: {exc}") from None
-        return self.route(ids, model, request_id, checked=True)
+        return self.route(ids, model, request_id, checked=True, owner=owner)
 
-    def route_text(self, text: str, model: str = "", request_id: str = "") -> Decision:
+    def route_text(self, text: str, model: str = "", request_id: str = "", owner: str = "") -> Decision:
         """Routes a text prompt (blocks of --text-block-bytes UTF-8 bytes)."""
         self._check_strings(model, request_id)
         if len(text) >= (self.settings.max_prompt_blocks + 1) * self.settings.text_block_bytes:
             raise InvalidArgument("text prompt is over --max-prompt-blocks")
-        return self.route(_block_ids(self.hasher(model).text_keys(text)), model, request_id, checked=True)
+        return self.route(_block_ids(self.hasher(model).text_keys(text)), model, request_id, checked=True,
+                          owner=owner)
 
-    def route(self, block_ids: Sequence[int], model: str = "", request_id: str = "", checked: bool = False) -> Decision:
+    def route(self, block_ids: Sequence[int], model: str = "", request_id: str = "", checked: bool = False,
+              owner: str = "") -> Decision:
         """Chooses a pod for a prompt given as chained block ids and counts the request in flight.
 
         `checked` skips the range check when the ids come from a source that guarantees u64
-        (protobuf, the hasher). Raises Unavailable with no engine pod, InvalidArgument on bad ids.
+        (protobuf, the hasher). `owner` is who routed it (only the same owner releases it).
+        Raises Unavailable with no engine pod, InvalidArgument on bad ids.
         """
         self._check_strings(model, request_id)
         if len(block_ids) > self.settings.max_prompt_blocks:
@@ -302,13 +309,14 @@ class RouterCore:
         if not request_id:
             request_id = new_request_id()
         inflight = self._inflight
-        previous = inflight.pop(request_id, None)
+        key = (owner, request_id)
+        previous = inflight.pop(key, None)
         if previous is not None:  # the same request routed again (a retry): count it once
             self._drop(previous)
-        inflight[request_id] = (slot, pod.generation, now)
+        inflight[key] = (slot, pod.generation, now)
         pods.started(slot)
         if len(inflight) > self.settings.max_inflight_requests:  # forget the oldest, as the sweep would
-            self.release(next(iter(inflight)))
+            self._drop(inflight.pop(next(iter(inflight))))
         self.routed += 1
         return Decision(request_id, pod.member_id, pod.address, matched, len(block_ids), self.policy.name, slot)
 
@@ -318,12 +326,21 @@ class RouterCore:
         if pod is not None and pod.generation == generation:
             self.pods.finished(slot)
 
-    def release(self, request_id: str) -> bool:
-        """The request finished: its pod's in-flight load drops. False when it was not in flight."""
-        entry = self._inflight.pop(request_id, None)
+    def release(self, request_id: str, owner: str = "") -> bool:
+        """The request finished: its pod's in-flight load drops. False when `owner` has no such
+        request in flight (unknown, already released, or routed by someone else: all alike)."""
+        entry = self._inflight.pop((owner, request_id), None)
         if entry is None:
             return False
         self._drop(entry)
+        return True
+
+    def release_any(self, request_id: str) -> bool:
+        """An admin's release: the request with this id whoever routed it (one scan; admins only)."""
+        key = next((k for k in self._inflight if k[1] == request_id), None)
+        if key is None:
+            return False
+        self._drop(self._inflight.pop(key))
         return True
 
     def inflight(self, member_id: str) -> int:
@@ -372,13 +389,13 @@ class RouterCore:
         """Forgets requests routed longer than --inflight-timeout-seconds ago and never released."""
         now = self.clock() if now is None else now
         cutoff = now - self.settings.inflight_timeout_seconds
-        stale: list[str] = []
-        for request_id, entry in self._inflight.items():
+        stale: list[tuple[str, str]] = []
+        for key, entry in self._inflight.items():
             if entry[2] >= cutoff:
                 break
-            stale.append(request_id)
-        for request_id in stale:
-            self.release(request_id)
+            stale.append(key)
+        for key in stale:
+            self._drop(self._inflight.pop(key))
         return len(stale)
 
     def expire_pod(self, member_id: str, now: float | None = None) -> int:

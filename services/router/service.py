@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2
 
 from kvmesh.membership import MemberSession, MembershipChange, MembershipWatcher
 from kvmesh.runtime.server import Service
+from kvmesh.services.router.access import RouterAccess
 from kvmesh.services.router.core import RouterCore
 from kvmesh.services.router.kv_events.subscriber import KvEventSubscriber
 from kvmesh.services.router.metrics import register_router_metrics
@@ -44,7 +45,8 @@ class RouterService(Service):
         self.core = RouterCore(settings.policy, settings)
         tokenizers = Tokenizers(settings.tokenizer_paths) if settings.tokenizer else None
         self.kv_events = KvEventSubscriber(self.core, settings)
-        self.servicer = RouterApi(self.core, tokenizers, self.kv_events)
+        self.access = RouterAccess(settings.security_policy)
+        self.servicer = RouterApi(self.core, tokenizers, self.kv_events, self.access)
         register_router_metrics(self.core)
         self._follow = follow_membership
         self.watcher: MembershipWatcher | None = None
@@ -55,7 +57,7 @@ class RouterService(Service):
         if settings.ext_proc_listen:
             from kvmesh.services.router.ext_proc.server import ExtProcServer  # only with the flag: imports xds-protos
 
-            self.ext_proc = ExtProcServer(self.core, settings)
+            self.ext_proc = ExtProcServer(self.core, settings, self.access)
 
     def register(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)

@@ -99,15 +99,14 @@ class RouterSettings(MemberSettings):
     ext_proc_shed_inflight: int = Field(
         0, ge=0, le=1_000_000, description="ext_proc: HTTP 429 when every pod has this many in flight (0: never)"
     )
-    ext_proc_tls_cert: str | None = Field(default=None, description="ext_proc: PEM certificate (TLS listener)")
-    ext_proc_tls_key: str | None = Field(default=None, description="ext_proc: PEM private key (TLS listener)")
     register_self: bool = Field(
         default=True, description="register the router itself with the metadata service (ROLE_ROUTER)"
     )
 
     # ---- vLLM KV events over ZMQ (docs/router.md, "KV events") --------------------------------
     kv_events_listen: str = Field(
-        "", description="central mode: bind one ZMQ SUB here (tcp://127.0.0.1:PORT) that every vLLM connects to"
+        "", description="central mode: bind one ZMQ SUB here (tcp://127.0.0.1:PORT) that every vLLM connects to "
+                  "(default: off; plain ZMQ without TLS: keep it on loopback, docs/security.md)"
     )
     kv_events_connect: bool = Field(
         True, description="per-pod mode: subscribe to each engine member's `kv-events` label endpoint"

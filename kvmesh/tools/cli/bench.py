@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kvmesh.tools.cli.credentials import add_credential_arguments, use_credentials
 from kvmesh.tools.cli.up import (
     MeshSpec,
     add_mesh_arguments,
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     trace.add_argument("--max-inflight", type=int, default=512, help="--live: most requests outstanding")
     trace.add_argument("--quiet", action="store_true", help="no progress bar")
     add_mesh_arguments(trace, MeshSpec(engines=8, cachenodes=2, pool_blocks=0, speedup=10.0, base_port=0))
+    add_credential_arguments(trace)  # --live --router ADDR against a mesh with TLS and a policy
     # One benchmark run may sweep pool sizes: --pool-blocks 0,32000.
     trace.set_defaults(pool_blocks="0")
     for action in trace._actions:
@@ -82,6 +84,8 @@ def _progress(console: Console, quiet: bool) -> Progress:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench_command", None) != "trace":
         print("usage: kvmesh bench trace [FILE] [options]  (see kvmesh bench trace --help)", file=sys.stderr)
+        return 2
+    if not use_credentials(args, "bench"):  # a fresh mesh started with --secure uses its own instead
         return 2
     from kvmesh.tools.replay.report import wide_console
 

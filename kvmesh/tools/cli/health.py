@@ -3,6 +3,9 @@
 The container image's HEALTHCHECK runs it (Kubernetes uses its native `grpc:` probes instead).
 With no `--address` it probes the service configured in the same container: the port of
 `KVMESH_LISTEN` on loopback, so one HEALTHCHECK line serves every kvmesh service.
+Over TLS it takes the tools' credentials (`--tls-ca`, `--tls-cert`, `--tls-key`, or the same
+`KVMESH_TLS_*` variables the service in the container reads, so the probe presents the service's
+own certificate where client certificates are required). Health itself needs no principal.
 Exit codes: 0 serving, 1 not serving or unreachable, 2 bad arguments.
 """
 
@@ -11,6 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+from kvmesh.tools.cli.credentials import add_credential_arguments, credentials_from_args
+
+if TYPE_CHECKING:
+    import grpc
+
+    from kvmesh.security.tls import ClientTLS
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
@@ -25,12 +36,20 @@ def probe_address(listen: str) -> str:
     return f"{host}:{port}"
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """One Health.Check call: (serving, status name or error)."""
+def _channel(address: str, tls: ClientTLS | None) -> grpc.Channel:
+    import grpc  # lazily: a probe runs often and should start fast
+
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=tls.channel_options())
+
+
+def check(address: str, service: str = "", timeout: float = 3.0, tls: ClientTLS | None = None) -> tuple[bool, str]:
+    """One Health.Check call, over TLS with `tls`: (serving, status name or error)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -50,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service", default="", help="gRPC service name to check [default: the whole server]")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer [default: 3]")
     parser.add_argument("--quiet", action="store_true", help="print nothing, only set the exit code")
+    add_credential_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("kvmesh health: --timeout must be positive", file=sys.stderr)
         return 2
-    serving, detail = check(address, args.service, args.timeout)
+    settings = credentials_from_args(args, "health")
+    if settings is None:
+        return 2
+    from kvmesh.security.client import client_tls
+
+    serving, detail = check(address, args.service, args.timeout, client_tls(settings))
     if not args.quiet:
         print(f"{address} {args.service or '(server)'}: {detail}")
     return 0 if serving else 1

@@ -21,6 +21,7 @@ from kvmesh.membership import MembershipChange, MembershipWatcher
 from kvmesh.membership.listing import list_members
 from kvmesh.runtime.channels import open_channel
 from kvmesh.settings import DEFAULT_METADATA_ADDRESS, split_addresses
+from kvmesh.tools.cli.credentials import add_credential_arguments, use_credentials
 from kvmesh.units import format_size
 from kvmesh.v1 import common_pb2, metadata_pb2, metadata_pb2_grpc
 
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=sorted(ROLES), default="all", help="only members of this role")
     parser.add_argument("--watch", action="store_true", help="keep following changes (Ctrl-C stops)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the metadata service")
+    add_credential_arguments(parser)
 
 
 def role_name(role: int) -> str:
@@ -121,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         addresses = split_addresses(args.metadata)
     except ValueError as exc:
         print(f"kvmesh members: invalid --metadata: {exc}", file=sys.stderr)
+        return 2
+    if not use_credentials(args, "members"):
         return 2
     role = ROLES[args.role]
     console = Console()

@@ -15,6 +15,7 @@ import sys
 import grpc
 
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tools.cli.credentials import add_credential_arguments, use_credentials
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7600"  # `kvmesh router`'s default --listen
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="do not release the request afterwards")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the router [default 5]")
+    add_credential_arguments(parser)
 
 
 def build_request(args: argparse.Namespace) -> router_pb2.RouteRequest:
@@ -81,4 +83,6 @@ async def _route(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not use_credentials(args, "route"):
+        return 2
     return asyncio.run(_route(args))

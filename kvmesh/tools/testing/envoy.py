@@ -7,6 +7,8 @@ whose `ext_proc` filter asks the router (request headers and the BUFFERED body; 
 skipped: the picker releases the load when Envoy closes the stream at the end of the HTTP
 stream), and an `ORIGINAL_DST` cluster that sends the request to the `ip:port`
 the picker put in `x-gateway-destination-endpoint`. Everything listens on 127.0.0.1.
+With `PickerTLS`, Envoy dials the picker over mutual TLS: it verifies the router's certificate
+against the mesh CA and presents its own (whose Common Name is the gateway's principal).
 """
 
 from __future__ import annotations
@@ -95,17 +97,50 @@ static_resources:
 """
 
 
+PICKER_TLS_TEMPLATE = """\
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {server_name}
+        common_tls_context:
+          alpn_protocols: ["h2"]
+          tls_certificates:
+          - certificate_chain: {{filename: {cert}}}
+            private_key: {{filename: {key}}}
+          validation_context:
+            trusted_ca: {{filename: {ca}}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: {server_name}}}
+"""
+
+
+@dataclass(frozen=True)
+class PickerTLS:
+    """Mutual TLS from Envoy to the picker: the mesh CA, Envoy's certificate and key, and the
+    name the router's certificate must carry (sent as SNI and checked among its DNS names)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    server_name: str = "localhost"
+
+
 def envoy_config(
     picker: str,
     listen: str = "127.0.0.1:8080",
     admin_port: int = 9901,
     failure_mode_allow: bool = False,
     body_limit: int = 4 * 1024 * 1024,
+    picker_tls: PickerTLS | None = None,
 ) -> str:
     """The gateway's config: `picker` is the router's --ext-proc-listen HOST:PORT."""
     picker_host, _, picker_port = picker.rpartition(":")
     listen_host, _, listen_port = listen.rpartition(":")
     is_ip = picker_host.replace(".", "").isdigit() or ":" in picker_host
+    tls = "" if picker_tls is None else PICKER_TLS_TEMPLATE.format(
+        server_name=picker_tls.server_name, cert=picker_tls.cert, key=picker_tls.key, ca=picker_tls.ca)
     return CONFIG_TEMPLATE.format(
         admin_port=admin_port,
         listen_host=listen_host,
@@ -115,7 +150,7 @@ def envoy_config(
         picker_type="STATIC" if is_ip else "STRICT_DNS",
         picker_host=picker_host,
         picker_port=picker_port,
-    )
+    ) + tls
 
 
 def envoy_binary() -> Path:
@@ -161,10 +196,12 @@ class EnvoyGateway:
                 self.process.wait(10)
 
 
-def start_envoy(workdir: Path, picker: str, failure_mode_allow: bool = False) -> EnvoyGateway:
+def start_envoy(workdir: Path, picker: str, failure_mode_allow: bool = False,
+                picker_tls: PickerTLS | None = None) -> EnvoyGateway:
     """Starts Envoy with `envoy_config` on free 127.0.0.1 ports and waits until it is ready."""
     port, admin = free_port(), free_port()
-    return run_envoy(workdir, envoy_config(picker, f"127.0.0.1:{port}", admin, failure_mode_allow), port, admin)
+    config = envoy_config(picker, f"127.0.0.1:{port}", admin, failure_mode_allow, picker_tls=picker_tls)
+    return run_envoy(workdir, config, port, admin)
 
 
 def run_envoy(workdir: Path, config_text: str, port: int, admin_port: int) -> EnvoyGateway:

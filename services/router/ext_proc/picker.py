@@ -16,6 +16,10 @@ shedding limit. A pod that left (kept by the core for `--rejoin-grace-seconds` a
 resort) is never sent a request: that is a 503 too. The HTTP face of an engine is its
 `openai-address` label when it has one (the engine simulator serves gRPC at its member
 address), else the member address itself (a vLLM pod registered by its sidecar).
+
+With a security policy the gateway's principal (its client certificate, or a token) must be
+allowed to route (`allows_route`), else the stream ends PERMISSION_DENIED before anything is
+routed; its requests are in flight under its name, so no `Router.Release` by anyone else drops them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from kvmesh.openai_prompt import BadBody, PromptSpec, parse_body
-from kvmesh.runtime.errors import InvalidArgument, Unavailable
+from kvmesh.runtime.errors import InvalidArgument, KvmeshError, Unavailable, status_for
+from kvmesh.services.router.access import RouterAccess
 from kvmesh.services.router.core import Decision, RouterCore
 
 log = logging.getLogger("kvmesh.router.ext_proc")
@@ -97,9 +102,10 @@ class PickerLimits:
 class ExtProcApi(ep_grpc.ExternalProcessorServicer):
     """`envoy.service.ext_proc.v3.ExternalProcessor` over a `RouterCore`."""
 
-    def __init__(self, core: RouterCore, limits: PickerLimits) -> None:
+    def __init__(self, core: RouterCore, limits: PickerLimits, access: RouterAccess | None = None) -> None:
         self.core = core
         self.limits = limits
+        self.access = access or RouterAccess(None)
         self._ids = itertools.count(1)
         self.picked = 0
         self.rejected = 0
@@ -119,18 +125,18 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
         mask = pods.candidates(model)
         return bool(mask) and min(pods.loads_of(mask)) >= limit
 
-    def pick(self, spec: PromptSpec, request_id: str) -> Decision:
+    def pick(self, spec: PromptSpec, request_id: str, owner: str = "") -> Decision:
         """Routes like `Route` does; raises `Rejected` with the HTTP answer otherwise."""
         if self._shedding(spec.model):
             raise Rejected(429, "overloaded", "every engine is at the load-shedding limit; retry later")
         core = self.core
         try:
             if spec.tokens is not None:
-                decision = core.route_tokens(spec.tokens, spec.model, request_id)
+                decision = core.route_tokens(spec.tokens, spec.model, request_id, owner=owner)
             elif spec.text:
-                decision = core.route_text(spec.text, spec.model, request_id)
+                decision = core.route_text(spec.text, spec.model, request_id, owner=owner)
             else:
-                decision = core.route((), spec.model, request_id, checked=True)
+                decision = core.route((), spec.model, request_id, checked=True, owner=owner)
         except Unavailable as exc:
             raise Rejected(503, "unavailable", f"no engine can serve model {spec.model!r}: {exc}") from None
         except InvalidArgument as exc:
@@ -139,11 +145,11 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
         if pod is None or pod.departed_at is not None:
             # The core's last resort while no engine is live is a pod that left within
             # --rejoin-grace-seconds; an HTTP request cannot wait for it to come back.
-            core.release(decision.request_id)
+            core.release(decision.request_id, owner)
             raise Rejected(503, "unavailable", f"no live engine can serve model {spec.model!r}")
         return decision
 
-    def _answer(self, body: bytes, request_id: str, phase: str) -> tuple[ep.ProcessingResponse, bool]:
+    def _answer(self, body: bytes, request_id: str, phase: str, owner: str = "") -> tuple[ep.ProcessingResponse, bool]:
         """The response to the request's last inbound message, and whether it was routed."""
         try:
             if len(body) > self.limits.max_body_bytes:
@@ -153,7 +159,7 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
                 spec = parse_body(body)
             except BadBody as exc:
                 raise Rejected(400, "invalid_request_error", str(exc)) from None
-            decision = self.pick(spec, request_id)
+            decision = self.pick(spec, request_id, owner)
         except Rejected as exc:
             self.rejected += 1
             return immediate(exc.status, exc.kind, str(exc)), False
@@ -169,6 +175,14 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
         request_id = f"xp{next(self._ids)}"
+        try:
+            owner = self.access.route_owner()  # the gateway's principal must be allowed to route
+        except KvmeshError as exc:
+            code, message = status_for(exc)
+            try:
+                await context.abort(code, message)
+            except grpc.aio.AbortError:
+                return  # the status is set; ending quietly keeps it from turning INTERNAL
         routed = False
         body = bytearray()
         limit = self.limits.max_body_bytes
@@ -177,7 +191,7 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
                     if message.request_headers.end_of_stream:  # no body (GET): routed by load
-                        response, routed = self._answer(b"", request_id, "headers")
+                        response, routed = self._answer(b"", request_id, "headers", owner)
                         yield response
                     else:
                         yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
@@ -186,7 +200,7 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
                     if len(body) <= limit:  # past the limit, stop copying: the answer is 413 anyway
                         body += chunk.body
                     if chunk.end_of_stream:
-                        response, routed = self._answer(bytes(body), request_id, "body")
+                        response, routed = self._answer(bytes(body), request_id, "body", owner)
                         body = bytearray()
                         yield response
                     else:
@@ -197,15 +211,15 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
                 # The load drops before the answer goes out, so whoever sees the answer sees it dropped.
                 elif kind == "response_headers":
                     if message.response_headers.end_of_stream and routed:
-                        routed = not self.core.release(request_id)
+                        routed = not self.core.release(request_id, owner)
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
                 elif kind == "response_body":
                     if message.response_body.end_of_stream and routed:
-                        routed = not self.core.release(request_id)
+                        routed = not self.core.release(request_id, owner)
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif kind == "response_trailers":
                     if routed:
-                        routed = not self.core.release(request_id)
+                        routed = not self.core.release(request_id, owner)
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                 else:
                     # Observability-only or unknown messages need no answer.
@@ -214,4 +228,4 @@ class ExtProcApi(ep_grpc.ExternalProcessorServicer):
             # The response ended without an end of stream we saw: a reset, a client gone, Envoy
             # closing the stream. Either way the request no longer loads the pod.
             if routed:
-                self.core.release(request_id)
+                self.core.release(request_id, owner)

@@ -28,6 +28,7 @@ import zmq.asyncio
 from kvmesh.membership import MembershipChange
 from kvmesh.services.router.core import RouterCore
 from kvmesh.services.router.kv_events.decode import DecodeError, EventBatch, decode_batch
+from kvmesh.services.router.kv_events.exposure import warn_if_exposed
 from kvmesh.services.router.kv_events.ingest import EventIngest, PodStream, Verdict, engine_slices
 from kvmesh.services.router.settings import RouterSettings
 from kvmesh.tasks import cancel_and_wait
@@ -91,6 +92,7 @@ class KvEventSubscriber:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.bind(self.settings.kv_events_listen)
             self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            warn_if_exposed(self.settings.kv_events_listen, self.settings.security_policy is not None)
             self._central = asyncio.create_task(self._receive(sock, None), name="kv-events-central")
         self._consumer = asyncio.create_task(self._consume(), name="kv-events-consumer")
         for pod in list(self.core.pods.by_id.values()):
