@@ -1,8 +1,10 @@
 """`kvmesh health`: one grpc.health.v1 Check, exit 0 when SERVING.
 
-The container image's HEALTHCHECK runs it (Kubernetes uses its native `grpc:` probes instead).
-With no `--address` it probes the service configured in the same container: the port of
-`KVMESH_LISTEN` on loopback, so one HEALTHCHECK line serves every kvmesh service.
+The container image's HEALTHCHECK and compose run it, and Kubernetes as an exec probe (the native
+`grpc:` probe cannot speak TLS). With no `--address` it probes the service configured in the same
+container: the port of `KVMESH_LISTEN` on loopback, so one HEALTHCHECK line serves every kvmesh
+service; with `KVMESH_TLS_CA` (and `KVMESH_TLS_CERT`/`KVMESH_TLS_KEY` for mutual TLS) in that
+environment it dials with TLS, so the service's own files make the probe work.
 Exit codes: 0 serving, 1 not serving or unreachable, 2 bad arguments.
 """
 
@@ -30,7 +32,12 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, 
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from kvmesh.security.client import process_client_tls
+
+    tls = process_client_tls()  # KVMESH_TLS_*: a probe inside a pod or container dials with its files
+    channel_ = (grpc.secure_channel(address, tls.channel_credentials(), tls.channel_options()) if tls is not None
+                else grpc.insecure_channel(address))
+    with channel_ as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
