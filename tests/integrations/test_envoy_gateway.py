@@ -20,7 +20,14 @@ import aiohttp
 import pytest
 import yaml
 
-from kvmesh.tools.testing.envoy import EnvoyGateway, envoy_config, start_envoy, validate_config
+from kvmesh.tools.testing.envoy import (
+    COMPOSE_PICKER_TLS,
+    K8S_PICKER_TLS,
+    EnvoyGateway,
+    envoy_config,
+    start_envoy,
+    validate_config,
+)
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
@@ -204,16 +211,17 @@ async def test_router_down_fails_closed(tmp_path: Path) -> None:
 
 
 def test_shipped_gateway_configs_are_current_and_envoy_accepts_them(tmp_path: Path) -> None:
-    """deploy/compose/envoy.yaml and the demo overlay's ConfigMap are the documented config."""
+    """deploy/compose/envoy.yaml and the demo overlay's ConfigMap are the documented config (mutual
+    TLS to the picker with the gateway's own certificate)."""
     root = Path(__file__).resolve().parents[2]
     compose = (root / "deploy" / "compose" / "envoy.yaml").read_text()
     body = "".join(line + "\n" for line in compose.splitlines() if not line.startswith("# Generated")
                    and not line.startswith("# tests/integrations"))
-    assert body == envoy_config("router:9002", "0.0.0.0:8080", 9901)
+    assert body == envoy_config("router:9002", "0.0.0.0:8080", 9901, tls=COMPOSE_PICKER_TLS)
     manifests = list(yaml.safe_load_all((root / "deploy" / "k8s" / "overlays" / "demo" / "gateway.yaml").read_text()))
     configmap = next(m for m in manifests if m["kind"] == "ConfigMap")
     k8s = configmap["data"]["envoy.yaml"]
-    assert k8s == envoy_config("kvmesh-router:9002", "0.0.0.0:8080", 9901)
+    assert k8s == envoy_config("kvmesh-router:9002", "0.0.0.0:8080", 9901, tls=K8S_PICKER_TLS)
     for name, text in (("compose", compose), ("k8s", k8s)):
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)

@@ -95,17 +95,59 @@ static_resources:
 """
 
 
+# Mutual TLS to the picker: Envoy presents its own client certificate and checks the router's
+# against the mesh CA and the router's name (compose and Kubernetes run the mesh on mutual TLS).
+PICKER_TLS_TEMPLATE = """\
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {server_name}
+        common_tls_context:
+          tls_certificates:
+          - certificate_chain: {{filename: {cert}}}
+            private_key: {{filename: {key}}}
+          validation_context:
+            trusted_ca: {{filename: {ca}}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: {server_name}}}
+"""
+
+
+@dataclass(frozen=True)
+class PickerTLS:
+    """The files (paths as Envoy sees them) Envoy dials the picker with, and the router's name."""
+
+    cert: str
+    key: str
+    ca: str
+    server_name: str
+
+
+# What the shipped gateways present: compose mounts the `gateway` folder of scripts/compose_certs.sh
+# at /certs; Kubernetes mounts cert-manager's Secret `kvmesh-gateway-tls` at /etc/kvmesh/tls.
+COMPOSE_PICKER_TLS = PickerTLS(cert="/certs/gateway.pem", key="/certs/gateway-key.pem", ca="/certs/ca.pem",
+                               server_name="router")
+K8S_PICKER_TLS = PickerTLS(cert="/etc/kvmesh/tls/tls.crt", key="/etc/kvmesh/tls/tls.key",
+                           ca="/etc/kvmesh/tls/ca.crt", server_name="kvmesh-router")
+
+
 def envoy_config(
     picker: str,
     listen: str = "127.0.0.1:8080",
     admin_port: int = 9901,
     failure_mode_allow: bool = False,
     body_limit: int = 4 * 1024 * 1024,
+    tls: PickerTLS | None = None,
 ) -> str:
-    """The gateway's config: `picker` is the router's --ext-proc-listen HOST:PORT."""
+    """The gateway's config: `picker` is the router's --ext-proc-listen HOST:PORT; with `tls`,
+    Envoy talks mutual TLS to it."""
     picker_host, _, picker_port = picker.rpartition(":")
     listen_host, _, listen_port = listen.rpartition(":")
     is_ip = picker_host.replace(".", "").isdigit() or ":" in picker_host
+    picker_tls = "" if tls is None else PICKER_TLS_TEMPLATE.format(
+        cert=tls.cert, key=tls.key, ca=tls.ca, server_name=tls.server_name)
     return CONFIG_TEMPLATE.format(
         admin_port=admin_port,
         listen_host=listen_host,
@@ -115,7 +157,7 @@ def envoy_config(
         picker_type="STATIC" if is_ip else "STRICT_DNS",
         picker_host=picker_host,
         picker_port=picker_port,
-    )
+    ) + picker_tls
 
 
 def envoy_binary() -> Path:
