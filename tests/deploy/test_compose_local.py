@@ -109,11 +109,16 @@ class LocalCompose:
             return self.addresses.get((m.group(1), int(m.group(2))), m.group(0))
 
         value = ADDRESS.sub(address, value)
+        places: dict[str, str] = {}
         for volume in self.services[service].get("volumes", []):
-            target, here = volume["target"], self.workdir / service / volume["source"]
+            target, here = volume["target"], self.workdir / service / volume["source"]  # a bind: its own path
             here.mkdir(parents=True, exist_ok=True)
-            value = re.sub(rf"(?:^|(?<=://)|(?<==)){re.escape(target)}(?=$|[/?,])", str(here), value)
-        return value
+            places[target] = str(here)
+        if not places:
+            return value
+        # One pass over every mount point (longest first), so a replaced path is never replaced again.
+        targets = "|".join(re.escape(t) for t in sorted(places, key=len, reverse=True))
+        return re.sub(rf"(?:^|(?<=://)|(?<==))({targets})(?=$|[/?,])", lambda m: places[m.group(1)], value)
 
     def order(self) -> list[list[str]]:
         """Services in waves: each wave depends only on earlier ones (what compose does)."""
