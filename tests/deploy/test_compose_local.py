@@ -260,3 +260,25 @@ def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: 
     finally:
         leaked = mesh.stop()
     assert not leaked, f"still running after SIGTERM: {leaked}"
+
+
+def test_compose_certs_script_keeps_the_ca_and_reissues_every_certificate(tmp_path: Path) -> None:
+    """Re-running the script is a rotation: same CA, new certificates in the same (mounted) folders,
+    each naming its service and valid for its host name and loopback."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    def leaf(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((tmp_path / name / f"{name}.pem").read_bytes())
+
+    make_certs(tmp_path)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    first = leaf("cachenode-1").serial_number
+    make_certs(tmp_path)
+    assert (tmp_path / "ca.pem").read_bytes() == ca == (tmp_path / "cachenode-1" / "ca.pem").read_bytes()
+    again = leaf("cachenode-1")
+    assert again.serial_number != first
+    assert again.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cachenode-1"
+    names = again.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "cachenode-1" in names.get_values_for_type(x509.DNSName)
+    assert not (tmp_path / "cachenode-1" / "ca-key.pem").exists()  # the CA key is never in a mounted folder
