@@ -59,7 +59,7 @@ def mesh_policy(cachenodes: Sequence[str], node_capacity_bytes: int, router: str
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """An exclusive lock on the state folder while files are (re)written (a blocking call: no loop runs here)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # new folders: the owner's alone
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
