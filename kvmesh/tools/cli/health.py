@@ -35,9 +35,11 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, 
     from kvmesh.security.client import process_client_tls
 
     tls = process_client_tls()  # KVMESH_TLS_*: a probe inside a pod or container dials with its files
-    channel_ = (grpc.secure_channel(address, tls.channel_credentials(), tls.channel_options()) if tls is not None
-                else grpc.insecure_channel(address))
-    with channel_ as channel:
+    if tls is not None:
+        opened = grpc.secure_channel(address, tls.channel_credentials(), tls.channel_options())
+    else:
+        opened = grpc.insecure_channel(address)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
