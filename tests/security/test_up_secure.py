@@ -89,6 +89,16 @@ def test_up_runs_the_mesh_on_mutual_tls_and_a_policy_by_default(kvmesh: KvmeshFa
     assert f". {state / 'client.env'}" in proc.output and "insecure" not in proc.output.lower()
     env = (state / "client.env").read_text()
     assert f"KVMESH_TLS_CERT={state / 'kvmesh-cli.pem'}" in env and f"KVMESH_TLS_CA={state / 'ca.pem'}" in env
+    # What the printed help says works: the CLI tools with client.env's variables.
+    exported = {"COLUMNS": "200"}
+    for line in env.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        exported[key] = value
+    listing = kvmesh("members", "--metadata", metadata, env=exported, ready=False)
+    assert listing.wait_exit(30) == 0, listing.output
+    assert "4 members" in listing.output and "engine-1" in listing.output, listing.output
+    anonymous = kvmesh("members", "--metadata", metadata, "--timeout", "3", env={"COLUMNS": "200"}, ready=False)
+    assert anonymous.wait_exit(30) != 0 and "engine-1" not in anonymous.output  # no credentials: refused
     proc.proc.send_signal(signal.SIGINT)
     assert proc.wait_exit(40) == 0, proc.output[-3000:]
     assert sorted(p.name for p in state.glob("*.pem")) == sorted(
