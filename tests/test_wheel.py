@@ -105,8 +105,10 @@ def test_installed_kvmesh_imports_from_the_venv_and_services_stays_inside_it(ven
 def test_kvmesh_up_demo_runs_from_the_installed_wheel(venv: Path, tmp_path: Path) -> None:
     """The console script starts every member as a child of the installed package, ports free."""
     proc = run([str(venv / "bin" / "kvmesh"), "up", "--demo", "--base-port", "0", "--cachenodes", "1",
-                "--engines", "1", "--demo-conversations", "2", "--pool-blocks", "200", "--start-timeout", "60"],
+                "--engines", "1", "--demo-conversations", "2", "--pool-blocks", "200", "--start-timeout", "60",
+                "--state-dir", str(tmp_path / "pki")],
                cwd=tmp_path, timeout=150)
     assert "KVMESH_READY service=mesh" in proc.stdout
     assert "kvmesh demo" in proc.stdout and "kvmesh served" in proc.stdout, proc.stdout[-3000:]
     assert "all members stopped" in proc.stdout
+    assert "mutual TLS on, policy enforced" in proc.stdout  # secure by default from the wheel too

@@ -1,12 +1,16 @@
-"""deploy/compose/docker-compose.yml is accepted by Docker Compose v2 and has the promised shape."""
+"""deploy/compose/docker-compose.yml is accepted by Docker Compose v2 and has the promised shape,
+mutual TLS and the policy included."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.deploy.compose import COMPOSE_FILE, PROFILES, resolved_config, run_compose
+from kvmesh.security.identity import Principal
+from kvmesh.security.policy import parse_policy
+from tests.deploy.compose import COMPOSE_DIR, COMPOSE_FILE, PROFILES, ROOT, resolved_config, run_compose
 
 KVMESH_SERVICES = {"metadata", "cachenode", "router", "enginesim"}
 
@@ -74,3 +78,52 @@ def test_services_are_configured_by_env_and_health_checked() -> None:
         assert volume["source"] in config["volumes"]
         tiers = node["environment"]["KVMESH_STORAGE"].split(",")
         assert tiers[0].startswith("memory://") and tiers[1].startswith("disk:///data")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_service_runs_mutual_tls_with_its_own_certificate_and_the_policy(profile: str) -> None:
+    """Secure by default: each kvmesh container serves and dials mutual TLS with its own folder of
+    certificates mounted read-only, and enforces the mounted policy; Envoy presents its own
+    certificate to the picker and checks the router's."""
+    services = resolved_config(profile)["services"]
+    policy = parse_policy((COMPOSE_DIR / "policy" / "policy.yaml").read_text())
+    for name, svc in services.items():
+        if not svc.get("image", "").startswith("kvmesh/"):
+            continue
+        env = svc["environment"]
+        mounts = {v["target"]: v for v in svc.get("volumes", [])}
+        certs = mounts["/certs"]
+        assert certs["type"] == "bind" and certs["read_only"] is True, name
+        identity = Path(certs["source"]).name  # the folder scripts/compose_certs.sh writes per identity
+        assert env["KVMESH_TLS_CERT"] == f"/certs/{identity}.pem", name
+        assert env["KVMESH_TLS_KEY"] == f"/certs/{identity}-key.pem", name
+        assert env["KVMESH_TLS_CA"] == "/certs/ca.pem", name
+        # Each identity is granted something, but the metadata replicas (they call no one).
+        granted = policy.grants(Principal(identity, "certificate"))
+        assert bool(granted) == (svc["command"][0] != "metadata"), (name, identity, granted)
+        if svc["command"][0] in KVMESH_SERVICES:
+            assert env["KVMESH_TLS_REQUIRE_CLIENT_CERT"] == "true", name
+            assert env["KVMESH_SECURITY_POLICY"] == "/etc/kvmesh/policy.yaml", name
+            assert mounts["/etc/kvmesh"]["source"] == str(COMPOSE_DIR / "policy"), name
+            assert mounts["/etc/kvmesh"]["read_only"] is True, name
+        if name.startswith("metadata-redis-"):  # reached as metadata-N: it holds metadata-N's certificate
+            assert identity == name.replace("metadata-redis-", "metadata-")
+        elif svc["command"][0] != "bench":
+            assert identity == name == env.get("KVMESH_MEMBER_ID", name), name
+    gateway = services["gateway"]
+    mounts = {v["target"]: v for v in gateway["volumes"]}
+    assert Path(mounts["/certs"]["source"]).name == "gateway" and mounts["/certs"]["read_only"] is True
+    envoy = yaml.safe_load((COMPOSE_DIR / "envoy.yaml").read_text())
+    picker = next(c for c in envoy["static_resources"]["clusters"] if c["name"] == "kvmesh_picker")
+    tls = picker["transport_socket"]["typed_config"]
+    assert tls["sni"] == "router"
+    common = tls["common_tls_context"]
+    assert common["tls_certificates"][0]["certificate_chain"]["filename"] == "/certs/gateway.pem"
+    assert common["validation_context"]["trusted_ca"]["filename"] == "/certs/ca.pem"
+    assert common["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "router"}
+    # The script issues exactly the identities the compose file mounts (and `ops`, for a person).
+    script = (ROOT / "scripts" / "compose_certs.sh").read_text()
+    issued = set(script.split("services=(", 1)[1].split(")", 1)[0].split())
+    mounted = {Path(v["source"]).name for s in services.values() for v in s.get("volumes", [])
+               if v["target"] == "/certs"}
+    assert issued >= mounted | {"ops"}, (issued, mounted)

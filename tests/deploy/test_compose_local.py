@@ -4,7 +4,10 @@
 service then starts as `python -m kvmesh <command>` with exactly its compose environment,
 after three rewrites a container network would make unnecessary: service host names (and
 aliases) become 127.0.0.1, each container port becomes a free local port, and volume mount
-points become temporary directories. etcd and Redis are real servers started for this test.
+points become temporary directories. etcd and Redis are real servers started for this test. The
+mesh runs as compose runs it, on mutual TLS with the policy: scripts/compose_certs.sh makes the
+development CA and every service's certificate (KVMESH_CERTS_DIR points compose at them), the
+test's own client presents the `ops` certificate, and a plaintext client is refused.
 Services start in depends_on order and a service counts as healthy when its own compose
 healthcheck command says so. If the compose file drifts from the code (a renamed flag, a
 wrong port, a missing dependency), this test fails.
@@ -23,20 +26,40 @@ from typing import Any
 
 import pytest
 
+from kvmesh.security.settings import SecuritySettings
+from kvmesh.security.tls import ClientTLS, TLSFiles
 from kvmesh.tools.processes import KvmeshProcess, kvmesh_env
 from kvmesh.tools.testing.envoy import run_envoy
 from kvmesh.tools.testing.polling import eventually_sync
 from kvmesh.tools.testing.ports import free_port
 from kvmesh.tools.testing.servers import ServerHandle, etcd_server, redis_server
 from tests.deploy.cli_envs import setting_envs
-from tests.deploy.compose import resolved_config
-from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route
+from tests.deploy.compose import ROOT, resolved_config
+from tests.deploy.mesh_checks import expect_members, expect_plaintext_refused, expect_round_trip, expect_route
 
 SERVICE_COMMANDS = ("metadata", "cachenode", "router", "enginesim")
 GATEWAYS = ("gateway",)  # Envoy, started with the real binary after the mesh is up
 # Small enough for a loaded 2-core machine; the same variables a user sets for `docker compose up`.
 TEST_VARIABLES = {"KVMESH_BENCH_LIMIT": "24", "KVMESH_BENCH_SPEEDUP": "20", "KVMESH_LOG_LEVEL": "warning"}
 ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*):(\d{1,5})(?!\d)")
+# Every tool reads how to connect from these (kvmesh.security.client), not from flags of its own.
+SECURITY_ENVS = frozenset(f"KVMESH_{name.upper()}" for name in SecuritySettings.model_fields)
+
+
+def make_certs(directory: Path) -> dict[str, str]:
+    """The compose development CA and certificates (the shipped script), and the compose
+    variables that point the file at them."""
+    env = kvmesh_env({"KVMESH": str(Path(sys.executable).parent / "kvmesh")})
+    done = subprocess.run([str(ROOT / "scripts" / "compose_certs.sh"), str(directory)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {"KVMESH_CERTS_DIR": str(directory)}
+
+
+def ops_tls(directory: Path) -> ClientTLS:
+    """A person's admin certificate from the compose CA (never mounted into a container)."""
+    ops = directory / "ops"
+    return ClientTLS(TLSFiles(tls_cert=ops / "ops.pem", tls_key=ops / "ops-key.pem", tls_ca=ops / "ca.pem"))
 
 
 def test_every_compose_variable_is_a_real_setting() -> None:
@@ -46,7 +69,7 @@ def test_every_compose_variable_is_a_real_setting() -> None:
         for name, svc in resolved_config(profile)["services"].items():
             command = (svc.get("command") or [""])[0]
             if command in known:
-                unknown = set(svc.get("environment", {})) - known[command]
+                unknown = set(svc.get("environment", {})) - known[command] - SECURITY_ENVS
                 assert not unknown, f"{profile}/{name}: {sorted(unknown)} are not settings of `kvmesh {command}`"
 
 
@@ -86,11 +109,16 @@ class LocalCompose:
             return self.addresses.get((m.group(1), int(m.group(2))), m.group(0))
 
         value = ADDRESS.sub(address, value)
+        places: dict[str, str] = {}
         for volume in self.services[service].get("volumes", []):
-            target, here = volume["target"], self.workdir / service / volume["source"]
+            target, here = volume["target"], self.workdir / service / volume["source"]  # a bind: its own path
             here.mkdir(parents=True, exist_ok=True)
-            value = re.sub(rf"(?:(?<=://)|(?<==)){re.escape(target)}(?=$|[/?,])", str(here), value)
-        return value
+            places[target] = str(here)
+        if not places:
+            return value
+        # One pass over every mount point (longest first), so a replaced path is never replaced again.
+        targets = "|".join(re.escape(t) for t in sorted(places, key=len, reverse=True))
+        return re.sub(rf"(?:^|(?<=://)|(?<==))({targets})(?=$|[/?,])", lambda m: places[m.group(1)], value)
 
     def order(self) -> list[list[str]]:
         """Services in waves: each wave depends only on earlier ones (what compose does)."""
@@ -110,6 +138,11 @@ class LocalCompose:
         svc = self.services[name]
         assert svc["command"][0] in (*SERVICE_COMMANDS, "bench"), svc["command"]
         env = {k: self._rewrite(name, v) for k, v in svc.get("environment", {}).items()}
+        if "KVMESH_EXT_PROC_LISTEN" in env and "KVMESH_EXT_PROC_TLS_CERT" in setting_envs("router"):
+            # This router still takes the picker's TLS files from flags of its own (before it used
+            # the service's --tls-*): give it the same files, as the compose file means.
+            env |= {"KVMESH_EXT_PROC_TLS_CERT": env["KVMESH_TLS_CERT"],
+                    "KVMESH_EXT_PROC_TLS_KEY": env["KVMESH_TLS_KEY"]}
         args = [self._rewrite(name, a) for a in svc["command"]]
         proc = KvmeshProcess(args, env=env, name=name)
         self.processes[name] = proc
@@ -150,6 +183,10 @@ def expect_gateway_answers(mesh: LocalCompose, workdir: Path) -> None:
     host, _, picker_port = mesh.addresses[("router", 9002)].rpartition(":")
     text = text.replace("{address: router, port_value: 9002}", f"{{address: {host}, port_value: {picker_port}}}")
     text = text.replace("type: STRICT_DNS", "type: STATIC")
+    # The gateway's own certificate folder, where compose mounts it (mutual TLS to the picker).
+    certs = next(v["source"] for v in svc["volumes"] if v["target"] == "/certs")
+    assert "filename: /certs/gateway.pem" in text and "sni: router" in text
+    text = text.replace("{filename: /certs/", f"{{filename: {certs}/")
     gateway = run_envoy(workdir, text, port, admin)
     try:
         body = json.dumps({"model": "llama-3-8b", "prompt": "hello from compose " * 8, "max_tokens": 2}).encode()
@@ -176,7 +213,9 @@ def infra(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
 @pytest.mark.parametrize("infra", ["etcd", "redis"], indirect=True)
 def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: Path) -> None:
     profile = next(iter(infra))
-    mesh = LocalCompose(resolved_config(profile, TEST_VARIABLES), tmp_path, infra)
+    certs = tmp_path / "certs"
+    mesh = LocalCompose(resolved_config(profile, TEST_VARIABLES | make_certs(certs)), tmp_path, infra)
+    tls = ops_tls(certs)
     waves = mesh.order()
     assert waves[-1] == ["bench"], waves
     try:
@@ -191,12 +230,15 @@ def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: 
         cachenodes = {f"cachenode-{i}": mesh.local(f"cachenode-{i}") for i in (1, 2, 3)}
         engines = {f"enginesim-{i}": mesh.local(f"enginesim-{i}") for i in (1, 2)}
         for replica in ("metadata-1", "metadata-2"):
-            expect_members(mesh.addresses[(replica, 7400)], cachenodes, engines)
+            expect_members(mesh.addresses[(replica, 7400)], cachenodes, engines, tls=tls)
+        # Every port speaks mutual TLS only.
+        for name in (*cachenodes, *engines, "metadata-1", "router"):
+            expect_plaintext_refused(mesh.local(name) if name != "metadata-1" else mesh.addresses[(name, 7400)])
         # The router routes to a simulator.
-        expect_route(mesh.local("router"), engines)
+        expect_route(mesh.local("router"), engines, tls=tls)
         # A cache round trip on every node (DRAM L1 over the disk tier on its volume).
         for name, address in cachenodes.items():
-            expect_round_trip(address, name, min_tiers=2)
+            expect_round_trip(address, name, min_tiers=2, tls=tls)
             assert (tmp_path / name / f"{name}-data").is_dir()
 
         # The gateway: the real Envoy with the compose file's own envoy.yaml (addresses made local)
@@ -218,3 +260,25 @@ def test_compose_services_form_a_mesh(infra: dict[str, ServerHandle], tmp_path: 
     finally:
         leaked = mesh.stop()
     assert not leaked, f"still running after SIGTERM: {leaked}"
+
+
+def test_compose_certs_script_keeps_the_ca_and_reissues_every_certificate(tmp_path: Path) -> None:
+    """Re-running the script is a rotation: same CA, new certificates in the same (mounted) folders,
+    each naming its service and valid for its host name and loopback."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    def leaf(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((tmp_path / name / f"{name}.pem").read_bytes())
+
+    make_certs(tmp_path)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    first = leaf("cachenode-1").serial_number
+    make_certs(tmp_path)
+    assert (tmp_path / "ca.pem").read_bytes() == ca == (tmp_path / "cachenode-1" / "ca.pem").read_bytes()
+    again = leaf("cachenode-1")
+    assert again.serial_number != first
+    assert again.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cachenode-1"
+    names = again.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "cachenode-1" in names.get_values_for_type(x509.DNSName)
+    assert not (tmp_path / "cachenode-1" / "ca-key.pem").exists()  # the CA key is never in a mounted folder

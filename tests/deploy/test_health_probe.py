@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
 
 from kvmesh.runtime.server import ServerRuntime, Service
 from kvmesh.settings import ServiceSettings
+from kvmesh.tools.certs import issue, make_ca
 from kvmesh.tools.cli.health import probe_address
 from kvmesh.tools.processes import kvmesh_env
 from kvmesh.tools.testing.ports import free_port
@@ -68,3 +70,25 @@ async def test_health_unreachable_and_bad_arguments() -> None:
     assert code == 2 and "KVMESH_LISTEN" in out, out
     code, out = await _health("--address", "127.0.0.1:1", "--timeout", "0")
     assert code == 2, out
+
+
+async def test_health_speaks_mutual_tls_from_the_container_env(tmp_path: Path) -> None:
+    """A service on mutual TLS with a policy: the probe dials with the files in KVMESH_TLS_* (as a
+    container or pod running it as an exec probe has them) and is refused in plaintext."""
+    ca = make_ca(tmp_path, "probe CA")
+    own = issue(ca, "probe", tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("principals: {}\n")
+    port = free_port()
+    tls = {"tls_cert": own.cert, "tls_key": own.key, "tls_ca": ca.cert_path, "security_policy": policy}
+    runtime = ServerRuntime(_Empty(), ServiceSettings.model_validate({"listen": f"127.0.0.1:{port}", **tls}))
+    await runtime.start()
+    try:
+        env = {"KVMESH_LISTEN": f"0.0.0.0:{port}", "KVMESH_TLS_CA": str(ca.cert_path),
+               "KVMESH_TLS_CERT": str(own.cert), "KVMESH_TLS_KEY": str(own.key)}
+        code, out = await _health(env=env)
+        assert code == 0 and "SERVING" in out, out
+        code, out = await _health("--timeout", "2", env={"KVMESH_LISTEN": f"0.0.0.0:{port}"})
+        assert code == 1 and "SERVING" not in out.replace("NOT_SERVING", ""), out
+    finally:
+        await runtime.stop()

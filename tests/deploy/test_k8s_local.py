@@ -1,5 +1,8 @@
 """The rendered `demo` overlay, run as local pods (tests/deploy/local_kube.py): the manifests' wiring
-(names, ports, variables, probes) cannot drift from the code without this test failing.
+(names, ports, variables, probes, certificates, the policy) cannot drift from the code without this
+test failing. The pods run on mutual TLS from their Certificates' Secrets (issued here in
+cert-manager's place) and the policy ConfigMap; the test's client holds a `kvmesh-admin`
+certificate, as a person would; a plaintext client is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pytest
 from kvmesh.tools.testing.servers import ServerHandle, etcd_server
 from tests.deploy.k8s import K8S, documents, render
 from tests.deploy.local_kube import LocalKube
-from tests.deploy.mesh_checks import expect_members, expect_round_trip, expect_route
+from tests.deploy.mesh_checks import expect_members, expect_plaintext_refused, expect_round_trip, expect_route
 
 # Start order (Kubernetes has none: members retry; starting in waves keeps the test short).
 WAVES = (("metadata",), ("cachenode", "router"), ("enginesim",), ("bench",))
@@ -35,6 +38,7 @@ def test_demo_overlay_runs_as_local_pods(etcd_for_kube: ServerHandle, tmp_path: 
                                       ("kvmesh-gateway", 8080): "127.0.0.1:9"})
     assert sorted({p.component for p in kube.pods}) == ["bench", "cachenode", "enginesim", "metadata", "router"]
     assert {c for wave in WAVES for c in wave} == {p.component for p in kube.pods}
+    tls = kube.client_tls("kvmesh-admin")
     try:
         for wave in WAVES[:-1]:
             kube.start_ready([p for p in kube.pods if p.component in wave])
@@ -44,10 +48,13 @@ def test_demo_overlay_runs_as_local_pods(etcd_for_kube: ServerHandle, tmp_path: 
         engines = {p.name: kube.local(p) for p in kube.of("enginesim")}
         assert sorted(cachenodes) == ["kvmesh-cachenode-0", "kvmesh-cachenode-1", "kvmesh-cachenode-2"]
         for pod in kube.of("metadata"):
-            expect_members(kube.local(pod), cachenodes, engines)
-        expect_route(kube.addresses[("kvmesh-router", 7600)], engines)
+            expect_members(kube.local(pod), cachenodes, engines, tls=tls)
+        expect_route(kube.addresses[("kvmesh-router", 7600)], engines, tls=tls)
         for name, address in cachenodes.items():
-            expect_round_trip(address, name, min_tiers=2)
+            expect_round_trip(address, name, min_tiers=2, tls=tls)
+        for pod in kube.pods:
+            if pod.component != "bench":
+                expect_plaintext_refused(kube.local(pod))
 
         # The bench Job replays through the router Service and exits 0.
         (bench,) = kube.of("bench")

@@ -20,7 +20,15 @@ import aiohttp
 import pytest
 import yaml
 
-from kvmesh.tools.testing.envoy import EnvoyGateway, envoy_config, start_envoy, validate_config
+from kvmesh.tools.certs import issue, make_ca
+from kvmesh.tools.testing.envoy import (
+    COMPOSE_PICKER_TLS,
+    K8S_PICKER_TLS,
+    EnvoyGateway,
+    envoy_config,
+    start_envoy,
+    validate_config,
+)
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
 from kvmesh.tools.testing.ports import free_port
@@ -204,22 +212,30 @@ async def test_router_down_fails_closed(tmp_path: Path) -> None:
 
 
 def test_shipped_gateway_configs_are_current_and_envoy_accepts_them(tmp_path: Path) -> None:
-    """deploy/compose/envoy.yaml and the demo overlay's ConfigMap are the documented config."""
+    """deploy/compose/envoy.yaml and the demo overlay's ConfigMap are the documented config (mutual
+    TLS to the picker with the gateway's own certificate)."""
     root = Path(__file__).resolve().parents[2]
     compose = (root / "deploy" / "compose" / "envoy.yaml").read_text()
     body = "".join(line + "\n" for line in compose.splitlines() if not line.startswith("# Generated")
                    and not line.startswith("# tests/integrations"))
-    assert body == envoy_config("router:9002", "0.0.0.0:8080", 9901)
+    assert body == envoy_config("router:9002", "0.0.0.0:8080", 9901, picker_tls=COMPOSE_PICKER_TLS)
     manifests = list(yaml.safe_load_all((root / "deploy" / "k8s" / "overlays" / "demo" / "gateway.yaml").read_text()))
     configmap = next(m for m in manifests if m["kind"] == "ConfigMap")
     k8s = configmap["data"]["envoy.yaml"]
-    assert k8s == envoy_config("kvmesh-router:9002", "0.0.0.0:8080", 9901)
-    for name, text in (("compose", compose), ("k8s", k8s)):
+    assert k8s == envoy_config("kvmesh-router:9002", "0.0.0.0:8080", 9901, picker_tls=K8S_PICKER_TLS)
+    # Envoy loads the certificate files it names: put real ones where the deployments mount them.
+    ca = make_ca(tmp_path / "pki", "gateway test CA")
+    gateway = issue(ca, "gateway", tmp_path / "pki")
+    for name, text, tls in (("compose", compose, COMPOSE_PICKER_TLS), ("k8s", k8s, K8S_PICKER_TLS)):
+        for mounted, here in ((tls.cert, gateway.cert), (tls.key, gateway.key), (tls.ca, ca.cert_path)):
+            assert f"{{filename: {mounted}}}" in text, (name, mounted)
+            text = text.replace(f"{{filename: {mounted}}}", f"{{filename: {here}}}")
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
         done = validate_config(path)
         assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
     # The check has teeth: a misspelt field is refused.
     broken = tmp_path / "broken.yaml"
-    broken.write_text(k8s.replace("use_http_header", "use_http_headers"))
-    assert validate_config(broken).returncode != 0
+    broken.write_text((tmp_path / "k8s.yaml").read_text().replace("use_http_header", "use_http_headers"))
+    done = validate_config(broken)
+    assert done.returncode != 0 and "use_http_headers" in done.stderr, done.stderr[-2000:]

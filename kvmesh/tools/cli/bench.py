@@ -29,6 +29,7 @@ from kvmesh.tools.cli.up import (
     spec_from_args,
     start_mesh,
     stop_mesh,
+    warn_insecure,
 )
 from kvmesh.tools.replay.metrics import ReplayResult
 from kvmesh.tools.workload.trace import TraceRequest, infinite_cache_bound, load_trace
@@ -180,6 +181,8 @@ def _run_live(
         else:
             spec = spec_from_args(args, policy)
             settings["pool_gbps"] = spec.pool_gbps
+            if spec.tls_dir is None:
+                warn_insecure(console)
             with console.status(f"starting a fresh mesh for {policy} ({spec.engines} engines) ..."):
                 mesh = start_mesh(spec)
             router, engine_ids, speedup = mesh.router_address, [c.name for c in mesh.of_role("engine")], spec.speedup

@@ -1,11 +1,11 @@
 """`kvmesh health`: one grpc.health.v1 Check, exit 0 when SERVING.
 
-The container image's HEALTHCHECK runs it (Kubernetes uses its native `grpc:` probes instead).
-With no `--address` it probes the service configured in the same container: the port of
-`KVMESH_LISTEN` on loopback, so one HEALTHCHECK line serves every kvmesh service.
-Over TLS it takes the tools' credentials (`--tls-ca`, `--tls-cert`, `--tls-key`, or the same
-`KVMESH_TLS_*` variables the service in the container reads, so the probe presents the service's
-own certificate where client certificates are required). Health itself needs no principal.
+The container image's HEALTHCHECK and compose run it, and Kubernetes as an exec probe (the native
+`grpc:` probe cannot speak TLS). With no `--address` it probes the service configured in the same
+container: the port of `KVMESH_LISTEN` on loopback, so one HEALTHCHECK line serves every kvmesh
+service. Over TLS it takes the tools' credentials (`--tls-ca`, `--tls-cert`, `--tls-key`, or the
+same `KVMESH_TLS_*` variables the service in the container reads, so the probe presents the
+service's own certificate where client certificates are required). Health itself needs no principal.
 Exit codes: 0 serving, 1 not serving or unreachable, 2 bad arguments.
 """
 

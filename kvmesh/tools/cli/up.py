@@ -8,6 +8,10 @@ is registered. Ctrl-C or SIGTERM stops engines, router, cache nodes, then metada
 with SIGTERM and a grace period, and SIGKILLs whatever is still running after it: nothing is
 left behind. `--demo` sends a short built-in workload through router -> engines, prints the
 result table and stops.
+
+Secure by default: every member serves and dials mutual TLS with its own certificate from a local
+CA in the state folder and enforces a policy granting it what its role needs
+(`kvmesh.tools.mesh_pki`); `--insecure` runs everything in plaintext, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -25,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kvmesh.tools.mesh_pki import CLIENT_ENV_FILE, SUPERVISOR, MeshCredentials
 from kvmesh.tools.processes import KvmeshProcess
 from kvmesh.tools.replay.transfer import NIC_GBPS, PoolRate, resolve_pool_rate
 from kvmesh.units import format_size, parse_size
@@ -58,7 +64,8 @@ class MeshSpec:
     log_dir: Path | None = None
     router_settings: tuple[tuple[str, str], ...] = ()
     engine_args: tuple[str, ...] = ()
-    tls_dir: Path | None = None  # --secure: the CA and every member's certificate live here
+    tls_dir: Path | None = None  # the CA, every member's certificate and the policy (None: --insecure)
+    engine_namespace: str = "kvmesh"  # the cache-pool namespace engines use (and the policy grants)
     pool_gbps: float | None = None  # engines' cache-pool transfer rate (None: the engines' default)
 
     def address(self, offset: int) -> str:
@@ -75,6 +82,7 @@ class Mesh:
     """The running children, in start order."""
 
     spec: MeshSpec
+    credentials: MeshCredentials | None = None
     children: list[KvmeshProcess] = field(default_factory=list)
     metadata_address: str = ""
     router_address: str = ""
@@ -86,39 +94,49 @@ class Mesh:
         return [c for c in self.children if not c.running()]
 
 
-def _common(spec: MeshSpec, name: str) -> list[str]:
+def _common(mesh: Mesh, name: str) -> list[str]:
+    spec = mesh.spec
     return ["--log-level", spec.log_level, "--grace-seconds", f"{spec.grace_seconds:g}", "--member-id", name,
-            *_tls(spec, name)]
+            *_security(mesh, name)]
 
 
-def _tls(spec: MeshSpec, name: str) -> list[str]:
-    """--secure: a certificate for `name` from the mesh's CA, as flags (mutual TLS both ways)."""
+def _security(mesh: Mesh, name: str) -> list[str]:
+    """Mutual TLS with `name`'s certificate and the mesh's policy, as flags (none with --insecure)."""
+    return mesh.credentials.flags(name) if mesh.credentials is not None else []
+
+
+def member_names(spec: MeshSpec) -> tuple[list[str], str, list[str]]:
+    """The member ids (and certificate names) of the cache nodes, the router and the engines."""
+    return [f"cachenode-{i}" for i in range(spec.cachenodes)], "router", [f"engine-{i}" for i in range(spec.engines)]
+
+
+def mesh_credentials(spec: MeshSpec) -> MeshCredentials | None:
+    """The CA, certificates and policy in `spec.tls_dir` (made or refreshed now); None with --insecure."""
     if spec.tls_dir is None:
-        return []
-    from kvmesh.tools.certs import ensure_ca, issue, tls_flags
+        return None
+    from kvmesh.tools.mesh_pki import prepare_mesh_credentials
 
-    ca = ensure_ca(spec.tls_dir)
-    hosts = sorted({spec.host, "127.0.0.1", "localhost"})
-    return tls_flags(ca, issue(ca, name, spec.tls_dir, hosts=hosts, days=7))
+    cachenodes, router, engines = member_names(spec)
+    return prepare_mesh_credentials(spec.tls_dir, host=spec.host, cachenodes=cachenodes,
+                                    node_capacity_bytes=spec.node_capacity_bytes(), router=router,
+                                    engines=engines, engine_namespace=spec.engine_namespace)
 
 
-def use_mesh_credentials(spec: MeshSpec) -> None:
-    """--secure: this supervisor's own channels (health checks, the demo) present `kvmesh-up`'s certificate."""
-    if spec.tls_dir is None:
+def use_mesh_credentials(credentials: MeshCredentials | None) -> None:
+    """This supervisor's own channels (health checks, the demo) present `kvmesh-up`'s certificate."""
+    if credentials is None:
         return
     from kvmesh.security.client import configure_clients
     from kvmesh.security.settings import SecuritySettings
-    from kvmesh.tools.certs import ensure_ca, issue
 
-    ca = ensure_ca(spec.tls_dir)
-    own = issue(ca, "kvmesh-up", spec.tls_dir, days=7)
-    configure_clients(SecuritySettings(tls_cert=own.cert, tls_key=own.key, tls_ca=ca.cert_path))
+    own = credentials.issued[SUPERVISOR]
+    configure_clients(SecuritySettings(tls_cert=own.cert, tls_key=own.key, tls_ca=credentials.ca_path))
 
 
 def start_mesh(spec: MeshSpec) -> Mesh:
     """Starts every member and waits until each is ready and healthy; stops all on failure."""
-    mesh = Mesh(spec)
-    use_mesh_credentials(spec)  # --secure: this process's own channels into the mesh use mutual TLS
+    mesh = Mesh(spec, credentials=mesh_credentials(spec))
+    use_mesh_credentials(mesh.credentials)  # this process's own channels into the mesh use mutual TLS
     try:
         _start(mesh)
     except BaseException:
@@ -138,33 +156,33 @@ def _start(mesh: Mesh) -> None:
 
     md = start_child("metadata", "metadata", ["metadata", "--backend", spec.backend, "--listen", spec.address(0),
                                         "--log-level", spec.log_level, "--grace-seconds",
-                                        f"{spec.grace_seconds:g}", *_tls(spec, "metadata")], spec.log_dir)
+                                        f"{spec.grace_seconds:g}", *_security(mesh, "metadata")], spec.log_dir)
     mesh.children.append(md)
     mesh.metadata_address = md.wait_ready(left())
     member = ["--metadata", mesh.metadata_address, "--ttl-seconds", str(spec.ttl_seconds)]
     capacity = spec.node_capacity_bytes()
-    for i in range(spec.cachenodes):
-        name = f"cachenode-{i}"
+    cachenodes, router_name, engines = member_names(spec)
+    for i, name in enumerate(cachenodes):
         mesh.children.append(start_child(name, "cachenode", [
             "cachenode", "--storage", f"memory://?capacity={capacity}", "--listen", spec.address(100 + i),
-            *member, *_common(spec, name)], spec.log_dir))
+            *member, *_common(mesh, name)], spec.log_dir))
     router_flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec.router_settings]
-    router = start_child("router", "router", [
+    router = start_child(router_name, "router", [
         "router", "--policy", spec.policy, "--listen", spec.address(200), "--block-size", str(spec.block_tokens),
-        *router_flags, *member, *_common(spec, "router")], spec.log_dir)
+        *router_flags, *member, *_common(mesh, router_name)], spec.log_dir)
     mesh.children.append(router)
     mesh.router_address = router.wait_ready(left())
     for c in mesh.of_role("cachenode"):
         c.wait_ready(left())
-    for i in range(spec.engines):
-        name = f"engine-{i}"
+    for i, name in enumerate(engines):
         pool = ["--pool"] if spec.cachenodes and spec.pool_blocks else ["--no-pool"]
         mesh.children.append(start_child(name, "engine", [
             "enginesim", "--listen", spec.address(300 + i), "--router", mesh.router_address,
             "--capacity-blocks", str(spec.capacity_blocks), "--block-tokens", str(spec.block_tokens),
             "--block-bytes", str(spec.block_bytes), "--speedup", f"{spec.speedup:g}", *pool,
+            "--namespace", spec.engine_namespace,
             *(["--pool-gbps", f"{spec.pool_gbps:g}"] if spec.pool_gbps is not None else []),
-            *spec.engine_args, *member, *_common(spec, name)], spec.log_dir))
+            *spec.engine_args, *member, *_common(mesh, name)], spec.log_dir))
     for c in mesh.of_role("engine"):
         c.wait_ready(left())
     asyncio.run(_wait_healthy_and_registered(mesh, deadline))
@@ -272,11 +290,14 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, defaults: MeshSpec = Mes
     parser.add_argument("--nic-gbps", type=float, default=NIC_GBPS,
                         help="production NIC rate GB/s shown next to the measured one (default 12.5: 100 Gb/s)")
 
-    parser.add_argument("--secure", action="store_true",
-                        help="mutual TLS everywhere: a local CA and a certificate per member in --state-dir")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, no authentication, no policy: anyone who reaches the ports controls "
+                             "the mesh (default: mutual TLS and a policy, credentials in --state-dir)")
+    parser.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)  # the default; kept for scripts
     parser.add_argument("--state-dir", type=Path, default=None,
-                        help="where --secure keeps its CA and certificates (default $XDG_STATE_HOME/kvmesh/pki, "
-                             "else ~/.local/state/kvmesh/pki)")
+                        help="where the mesh's CA, certificates and policy live (default "
+                             "$XDG_STATE_HOME/kvmesh/pki, else ~/.local/state/kvmesh/pki)")
+
 
 def pool_rate_from_args(args: argparse.Namespace) -> PoolRate:
     """--pool-gbps, else the measured rate (SystemExit with the reason when the file is bad)."""
@@ -312,6 +333,8 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         raise SystemExit("kvmesh: --speedup must be positive")
     if args.nic_gbps <= 0:
         raise SystemExit("kvmesh: --nic-gbps must be positive")
+    if args.insecure and args.secure:
+        raise SystemExit("kvmesh: --insecure and --secure contradict each other")
     return MeshSpec(
         backend=args.backend,
         cachenodes=args.cachenodes,
@@ -328,7 +351,7 @@ def spec_from_args(args: argparse.Namespace, policy: str) -> MeshSpec:
         router_settings=settings,
         start_timeout=args.start_timeout,
         pool_gbps=pool_rate_from_args(args).gbps,
-        tls_dir=_state_dir(args) if args.secure else None,
+        tls_dir=None if args.insecure else _state_dir(args),
     )
 
 
@@ -373,6 +396,8 @@ def run(args: argparse.Namespace) -> int:
     from kvmesh.tools.replay.transfer import break_even_report
 
     console.print(break_even_report(TimingModel(), pool_rate_from_args(args), args.nic_gbps))
+    if spec.tls_dir is None:
+        warn_insecure(console)
     stop = _Stop()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     mesh: Mesh | None = None
@@ -381,8 +406,8 @@ def run(args: argparse.Namespace) -> int:
                       f"router ({spec.policy}), {spec.engines} engine simulators ...")
         mesh = start_mesh(spec)
         console.print(members_table(mesh))
-        if spec.tls_dir is not None:
-            console.print(f"mutual TLS on: CA and certificates in {spec.tls_dir}")
+        if mesh.credentials is not None:
+            console.print(connect_help(mesh))
         pids = ",".join(str(c.pid) for c in mesh.children)
         # One line tools and tests wait for (address = the router, where requests go).
         print(f"KVMESH_READY service=mesh address={mesh.router_address} metadata={mesh.metadata_address} "
@@ -407,6 +432,29 @@ def run(args: argparse.Namespace) -> int:
             console.print("all members stopped")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+INSECURE_WARNING = ("WARNING: --insecure: every port speaks plaintext and nothing is authenticated; anyone who "
+                    "can reach them can register members, read and overwrite cached blocks and steer routing")
+
+
+def warn_insecure(console: Console) -> None:
+    """Loud, on both streams: a log collector keeps stderr, a person reads the terminal."""
+    console.print(f"[bold red]{INSECURE_WARNING}[/bold red]")
+    print(INSECURE_WARNING, file=sys.stderr, flush=True)
+
+
+def connect_help(mesh: Mesh) -> str:
+    """Where the credentials are and how a client connects (as `kvmesh-cli`)."""
+    creds = mesh.credentials
+    assert creds is not None
+    env = " ".join(f"{k}={v}" for k, v in creds.client_env().items())
+    return (f"mutual TLS on, policy enforced: CA {creds.ca_path}, certificates and policy {creds.policy} "
+            f"in {creds.directory}\n"
+            f"connect as kvmesh-cli (may route and list members): . {creds.directory / CLIENT_ENV_FILE}\n"
+            f"  (that is: {env}; or the same files as --tls-ca/--tls-cert/--tls-key)\n"
+            f"  then: kvmesh members --metadata {mesh.metadata_address}; "
+            f"kvmesh route --router {mesh.router_address} --text hello")
 
 
 def _demo(mesh: Mesh, args: argparse.Namespace, console: Console, stop: _Stop) -> int:

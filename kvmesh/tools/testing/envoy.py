@@ -97,6 +97,8 @@ static_resources:
 """
 
 
+# Mutual TLS to the picker: Envoy presents its own client certificate and checks the router's
+# against the mesh CA and the router's name (compose and Kubernetes run the mesh on mutual TLS).
 PICKER_TLS_TEMPLATE = """\
     transport_socket:
       name: envoy.transport_sockets.tls
@@ -118,13 +120,22 @@ PICKER_TLS_TEMPLATE = """\
 
 @dataclass(frozen=True)
 class PickerTLS:
-    """Mutual TLS from Envoy to the picker: the mesh CA, Envoy's certificate and key, and the
-    name the router's certificate must carry (sent as SNI and checked among its DNS names)."""
+    """Mutual TLS from Envoy to the picker: the mesh CA, Envoy's certificate and key (paths as
+    Envoy sees them), and the name the router's certificate must carry (sent as SNI and checked
+    among its DNS names)."""
 
-    ca: Path
-    cert: Path
-    key: Path
+    ca: Path | str
+    cert: Path | str
+    key: Path | str
     server_name: str = "localhost"
+
+
+# What the shipped gateways present: compose mounts the `gateway` folder of scripts/compose_certs.sh
+# at /certs; Kubernetes mounts cert-manager's Secret `kvmesh-gateway-tls` at /etc/kvmesh/tls.
+COMPOSE_PICKER_TLS = PickerTLS(ca="/certs/ca.pem", cert="/certs/gateway.pem", key="/certs/gateway-key.pem",
+                               server_name="router")
+K8S_PICKER_TLS = PickerTLS(ca="/etc/kvmesh/tls/ca.crt", cert="/etc/kvmesh/tls/tls.crt",
+                           key="/etc/kvmesh/tls/tls.key", server_name="kvmesh-router")
 
 
 def envoy_config(
@@ -135,7 +146,8 @@ def envoy_config(
     body_limit: int = 4 * 1024 * 1024,
     picker_tls: PickerTLS | None = None,
 ) -> str:
-    """The gateway's config: `picker` is the router's --ext-proc-listen HOST:PORT."""
+    """The gateway's config: `picker` is the router's --ext-proc-listen HOST:PORT; with `tls`,
+    Envoy talks mutual TLS to it."""
     picker_host, _, picker_port = picker.rpartition(":")
     listen_host, _, listen_port = listen.rpartition(":")
     is_ip = picker_host.replace(".", "").isdigit() or ":" in picker_host
