@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -17,17 +18,11 @@ from kvmesh.services.cachenode.rate_limits import NamespaceRateLimits
 from kvmesh.services.cachenode.settings import CacheNodeSettings
 from kvmesh.services.cachenode.storage.registry import build_storage
 from kvmesh.tools.testing.mesh import process_mesh
+from kvmesh.tools.testing.status import status_of
 from kvmesh.v1 import cachenode_pb2
 
 KiB, MiB = 1024, 1024**2
 
-
-async def _code(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 @pytest.mark.integration
@@ -43,23 +38,23 @@ async def test_quotas_and_rates_on_a_node_process() -> None:
         process = mesh.of_role("cachenode")[0].process
         assert process is not None
 
-        def put(ns: str, key: bytes, size: int) -> object:
+        def put(ns: str, key: bytes, size: int) -> Awaitable[cachenode_pb2.PutResponse]:
             return stub.Put(cachenode_pb2.PutRequest(namespace=ns, key=key, value=os.urandom(size)), timeout=10)
 
         async def found(ns: str, key: bytes) -> bool:
             return bool((await stub.Get(cachenode_pb2.GetRequest(namespace=ns, key=key), timeout=10)).found)
 
         # Quota: 1 MiB per namespace by default.
-        assert await _code(put("a", b"k1", 600 * KiB)) == grpc.StatusCode.OK
-        assert await _code(put("a", b"k2", 600 * KiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await status_of(put("a", b"k1", 600 * KiB)) == grpc.StatusCode.OK
+        assert await status_of(put("a", b"k2", 600 * KiB)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert not await found("a", b"k2")  # nothing written
-        assert await _code(put("a", b"k1", 900 * KiB)) == grpc.StatusCode.OK  # replacing counts once
-        assert await _code(put("other", b"k2", 600 * KiB)) == grpc.StatusCode.OK  # another tenant's own quota
+        assert await status_of(put("a", b"k1", 900 * KiB)) == grpc.StatusCode.OK  # replacing counts once
+        assert await status_of(put("other", b"k2", 600 * KiB)) == grpc.StatusCode.OK  # another tenant's own quota
         assert (await stub.Delete(cachenode_pb2.DeleteRequest(namespace="a", key=b"k1"), timeout=10)).deleted
-        assert await _code(put("a", b"k2", 600 * KiB)) == grpc.StatusCode.OK  # deleting freed it
+        assert await status_of(put("a", b"k2", 600 * KiB)) == grpc.StatusCode.OK  # deleting freed it
         # Overrides: a bigger quota, and none at all.
-        assert await _code(put("big", b"k", 3 * MiB)) == grpc.StatusCode.OK
-        assert await _code(put("free", b"k", 5 * MiB)) == grpc.StatusCode.OK
+        assert await status_of(put("big", b"k", 3 * MiB)) == grpc.StatusCode.OK
+        assert await status_of(put("free", b"k", 5 * MiB)) == grpc.StatusCode.OK
         # BatchPut: the value over quota fails alone (RESOURCE_EXHAUSTED), the others are stored.
         chunks = [cachenode_pb2.PutChunk(namespace="b", key=k, total_size=n, data=os.urandom(n))
                   for k, n in ((b"x", 700 * KiB), (b"y", 700 * KiB), (b"z", 100 * KiB))]
@@ -82,16 +77,16 @@ async def test_quotas_and_rates_on_a_node_process() -> None:
         finally:
             await pool.close()
         # Rate: namespace "slow" may make 3 requests a second (a burst of 3), others are unlimited.
-        codes = [await _code(stub.Exists(cachenode_pb2.ExistsRequest(namespace="slow", keys=[b"k"]), timeout=10))
+        codes = [await status_of(stub.Exists(cachenode_pb2.ExistsRequest(namespace="slow", keys=[b"k"]), timeout=10))
                  for _ in range(6)]
         assert codes[:3] == [grpc.StatusCode.OK] * 3 and grpc.StatusCode.RESOURCE_EXHAUSTED in codes[3:]
         refused = [c for c in codes if c != grpc.StatusCode.OK]
         assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
         for _ in range(20):
-            assert await _code(stub.Exists(cachenode_pb2.ExistsRequest(namespace="a", keys=[b"k"]), timeout=10)) \
+            assert await status_of(stub.Exists(cachenode_pb2.ExistsRequest(namespace="a", keys=[b"k"]), timeout=10)) \
                 == grpc.StatusCode.OK
         await asyncio.sleep(1.1)
-        assert await _code(stub.Exists(cachenode_pb2.ExistsRequest(namespace="slow", keys=[b"k"]), timeout=10)) \
+        assert await status_of(stub.Exists(cachenode_pb2.ExistsRequest(namespace="slow", keys=[b"k"]), timeout=10)) \
             == grpc.StatusCode.OK  # refilled
 
 

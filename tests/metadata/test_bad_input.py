@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from kvmesh.tools.testing.mesh import local_mesh
+from kvmesh.tools.testing.status import status_of
 from kvmesh.v1 import common_pb2, metadata_pb2
 from tests.metadata.conftest import MetadataClient, member, metadata_client
 from tests.metadata.streams import StreamReader
@@ -22,13 +23,6 @@ async def mem() -> AsyncIterator[MetadataClient]:
                           timeout=None) as mesh:
         yield metadata_client(mesh, backend)
 
-
-async def status_of(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 async def stream_status(call: object) -> grpc.StatusCode:

@@ -76,13 +76,6 @@ def cleared(member_id: str) -> router_pb2.KvEventBatch:
         router_pb2.KvEvent(cleared=router_pb2.AllBlocksCleared())])
 
 
-async def code_of(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
 
 # grpc-python's aio client sends a client stream's requests from a task of its own; when the server
 # ends the call (a refusal) while that task still has a message to send, the send fails and the

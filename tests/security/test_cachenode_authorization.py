@@ -27,6 +27,7 @@ from kvmesh.security.identity import token_digest
 from kvmesh.security.tls import ClientTLS, TLSFiles, client_ssl_context
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 from kvmesh.tools.testing.polling import eventually
+from kvmesh.tools.testing.status import status_of
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 from tests.security.conftest import Pki
 
@@ -65,13 +66,6 @@ def token_tls(pki: Pki, token: str | None) -> ClientTLS:
     return ClientTLS(TLSFiles(tls_ca=pki.ca.cert_path), (lambda: token) if token else None)
 
 
-async def code_of(call: Awaitable[Any]) -> Code:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return Code.OK
-
 
 class Caller:
     """The KVCache calls of one principal (or of nobody)."""
@@ -81,7 +75,7 @@ class Caller:
         self.stub = cachenode_pb2_grpc.KVCacheStub(self.channel)
 
     async def put(self, ns: str, key: bytes, value: bytes) -> Code:
-        return await code_of(self.stub.Put(cachenode_pb2.PutRequest(namespace=ns, key=key, value=value), timeout=10))
+        return await status_of(self.stub.Put(cachenode_pb2.PutRequest(namespace=ns, key=key, value=value), timeout=10))
 
     async def get(self, ns: str, key: bytes) -> tuple[Code, bytes | None]:
         try:
@@ -91,23 +85,23 @@ class Caller:
         return Code.OK, reply.value if reply.found else None
 
     async def delete(self, ns: str, key: bytes) -> Code:
-        return await code_of(self.stub.Delete(cachenode_pb2.DeleteRequest(namespace=ns, key=key), timeout=10))
+        return await status_of(self.stub.Delete(cachenode_pb2.DeleteRequest(namespace=ns, key=key), timeout=10))
 
     async def exists(self, ns: str, key: bytes) -> Code:
-        return await code_of(self.stub.Exists(cachenode_pb2.ExistsRequest(namespace=ns, keys=[key]), timeout=10))
+        return await status_of(self.stub.Exists(cachenode_pb2.ExistsRequest(namespace=ns, keys=[key]), timeout=10))
 
     async def batch_get(self, ns: str, key: bytes) -> Code:
         async def drain() -> None:
             async for _ in self.stub.BatchGet(cachenode_pb2.BatchGetRequest(namespace=ns, keys=[key]), timeout=10):
                 pass
-        return await code_of(drain())
+        return await status_of(drain())
 
     async def batch_put(self, items: list[tuple[str, bytes, bytes]]) -> Code:
         chunks = [cachenode_pb2.PutChunk(namespace=ns, key=k, total_size=len(v), data=v) for ns, k, v in items]
-        return await code_of(self.stub.BatchPut(iter(chunks), timeout=10))
+        return await status_of(self.stub.BatchPut(iter(chunks), timeout=10))
 
     async def stats(self) -> Code:
-        return await code_of(self.stub.Stats(cachenode_pb2.StatsRequest(), timeout=10))
+        return await status_of(self.stub.Stats(cachenode_pb2.StatsRequest(), timeout=10))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -288,17 +282,17 @@ async def test_zero_copy_attach_needs_every_namespace(pki: Pki, tmp_path: Path) 
             raise AssertionError("no AttachResponse")
 
         denied = cachenode_pb2_grpc.KVCacheStub(tenant).Attach(request, timeout=30)
-        assert await code_of(first(denied)) == Code.PERMISSION_DENIED
+        assert await status_of(first(denied)) == Code.PERMISSION_DENIED
         session = cachenode_pb2_grpc.KVCacheStub(admin).Attach(request, timeout=30)  # open while used
         attached = await first(session)
         assert attached.session_id and len(attached.session_id) == 32  # 128 random bits
         allocate = cachenode_pb2.AllocateRequest(session_id=attached.session_id, namespace=A, key=b"k", size=8)
         stub = cachenode_pb2_grpc.KVCacheStub(tenant)
-        assert await code_of(stub.Allocate(allocate, timeout=10)) == Code.PERMISSION_DENIED
-        assert await code_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(allocate, timeout=10)) == Code.OK
+        assert await status_of(stub.Allocate(allocate, timeout=10)) == Code.PERMISSION_DENIED
+        assert await status_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(allocate, timeout=10)) == Code.OK
         # Allocations are charged to the namespace's quota like every other write.
         too_big = cachenode_pb2.AllocateRequest(session_id=attached.session_id, namespace="small", key=b"k", size=2048)
-        assert await code_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(too_big, timeout=10)) == \
+        assert await status_of(cachenode_pb2_grpc.KVCacheStub(admin).Allocate(too_big, timeout=10)) == \
             Code.RESOURCE_EXHAUSTED
         # The local control socket: this user (the node's) binds the session with its id...
         assert attached.control_socket

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from kvmesh.runtime.channels import open_channel
+from kvmesh.tools.testing.status import status_of
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 from tests.security.conftest import Pki
 from tests.security.router_mesh import (
@@ -19,7 +20,6 @@ from tests.security.router_mesh import (
     PROMPT,
     SecuredRouter,
     cleared,
-    code_of,
     events_refused,
     refused_stream,
     secured_router,
@@ -89,8 +89,8 @@ async def test_release_only_by_the_principal_that_routed(pki: Pki, tmp_path: Pat
 async def test_routing_needs_a_grant(pki: Pki, tmp_path: Path) -> None:
     async with secured_router(pki, tmp_path) as secured:
         routed = (await secured.stats()).routed
-        assert await code_of(secured.route("nobody", PROMPT)) == grpc.StatusCode.PERMISSION_DENIED
-        assert await code_of(secured.release("nobody", "r1")) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(secured.route("nobody", PROMPT)) == grpc.StatusCode.PERMISSION_DENIED
+        assert await status_of(secured.release("nobody", "r1")) == grpc.StatusCode.PERMISSION_DENIED
         async with secured.stub("nobody") as stub:
             call = stub.RouteStream(iter([router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=PROMPT))]))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -99,7 +99,7 @@ async def test_routing_needs_a_grant(pki: Pki, tmp_path: Path) -> None:
         # No certificate at all: the TLS handshake is refused (mutual TLS), nothing is routed.
         async with open_channel(secured.router, tls=secured.client(None)) as channel:
             request = router_pb2.RouteRequest(blocks=router_pb2.BlockIds(ids=PROMPT))
-            assert await code_of(router_pb2_grpc.RouterStub(channel).Route(request, timeout=5)) == \
+            assert await status_of(router_pb2_grpc.RouterStub(channel).Route(request, timeout=5)) == \
                 grpc.StatusCode.UNAVAILABLE
         assert (await secured.stats()).routed == routed
         assert (await secured.route("client-a", PROMPT)).member_id == "engine-0"  # still serving
