@@ -32,10 +32,21 @@ class Cluster:
         return self._client.resources.get(api_version=api_version, kind=kind)
 
     def list_owned(self, namespace: str, label_selector: str) -> list[Obj]:
-        """Every object of an owned kind in the namespace carrying the pool's label."""
+        """Every object of an owned kind in the namespace carrying the pool's label.
+
+        A kind the cluster does not serve (cert-manager not installed) has no objects: a plaintext
+        pool (`tls.enabled: false`) runs without cert-manager; a secure one fails to apply its
+        Certificates, and kopf retries until cert-manager is there.
+        """
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
         out: list[Obj] = []
         for api_version, kind in OWNED_KINDS:
-            listing = self._resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
+            try:
+                resource = self._resource(api_version, kind)
+            except ResourceNotFoundError:
+                continue
+            listing = resource.get(namespace=namespace, label_selector=label_selector)
             for item in listing.to_dict().get("items", []):
                 item.setdefault("apiVersion", api_version)
                 item.setdefault("kind", kind)

@@ -18,6 +18,8 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("policy/v1", "PodDisruptionBudget"),
+    ("v1", "ConfigMap"),  # the pool's policy
+    ("cert-manager.io/v1", "Certificate"),  # the pool's workload certificates (cert-manager writes their Secrets)
 )
 
 Key = tuple[str, str, str]  # (apiVersion, kind, name)

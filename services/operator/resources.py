@@ -3,15 +3,20 @@
 No API calls here: given the pool (as the API server returns it) this builds every object
 the pool needs — the cache-node StatefulSet with its headless and client Services, the
 kvmesh metadata Deployment and Service, the managed etcd when asked for, and their
-PodDisruptionBudgets — each labelled with the pool and owned by it (ownerReferences with
-controller=true), so deleting the pool lets the garbage collector delete them all.
+PodDisruptionBudgets; unless the spec opts out (`tls.enabled: false`), a cert-manager
+`Certificate` per kvmesh workload and the pool's policy ConfigMap, which every kvmesh pod mounts
+(mutual TLS, the policy enforced, probes over mutual TLS) — each labelled with the pool and owned
+by it (ownerReferences with controller=true), so deleting the pool lets the garbage collector
+delete them all (the certificate Secrets are cert-manager's: docs/deploy.md).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kvmesh.services.operator.spec import API_VERSION, KIND, PoolSpec
+from kvmesh.uri import parse_uri
 
 Obj = dict[str, Any]
 
@@ -25,6 +30,14 @@ ETCD_METRICS_PORT = 2381
 RUN_AS = 10001
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 WORKLOAD_LABEL = "app.kubernetes.io/name"
+# Where pods find their certificate Secret and the policy, and the name every certificate carries
+# (pods are dialled by IP or per-pod DNS names; clients expect this one), as in deploy/k8s/base.
+TLS_DIR = "/etc/kvmesh/tls"
+POLICY_DIR = "/etc/kvmesh/policy"
+POLICY_FILE = "policy.yaml"
+MESH_NAME = "kvmesh-mesh"
+ADMIN_PRINCIPAL = "kvmesh-admin"
+HEALTH_COMMAND = ["kvmesh", "health", "--quiet"]
 
 
 def names(pool_name: str) -> dict[str, str]:
@@ -35,6 +48,9 @@ def names(pool_name: str) -> dict[str, str]:
         "metadata": f"{pool_name}-metadata",
         "etcd": f"{pool_name}-etcd",
         "etcd_peer": f"{pool_name}-etcd-peer",
+        "metadata_tls": f"{pool_name}-metadata-tls",
+        "cache_tls": f"{pool_name}-cache-tls",
+        "policy": f"{pool_name}-policy",
     }
 
 
@@ -74,6 +90,44 @@ def _grpc_probes(port: int) -> Obj:
         "readinessProbe": {"grpc": {"port": port}, "periodSeconds": 5, "timeoutSeconds": 3},
         "livenessProbe": {"grpc": {"port": port}, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
     }
+
+
+def _exec_probes() -> Obj:
+    """`kvmesh health` in the container: it dials its own KVMESH_LISTEN port over mutual TLS with the
+    pod's certificate (a kubelet `grpc:` probe cannot present a client certificate)."""
+    run = {"exec": {"command": list(HEALTH_COMMAND)}, "timeoutSeconds": 5}
+    return {
+        "startupProbe": {**run, "periodSeconds": 2, "failureThreshold": 60},
+        "readinessProbe": {**run, "periodSeconds": 5},
+        "livenessProbe": {**run, "periodSeconds": 10, "failureThreshold": 3},
+    }
+
+
+def _probes(spec: PoolSpec, port: int) -> Obj:
+    return _exec_probes() if spec.tls.enabled else _grpc_probes(port)
+
+
+def _tls_env() -> list[Obj]:
+    return _env(
+        KVMESH_TLS_CERT=f"{TLS_DIR}/tls.crt",
+        KVMESH_TLS_KEY=f"{TLS_DIR}/tls.key",
+        KVMESH_TLS_CA=f"{TLS_DIR}/ca.crt",
+        KVMESH_TLS_REQUIRE_CLIENT_CERT="true",
+        KVMESH_TLS_SERVER_NAME=MESH_NAME,
+        KVMESH_SECURITY_POLICY=f"{POLICY_DIR}/{POLICY_FILE}",
+    )
+
+
+def _secure(pool: Obj, spec: PoolSpec, container: Obj, volumes: list[Obj], secret: str) -> None:
+    """Mounts the workload's certificate Secret and the pool's policy, and points KVMESH_TLS_* at them."""
+    if not spec.tls.enabled:
+        return
+    container["env"] = [*container["env"], *_tls_env()]
+    container["volumeMounts"] = [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+                                 {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
+                                 *container["volumeMounts"]]
+    volumes[:0] = [{"name": "tls", "secret": {"secretName": secret}},
+                   {"name": "policy", "configMap": {"name": names(pool["metadata"]["name"])["policy"]}}]
 
 
 def _spread(pool_name: str, component: str, hard: bool) -> list[Obj]:
@@ -137,11 +191,13 @@ def metadata_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
             *metadata_backend_env(pool, spec),
         ],
         "ports": [{"name": "grpc", "containerPort": METADATA_PORT, "protocol": "TCP"}],
-        **_grpc_probes(METADATA_PORT),
+        **_probes(spec, METADATA_PORT),
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": _container_security(),
         "volumeMounts": [tmp_mount],
     }
+    volumes = [tmp_volume]
+    _secure(pool, spec, container, volumes, n["metadata_tls"])
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(pool, n["metadata"], "metadata"),
         "spec": {
@@ -155,7 +211,7 @@ def metadata_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
                     "securityContext": _pod_security(),
                     "topologySpreadConstraints": _spread(pool_name, "metadata", hard=False),
                     "containers": [container],
-                    "volumes": [tmp_volume],
+                    "volumes": volumes,
                 },
             },
         },
@@ -312,11 +368,12 @@ def cache_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
             ),
         ],
         "ports": [{"name": "grpc", "containerPort": CACHE_PORT, "protocol": "TCP"}],
-        **_grpc_probes(CACHE_PORT),
+        **_probes(spec, CACHE_PORT),
         "resources": _cache_resources(spec),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
+    _secure(pool, spec, container, volumes, n["cache_tls"])
     pod_spec: Obj = {
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 30,
@@ -363,7 +420,84 @@ def cache_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
     return out
 
 
+# --- mutual TLS and the policy ----------------------------------------------------------------
+
+def _hosts(service: str, namespace: str) -> list[str]:
+    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+
+
+def _certificate(pool: Obj, spec: PoolSpec, name: str, secret: str, component: str, dns_names: list[str]) -> Obj:
+    issuer = spec.tls.issuer_ref
+    return {
+        "apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": _meta(pool, name, component),
+        "spec": {
+            "secretName": secret,
+            # The identity the policy grants to (all pods of a workload share it).
+            "commonName": name,
+            "dnsNames": [MESH_NAME, *dns_names, "localhost"],
+            "ipAddresses": ["127.0.0.1"],  # the exec probes dial loopback
+            "usages": ["digital signature", "key encipherment", "server auth", "client auth"],
+            "duration": "2160h",  # 90 days, renewed 30 days ahead; kvmesh re-reads the files
+            "renewBefore": "720h",
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "issuerRef": {"group": issuer.group, "kind": issuer.kind, "name": issuer.name},
+        },
+    }
+
+
+def certificate_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
+    """One cert-manager Certificate per kvmesh workload, from the spec's issuer (none when TLS is off)."""
+    if not spec.tls.enabled:
+        return []
+    ns, n = pool["metadata"]["namespace"], names(pool["metadata"]["name"])
+    headless = [f"*.{n['cache_headless']}.{ns}.svc", f"*.{n['cache_headless']}.{ns}.svc.cluster.local"]
+    return [
+        _certificate(pool, spec, n["metadata"], n["metadata_tls"], "metadata", _hosts(n["metadata"], ns)),
+        _certificate(pool, spec, n["cache"], n["cache_tls"], "cachenode", [*headless, *_hosts(n["cache"], ns)]),
+    ]
+
+
+def _largest_tier(spec: PoolSpec) -> int | None:
+    """The cache node's registered capacity bound: its largest tier, or None when a tier has no capacity."""
+    sizes = [parse_uri(t).size_param("capacity", 0) for t in spec.cache.tiers]
+    return max(sizes) if sizes and all(sizes) else None
+
+
+def pool_policy(pool_name: str, spec: PoolSpec) -> Obj:
+    """The pool's policy (docs/security.md schema): least privilege per workload identity.
+
+    The metadata service calls no one and is granted nothing; the cache nodes may register only
+    their own StatefulSet's pod names (ordinals), only as cache nodes, with at most the largest tier; a
+    `kvmesh-admin` certificate (issued on demand, never by the operator) is admin. The spec's
+    `policy.principals` (the pool's clients) are added; they cannot replace these entries.
+    """
+    n = names(pool_name)
+    registration: Obj = {"roles": ["cachenode"], "members": [f"{n['cache']}-[0-9]*"]}  # StatefulSet ordinals
+    bound = _largest_tier(spec)
+    if bound is not None:
+        registration["max_capacity_bytes"] = bound
+    own: Obj = {n["cache"]: {"register": registration}, ADMIN_PRINCIPAL: {"admin": True}}
+    clients = dict(spec.policy.principals) if spec.policy is not None else {}
+    return {"principals": {**{k: v for k, v in clients.items() if k not in own and k != n["metadata"]}, **own}}
+
+
+def policy_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
+    """The policy ConfigMap every kvmesh pod of the pool mounts (none when TLS is off).
+
+    The file is JSON (which is YAML) so the operator needs no YAML writer; an edit reaches running
+    pods without a restart (the kubelet updates the file; the services re-read it).
+    """
+    if not spec.tls.enabled:
+        return []
+    pool_name = pool["metadata"]["name"]
+    text = json.dumps(pool_policy(pool_name, spec), indent=2, sort_keys=True) + "\n"
+    return [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(pool, names(pool_name)["policy"], "policy"),
+             "data": {POLICY_FILE: text}}]
+
+
 def desired_objects(pool: Obj, spec: PoolSpec) -> list[Obj]:
-    """Everything the pool should own, in apply order (backend first, cache nodes last)."""
-    return [*etcd_objects(pool, spec), *metadata_objects(pool, spec), *cache_objects(pool, spec)]
+    """Everything the pool should own, in apply order (certificates and policy first, so the pods'
+    volumes exist soon; backend next; cache nodes last)."""
+    return [*certificate_objects(pool, spec), *policy_objects(pool, spec), *etcd_objects(pool, spec),
+            *metadata_objects(pool, spec), *cache_objects(pool, spec)]
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kvmesh.security.policy import Policy
 from kvmesh.tiers import STORAGE_SCHEMES, split_tiers
 from kvmesh.uri import UriError, parse_uri
 
@@ -25,6 +26,10 @@ PLURAL = "kvcachepools"
 DEFAULT_IMAGE = "kvmesh/kvmesh:0.1.0"
 DEFAULT_ETCD_IMAGE = "quay.io/coreos/etcd:v3.5.15"
 DEFAULT_ENGINE = "memory://?capacity=2GiB"
+# The cert-manager issuer a pool's certificates come from unless its spec names another: one CA for
+# the cluster (a ClusterIssuer, so pools in any namespace and their clients share it), docs/deploy.md.
+DEFAULT_ISSUER = "kvmesh-ca"
+DEFAULT_ISSUER_KIND: Literal["Issuer", "ClusterIssuer"] = "ClusterIssuer"
 # Kubernetes resource quantities: 500m, 2, 1.5Gi, 10G, 1e3.
 QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|m|k|u|n)?$")
 HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -158,12 +163,51 @@ class MetadataSpec(_Model):
         return self
 
 
+class IssuerRef(_Model):
+    name: str = Field(DEFAULT_ISSUER, min_length=1)
+    kind: Literal["Issuer", "ClusterIssuer"] = DEFAULT_ISSUER_KIND
+    group: str = Field("cert-manager.io", min_length=1)
+
+
+class TLSSpec(_Model):
+    """Mutual TLS and a policy for the pool's pods (on unless `enabled: false`, plaintext as before)."""
+
+    enabled: bool = True
+    issuer_ref: IssuerRef = Field(default_factory=lambda: IssuerRef.model_validate({}), alias="issuerRef")
+
+
+class PolicySpec(_Model):
+    """Grants for the pool's clients (engines, routers, tools), in the policy file's schema
+    (docs/security.md); the operator adds its own workloads' grants."""
+
+    principals: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("principals")
+    @classmethod
+    def _grants(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Policy.model_validate({"principals": value})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"][1:])
+            raise ValueError(f"{where}: {first['msg']}") from None
+        return value
+
+
 class PoolSpec(_Model):
     replicas: int = Field(3, ge=0, le=1000)
     service: ServiceSpec = Field(default_factory=lambda: ServiceSpec.model_validate({}))
     cache: CacheSpec = Field(default_factory=lambda: CacheSpec.model_validate({}))
     scheduler: SchedulerSpec = Field(default_factory=lambda: SchedulerSpec.model_validate({}))
     metadata: MetadataSpec = Field(default_factory=lambda: MetadataSpec.model_validate({"managed": {}}))
+    tls: TLSSpec = Field(default_factory=lambda: TLSSpec.model_validate({}))
+    policy: PolicySpec | None = None
+
+    @model_validator(mode="after")
+    def _policy_needs_tls(self) -> PoolSpec:
+        if self.policy is not None and self.policy.principals and not self.tls.enabled:
+            raise ValueError("spec.policy needs spec.tls.enabled: without TLS there are no identities to grant to")
+        return self
 
 
 def parse_spec(spec: dict[str, Any] | None) -> PoolSpec:

@@ -63,8 +63,14 @@ _METADATA: Schema = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string"}, "namespace": {"type": "string"},
     "labels": {"type": "object", "additionalProperties": {"type": "string"}},
     "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    "ownerReferences": {"type": "array", "items": {  # the operator's Certificates belong to their pool
+        "type": "object", "required": ["apiVersion", "kind", "name", "uid"],
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "name": {"type": "string"},
+                       "uid": {"type": "string"}, "controller": {"type": "boolean"},
+                       "blockOwnerDeletion": {"type": "boolean"}}}},
 }}
-KINDS = {"Certificate": CERTIFICATE_SPEC, "Issuer": ISSUER_SPEC}
+# A ClusterIssuer has an Issuer's spec (the operator's cluster-issuer.yaml uses one).
+KINDS = {"Certificate": CERTIFICATE_SPEC, "Issuer": ISSUER_SPEC, "ClusterIssuer": ISSUER_SPEC}
 
 
 def is_cert_manager(obj: dict[str, Any]) -> bool:

@@ -64,7 +64,11 @@ def test_rbac_is_least_privilege(rendered) -> None:
     mutating = {(g, r) for g, r, v in grants if v in ("create", "update", "patch", "delete")}
     assert mutating <= owned | {(GROUP, PLURAL), (GROUP, f"{PLURAL}/status"), ("", "events"),
                                 ("events.k8s.io", "events")}
-    assert not [g for g in grants if g[1] in ("secrets", "pods", "configmaps", "nodes")]
+    assert not [g for g in grants if g[1] in ("secrets", "pods", "nodes")]
+    # cert-manager: only the Certificates a pool owns (cert-manager writes the Secrets; issuers are
+    # named, never made or changed, and no one's certificate requests are approved).
+    assert {r for g, r, _ in grants if g == "cert-manager.io"} == {"certificates"}
+    assert ("", "configmaps") in owned and ("cert-manager.io", "certificates") in owned
 
 
 def test_binding_deployment_and_service_account_agree(rendered) -> None:
@@ -132,7 +136,7 @@ def test_reconcile_handler_applies_the_plan_and_patches_status(monkeypatch: pyte
     pool = make_pool()
     patch = kopf.Patch()
     controller.reconcile_pool(body=pool, patch=patch, logger=logger)
-    assert fake.applied == len(plan(pool, []).create) == 10
+    assert fake.applied == len(plan(pool, []).create) == 13
     assert patch["status"]["phase"] == "Progressing" and patch["status"]["observedGeneration"] == 1
     scaled = make_pool({"replicas": 1, "metadata": {"redis": {"address": "r:6379"}}}, generation=2)
     patch = kopf.Patch()

@@ -12,6 +12,7 @@ import yaml
 from kvmesh.services.operator.reconcile import OWNED_KINDS, compute_status, is_subset, key, plan
 from kvmesh.services.operator.resources import POOL_LABEL, desired_objects, names
 from kvmesh.services.operator.spec import API_VERSION, KIND, parse_spec
+from tests.deploy import cert_manager
 from tests.deploy.k8s import validate_objects
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "operator" / "examples"
@@ -49,6 +50,15 @@ def as_server_returns(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def validate_pool_objects(objs: list[dict[str, Any]]) -> None:
+    """kubernetes-validate --strict for Kubernetes' kinds; cert-manager's against their own schemas, as
+    tests/deploy does for the overlays (kubernetes-validate has none for them)."""
+    validate_objects([o for o in objs if not cert_manager.is_cert_manager(o)])
+    for obj in objs:
+        if cert_manager.is_cert_manager(obj):
+            cert_manager.validate(obj)
+
+
 def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name)
 
@@ -58,11 +68,12 @@ def container_env(obj: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
 
 
-@pytest.mark.parametrize("stem", ["managed", "byo-etcd", "byo-redis"])
+@pytest.mark.parametrize("stem", ["managed", "byo-etcd", "byo-redis", "plaintext"])
 def test_every_produced_object_validates_strictly(stem: str) -> None:
     pool = example(stem)
     objs = desired_objects(pool, parse_spec(pool["spec"]))
-    validate_objects(objs)
+    validate_pool_objects(objs)
+    assert ("cert-manager.io/v1", "Certificate") in {(o["apiVersion"], o["kind"]) for o in objs} or stem == "plaintext"
     assert {(o["apiVersion"], o["kind"]) for o in objs} <= set(OWNED_KINDS)
     assert len({key(o) for o in objs}) == len(objs), "names must be unique per kind"
     for obj in objs:
@@ -78,6 +89,7 @@ def test_default_pool_objects() -> None:
     n = names("pool-a")
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
     assert kinds == sorted([
+        ("Certificate", n["metadata"]), ("Certificate", n["cache"]), ("ConfigMap", n["policy"]),
         ("StatefulSet", n["etcd"]), ("Service", n["etcd_peer"]), ("Service", n["etcd"]),
         ("Deployment", n["metadata"]), ("Service", n["metadata"]), ("PodDisruptionBudget", n["metadata"]),
         ("StatefulSet", n["cache"]), ("Service", n["cache_headless"]), ("Service", n["cache"]),
@@ -157,9 +169,9 @@ def test_bring_your_own_backends() -> None:
 def test_first_reconcile_creates_everything_then_nothing_to_do() -> None:
     pool = make_pool()
     first = plan(pool, [])
-    assert first.error is None and len(first.create) == 10 and not first.update and not first.delete
+    assert first.error is None and len(first.create) == 13 and not first.update and not first.delete
     again = plan(pool, as_server_returns(first.create))
-    assert not again.changed and len(again.unchanged) == 10
+    assert not again.changed and len(again.unchanged) == 13
 
 
 def test_scale_up_and_down() -> None:
@@ -180,8 +192,10 @@ def test_spec_changes_roll_the_right_objects() -> None:
     pool = make_pool()
     existing = as_server_returns(plan(pool, []).create)
     new_engine = plan(make_pool({"cache": {"engine": "memory://?capacity=4GiB"}}), existing)
-    assert [key(o)[2] for o in new_engine.update] == ["pool-a-cache"]
-    assert container_env(new_engine.update[0])["KVMESH_STORAGE"] == "memory://?capacity=4GiB"
+    # The cache nodes roll; the policy's capacity bound follows the new tier (no rollout for that).
+    assert [key(o)[1:] for o in new_engine.update] == [("ConfigMap", "pool-a-policy"), ("StatefulSet", "pool-a-cache")]
+    assert container_env(new_engine.update[1])["KVMESH_STORAGE"] == "memory://?capacity=4GiB"
+    assert '"max_capacity_bytes": 4294967296' in new_engine.update[0]["data"]["policy.yaml"]
     new_image = plan(make_pool({"cache": {"image": "kvmesh/kvmesh:0.2.0"}}), existing)
     assert sorted(key(o)[2] for o in new_image.update) == ["pool-a-cache", "pool-a-metadata"]
     new_port = plan(make_pool({"service": {"type": "NodePort", "port": 7501}}), existing)
