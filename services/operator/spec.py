@@ -188,9 +188,8 @@ class PolicySpec(_Model):
         try:
             Policy.model_validate({"principals": value})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"][1:])
-            raise ValueError(f"{where}: {first['msg']}") from None
+            problems = [f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in exc.errors()]
+            raise ValueError("; ".join(problems)) from None
         return value
 
 

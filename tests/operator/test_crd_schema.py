@@ -70,6 +70,9 @@ def test_defaults_agree_with_the_operator(crd) -> None:
     defaulted = admit(crd, _pool({}))["spec"]
     model = parse_spec({}).model_dump(by_alias=True, exclude_none=True)
     assert defaulted == model
+    # Secure by default: TLS on, certificates from the cluster's kvmesh-ca ClusterIssuer.
+    assert defaulted["tls"] == {"enabled": True, "issuerRef": {"name": "kvmesh-ca", "kind": "ClusterIssuer",
+                                                               "group": "cert-manager.io"}}
     assert defaulted["replicas"] == 3 and defaulted["metadata"] == {"managed": {"replicas": 1,
            "image": "quay.io/coreos/etcd:v3.5.15", "storage": "1Gi"}, "replicas": 2}
 
@@ -101,6 +104,10 @@ BAD_SPECS: dict[str, dict[str, Any]] = {
     "three etcd members or one": {"metadata": {"managed": {"replicas": 2}}},
     "bad quantity": {"cache": {"storage": {"size": "ten gigs"}}},
     "replicas not an integer": {"replicas": "3"},
+    "unknown issuer kind": {"tls": {"issuerRef": {"kind": "Vault"}}},
+    "tls enabled not a boolean": {"tls": {"enabled": "no"}},
+    "unknown tls field": {"tls": {"insecure": True}},
+    "empty issuer name": {"tls": {"issuerRef": {"name": ""}}},
 }
 
 
@@ -119,9 +126,19 @@ def test_pool_names_are_bounded(crd) -> None:
         admit(crd, _pool({}, name="p" * 41))
 
 
+def test_an_opt_out_stays_an_opt_out(crd) -> None:
+    """Defaulting fills the issuer but never turns TLS back on."""
+    defaulted = admit(crd, _pool({"tls": {"enabled": False}}))["spec"]
+    assert defaulted["tls"]["enabled"] is False and not parse_spec(defaulted).tls.enabled
+
+
 def test_operator_rejects_what_only_it_can_check() -> None:
     """Engine schemes and URI syntax are beyond a regex: the operator refuses them (status Failed)."""
     with pytest.raises(SpecError, match="unknown storage scheme"):
         parse_spec({"cache": {"engine": "memory://?capacity=1GiB,tape:///dev/st0"}})
     with pytest.raises(SpecError, match="capacity"):
         parse_spec({"cache": {"engine": "memory://?capacity=lots"}})
+    # Client grants are free-form to the schema; the operator parses them as a kvmesh policy.
+    bad_grant = {"policy": {"principals": {"vllm": {"namespaces": {"read": "kvmesh", "wrte": []}}}}}
+    with pytest.raises(SpecError, match="wrte"):
+        parse_spec(bad_grant)
