@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.security            # 5 rounds
     .venv/bin/python -m bench.security --quick    # 3 shorter rounds
+    .venv/bin/python -m bench.security --quick --data-only   # the bulk data plane only
 
 Data paths: two real `kvmesh cachenode` processes (memory storage), one plaintext, one secured as
 `kvmesh up` runs it (mutual TLS with a CA made for the run, and a policy: every call authenticated
@@ -93,7 +94,7 @@ async def data_path(systems: dict[str, System], rounds: int, count: int,
 
 
 async def open_systems(nodes: dict[str, tuple[str, str]], plain: SecuritySettings,
-                       tls: SecuritySettings, pids: dict[str, int]) -> dict[str, System]:
+                       tls: SecuritySettings, pids: dict[str, int], data_only: bool = False) -> dict[str, System]:
     """The four ways in: data plane and gRPC, to the plaintext and to the secured node."""
     files = TLSFiles(tls_cert=tls.tls_cert, tls_key=tls.tls_key, tls_ca=tls.tls_ca)
     systems: dict[str, System] = {}
@@ -103,6 +104,8 @@ async def open_systems(nodes: dict[str, tuple[str, str]], plain: SecuritySetting
         client_tls = ClientTLS(files) if kind == "mtls" else None
         client = await CacheClient.from_nodes(info, local="never", tls=client_tls)
         systems[f"data plane {kind}"] = DataPlaneSystem(kind, client, pids[kind])
+        if data_only:
+            continue
         _use(settings)  # gRPC channels take this process's client settings
         systems[f"gRPC {kind}"] = GrpcSystem(kind, address, CHUNK, pids[kind])
     return systems
@@ -157,35 +160,38 @@ def _row(name: str, plain: str, tls: str, ratio: float, target: float) -> None:
 
 
 async def measure(quick: bool, directory: Path, ca: CA, nodes: dict[str, tuple[str, str]],
-                  pids: dict[str, int]) -> None:
+                  pids: dict[str, int], data_only: bool = False) -> None:
     rounds = 3 if quick else 5
     plain, tls = _client(None, directory), _client(ca, directory)
     count = 32 if quick else 96
-    systems = await open_systems(nodes, plain, tls, pids)
+    systems = await open_systems(nodes, plain, tls, pids, data_only)
     try:
         data = await data_path(systems, rounds, count, pids)
     finally:
         for system in systems.values():
             await system.close()
-    plain_rates, tls_rates, plain_cpu, tls_cpu = await route(ca, directory, plain, tls, rounds,
-                                                             1.0 if quick else 2.0, 64)
+    plain_rates, tls_rates, plain_cpu, tls_cpu = ([1.0], [1.0], [1.0], [1.0]) if data_only else await route(
+        ca, directory, plain, tls, rounds, 1.0 if quick else 2.0, 64)
+    paths = ("data plane",) if data_only else ("data plane", "gRPC")
     print(f"\nsecured (mutual TLS, ECDSA P-256, TLS 1.3; the cache node also with a policy) vs plaintext; "
           f"{rounds} alternating rounds; medians")
     print(f"  {'':<28} {'plaintext':>14} {'secured':>14} {'ratio':>8}   target")
-    for path in ("data plane", "gRPC"):
+    for path in paths:
         for op in ("put", "get"):
             p, t = data[f"{path} plaintext {op}"], data[f"{path} mtls {op}"]
             _row(f"{path} {op} {format_size(VALUE)}", f"{statistics.median(p):.2f} GB/s",
                  f"{statistics.median(t):.2f} GB/s", _ratio(t, p), TARGET_DATA)
-    _row("Route (unary, 64 conc.)", f"{statistics.median(plain_rates):,.0f} req/s",
-         f"{statistics.median(tls_rates):,.0f} req/s", _ratio(tls_rates, plain_rates), TARGET_ROUTE)
+    if not data_only:
+        _row("Route (unary, 64 conc.)", f"{statistics.median(plain_rates):,.0f} req/s",
+             f"{statistics.median(tls_rates):,.0f} req/s", _ratio(tls_rates, plain_rates), TARGET_ROUTE)
     print("  CPU cost (ratio = plaintext CPU / secured CPU: the throughput ratio where CPU-bound)")
-    for path in ("data plane", "gRPC"):
+    for path in paths:
         p, t = data[f"{path} plaintext cpu"], data[f"{path} mtls cpu"]
         _row(f"{path} CPU {format_size(VALUE)}", f"{statistics.median(p):.2f} s/GB",
              f"{statistics.median(t):.2f} s/GB", _ratio(p, t), TARGET_DATA)
-    _row("Route CPU", f"{statistics.median(plain_cpu):,.0f} us/req", f"{statistics.median(tls_cpu):,.0f} us/req",
-         _ratio(plain_cpu, tls_cpu), TARGET_ROUTE)
+    if not data_only:
+        _row("Route CPU", f"{statistics.median(plain_cpu):,.0f} us/req",
+             f"{statistics.median(tls_cpu):,.0f} us/req", _ratio(plain_cpu, tls_cpu), TARGET_ROUTE)
     # The physical limit where the path is CPU-bound (loopback on few cores): every byte is
     # encrypted once and decrypted once, at the rate one core runs AES-GCM.
     aes, why = openssl_aes_gcm()
@@ -201,6 +207,7 @@ async def measure(quick: bool, directory: Path, ca: CA, nodes: dict[str, tuple[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 shorter rounds instead of 5")
+    parser.add_argument("--data-only", action="store_true", help="only the bulk data plane (no gRPC, no Route)")
     args = parser.parse_args(argv)
     import uvloop
 
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes = {"plaintext": (plain_address, plain_node.ready["data_endpoint"]),
                      "mtls": (tls_address, tls_node.ready["data_endpoint"])}
             pids = {"plaintext": plain_node.pid, "mtls": tls_node.pid}
-            uvloop.run(measure(args.quick, directory, ca, nodes, pids))
+            uvloop.run(measure(args.quick, directory, ca, nodes, pids, args.data_only))
         finally:
             plain_node.terminate()
             tls_node.terminate()
