@@ -196,6 +196,50 @@ async def test_engine_that_leaves_is_forgotten_and_mediums_count(central: Mesh, 
         await pub.close()
 
 
+@pytest.mark.parametrize("encoding", ["map", "array"])
+async def test_mediums_weigh_in_routing_end_to_end(central: Mesh, zctx: zmq.asyncio.Context, encoding: str) -> None:
+    """Two pods over ZMQ in vLLM's encodings: e1 holds 2 blocks in GPU memory, e2 holds 3 that an
+    offloading engine moved to CPU (stored on GPU, copied to CPU, evicted from GPU). At the
+    default weights (GPU 1, CPU 0.5) e1's 2 beat e2's 1.5; once e2 loads them back, e2 wins."""
+    listen = central.service.kv_events.bound_endpoint
+    pub1 = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)
+    pub2 = Publisher(zctx, f"kv@e2@{MODEL}".encode(), connect=listen)
+    try:
+        await join(central, "e1", {})
+        await join(central, "e2", {})
+        kv = central.service.kv_events
+        for pub in (pub1, pub2):
+            seen = kv.stats.received
+
+            async def check(pub: Publisher = pub, seen: int = seen) -> bool:
+                if kv.stats.received > seen:
+                    return True
+                pub.batch([])
+                return False
+
+            await eventually(check, timeout=10, interval=0.05, what="the router to receive from the publisher")
+        h1, h2 = ([11, 12], [21, 22, 23]) if encoding == "map" else ([b"\x01" * 32, b"\x02" * 32],
+                                                                    [b"\x03" * 32, b"\x04" * 32, b"\x05" * 32])
+        pub1.batch([stored(h1, None, tokens(0, 2), BS, encoding)])  # no medium: GPU
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="GPU")])
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="CPU")])
+        pub2.batch([removed(h2, encoding, medium="GPU")])
+        pub2.batch([stored([29 if encoding == "map" else b"m" * 32], None, tokens(90, 1), BS, encoding)])
+        prompt = tokens(0, 3) + [999] * BS
+        await until_matched(central, tokens(90, 1), "e2", 1)  # a marker: e2's batches are applied
+        assert await matched(central, prompt) == ("e1", 2)  # 2 GPU blocks beat 3 CPU-only ones
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="GPU")])  # loaded back
+        await until_matched(central, prompt, "e2", 3)
+        pub2.batch([removed(h2, encoding, medium="GPU")])
+        await until_matched(central, prompt, "e1", 2)
+        pub2.batch([removed(h2, encoding, medium="CPU")])  # the last copy goes: e2 holds nothing
+        pub1.batch([removed(h1, encoding)])
+        await until_matched(central, prompt, "", 0)
+    finally:
+        await pub1.close()
+        await pub2.close()
+
+
 async def test_bad_frames_are_counted_and_nothing_breaks(central: Mesh, zctx: zmq.asyncio.Context) -> None:
     listen = central.service.kv_events.bound_endpoint
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)

@@ -3,7 +3,9 @@
 vLLM names blocks by its own hash (which depends on its hash seed and algorithm), so the
 router computes its own chained key from each stored block's `token_ids` with
 `kvmesh.blocks` (the same keys a `Route` by tokens computes) and remembers engine hash → own
-key per pod. A block is held while any medium (GPU, CPU, ...) holds it; the pod's last
+key per pod. A block is held while any medium (GPU, CPU, ...) holds it, and the tree is told
+the tier that counts for it (the best-weighted medium holding it: `media.py`) whenever that
+changes: a stored copy in a new medium, a removed copy while another stays. The pod's last
 sequence number and batch timestamp tell a gap (replay), a duplicate (skip) and a restarted
 engine (its sequence went back with a newer timestamp: drop its blocks and resync) apart.
 """
@@ -20,7 +22,7 @@ from itertools import islice
 import numpy as np
 
 from kvmesh.blocks import block_id
-from kvmesh.services.router.core import Cleared, KvEvent, Removed, RouterCore, Stored
+from kvmesh.services.router.core import Cleared, KvEvent, Removed, Retiered, RouterCore, Stored
 from kvmesh.services.router.kv_events.decode import (
     EngineCleared,
     EngineEvent,
@@ -30,9 +32,7 @@ from kvmesh.services.router.kv_events.decode import (
 )
 
 _ROOT_KEY = b"\x00" * 16
-_GPU = 1
-_MEDIUM_BITS = {"GPU": _GPU, "CPU": 2}
-_OTHER_MEDIUM = 4
+_GPU = 1  # the media bit of tier 0 (`MediumTable.bit("GPU")`)
 
 
 @lru_cache(maxsize=64)
@@ -44,10 +44,6 @@ def _u32(count: int) -> struct.Struct:
 def own_ids(keys: list[bytes]) -> list[int]:
     """Router block ids of 16-byte keys (the first 8 bytes, little-endian), vectorised."""
     return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist() if keys else []
-
-
-def medium_bit(medium: str) -> int:
-    return _MEDIUM_BITS.get(medium.upper(), _OTHER_MEDIUM)
 
 
 class Verdict(Enum):
@@ -64,7 +60,8 @@ class PodStream:
 
     member_id: str
     keys: dict[EngineHash, bytes] = field(default_factory=dict)  # engine hash → own 16-byte key
-    media: dict[EngineHash, int] = field(default_factory=dict)  # medium bits, when not GPU only
+    # Media bits (`MediumTable.bit`) of the blocks held by anything but the GPU alone.
+    media: dict[EngineHash, int] = field(default_factory=dict)
     seq: int = -1
     ts: float = 0.0
     synced: bool = False  # caught up with the engine's replay buffer once (warm)
@@ -167,6 +164,7 @@ class EventIngest:
         block_size = self.core.settings.block_size
         out: list[KvEvent] = []
         keys, media = s.keys, s.media
+        table = self.core.media
         for event in events:
             if isinstance(event, EngineStored):
                 if event.block_size != block_size:
@@ -190,32 +188,53 @@ class EventIngest:
                 if len(own) != len(event.hashes):
                     self._ignore("stored event whose token_ids do not fill its blocks")
                     continue
-                bit = medium_bit(event.medium)
+                bit = table.bit(event.medium)
+                ids = own_ids(own)
+                tier = table.best_tier(bit)
+                moved: dict[int, list[int]] | None = None
                 if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
-                    for h in event.hashes:
+                    for h, bid in zip(event.hashes, ids, strict=True):
                         held = media.get(h, _GPU if h in keys else 0) | bit
+                        if held == _GPU:
+                            media.pop(h, None)
+                            continue
+                        media[h] = held
+                        best = table.best_tier(held)
+                        if best != tier:  # another medium that counts more still holds it
+                            moved = moved or {}
+                            moved.setdefault(best, []).append(bid)
+                keys.update(zip(event.hashes, own, strict=True))
+                out.append(Stored(0 if event.parent is None else block_id(parent_key), ids, tier))
+                if moved:
+                    out.extend(Retiered(bids, t) for t, bids in moved.items())
+                self.counters.stored_blocks += len(own)
+            elif isinstance(event, EngineRemoved):
+                bit = table.bit(event.medium)
+                gone: list[int] = []
+                moved = None
+                for h in event.hashes:
+                    key = keys.get(h)
+                    if key is None:
+                        continue
+                    before = media.get(h, _GPU)
+                    held = before & ~bit
+                    if held:  # still on another medium: still a hit, maybe in another tier
+                        best = table.best_tier(held)
                         if held == _GPU:
                             media.pop(h, None)
                         else:
                             media[h] = held
-                keys.update(zip(event.hashes, own, strict=True))
-                out.append(Stored(0 if event.parent is None else block_id(parent_key), own_ids(own)))
-                self.counters.stored_blocks += len(own)
-            elif isinstance(event, EngineRemoved):
-                bit = medium_bit(event.medium)
-                gone: list[int] = []
-                for h in event.hashes:
-                    if h not in keys:
-                        continue
-                    held = media.get(h, _GPU) & ~bit
-                    if held:
-                        media[h] = held  # still on another medium: still a hit
+                        if best != table.best_tier(before):
+                            moved = moved or {}
+                            moved.setdefault(best, []).append(block_id(key))
                         continue
                     media.pop(h, None)
                     gone.append(block_id(keys.pop(h)))
                 if gone:
                     out.append(Removed(gone))
                     self.counters.removed_blocks += len(gone)
+                if moved:
+                    out.extend(Retiered(bids, t) for t, bids in moved.items())
             elif isinstance(event, EngineCleared):
                 keys.clear()
                 media.clear()

@@ -2,7 +2,9 @@
 
 When max - min load over the candidates exceeds `--imbalance-abs`, only the least-loaded
 pods compete (a hot prefix must not pile every request onto one pod). Among the competitors
-the longest match wins; ties go to the lower load, then at random.
+the longest match wins, each matched block weighted by the medium it is held in
+(`--kv-medium-weights`: a block only in a pod's CPU tier counts less than one in its GPU);
+ties go to the lower load, then at random.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ class PrefixPolicy(Policy):
         gated = max(loads) - low > self.settings.imbalance_abs
         load_of = ctx.pods.loads  # by slot
         # Only pods holding part of the prompt are in `depths` (usually few).
-        best = 0
+        best = 0.0
         ties: list[int] = []
-        for slot, depth in ctx.depths().items():
+        for slot, depth in ctx.scores().items():
             if gated and load_of[slot] != low:
                 continue
             if depth > best:
