@@ -115,7 +115,13 @@ class RouterSettings(MemberSettings):
         1_000_000, ge=16, le=100_000_000, description="engine block hashes remembered per pod (oldest dropped beyond)"
     )
     kv_events_slice_blocks: int = Field(
-        512, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+        128, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+    )
+    kv_events_turn_ms: float = Field(
+        0.25, gt=0, le=1000, description="KV-event receiving and applying done per event-loop turn before routes run"
+    )
+    kv_events_decode_inline_bytes: int = Field(
+        64 * 1024, ge=0, le=1 << 30, description="KV-event payloads larger than this are decoded in a worker thread"
     )
     kv_events_replay_timeout_seconds: float = Field(
         2.0, gt=0, le=600, description="wait for each reply of an engine's replay endpoint"

@@ -240,6 +240,36 @@ async def test_mediums_weigh_in_routing_end_to_end(central: Mesh, zctx: zmq.asyn
         await pub2.close()
 
 
+async def test_storm_and_big_payloads_leave_room_for_routes(mesh_factory: Callable[..., Any],
+                                                          zctx: zmq.asyncio.Context) -> None:
+    """A flood of ZMQ batches and one big payload (decoded in a worker thread: over
+    --kv-events-decode-inline-bytes) are applied whole and in order, while `Route` keeps answering."""
+    port = free_port()
+    mesh: Mesh = await mesh_factory(block_size=BS, kv_events_listen=f"tcp://127.0.0.1:{port}", policy="prefix",
+                                    kv_events_decode_inline_bytes=4096, kv_events_slice_blocks=64,
+                                    kv_events_queue=10_000)
+    pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=mesh.service.kv_events.bound_endpoint)
+    try:
+        await join(mesh, "e1", {})
+        await join(mesh, "e2", {})
+        await connected(mesh, pub)
+        big = 3000  # blocks in one event: 12,000 tokens, about 30 KiB of msgpack
+        pub.batch([stored(list(range(1, big + 1)), None, tokens(0, big), BS)])
+        for i in range(2000):  # then small batches, each chaining one block on the big run
+            pub.batch([stored([100_000 + i], 1 + (i * 7) % big, [60_000 + i] * BS, BS)])
+        kv = mesh.service.kv_events
+        routed_during = 0
+        while kv.ingest.counters.stored_blocks < big + 2000:
+            await matched(mesh, tokens(0, 2))
+            routed_during += 1
+            assert routed_during < 100_000
+        assert routed_during >= 5, "routing waited behind the whole storm"
+        assert await matched(mesh, tokens(0, 64)) == ("e1", 64)
+        assert kv.ingest.counters.ignored == 0 and kv.stats.dropped == 0
+    finally:
+        await pub.close()
+
+
 async def test_bad_frames_are_counted_and_nothing_breaks(central: Mesh, zctx: zmq.asyncio.Context) -> None:
     listen = central.service.kv_events.bound_endpoint
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)

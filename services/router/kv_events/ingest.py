@@ -41,9 +41,17 @@ def _u32(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
 
+@lru_cache(maxsize=256)
+def _ids_of(count: int) -> struct.Struct:
+    """Reads the first 8 bytes (little-endian u64) of each of `count` joined 16-byte keys."""
+    return struct.Struct("<" + "Q8x" * count)
+
+
 def own_ids(keys: list[bytes]) -> list[int]:
-    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), vectorised."""
-    return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist() if keys else []
+    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), in one C call."""
+    if len(keys) > 256:
+        return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist()
+    return list(_ids_of(len(keys)).unpack(b"".join(keys))) if keys else []
 
 
 class Verdict(Enum):
@@ -130,6 +138,13 @@ class EventIngest:
         self.max_blocks_per_pod = max_blocks_per_pod
         self.streams: dict[str, PodStream] = {}
         self.counters = IngestCounters()
+        self._bits: dict[str, int] = {}  # medium name → media bit (names seen, bounded)
+
+    def _bit(self, medium: str) -> int:
+        bit = self.core.media.bit(medium)
+        if len(self._bits) < 64:  # an engine inventing names cannot grow the cache
+            self._bits[medium] = bit
+        return bit
 
     def stream(self, member_id: str) -> PodStream:
         s = self.streams.get(member_id)
@@ -165,6 +180,13 @@ class EventIngest:
         out: list[KvEvent] = []
         keys, media = s.keys, s.media
         table = self.core.media
+        bits = self._bits
+        # The last stored run appended to `out`: a stored event that chains on from its last
+        # engine hash (vLLM's next block of the same request) extends it instead of adding an
+        # event, so the tree places one longer chain (its cost is per event, not per block).
+        run: Stored | None = None
+        run_tail: EngineHash | None = None
+        run_ids: list[int] = []
         for event in events:
             if isinstance(event, EngineStored):
                 if event.block_size != block_size:
@@ -188,9 +210,9 @@ class EventIngest:
                 if len(own) != len(event.hashes):
                     self._ignore("stored event whose token_ids do not fill its blocks")
                     continue
-                bit = table.bit(event.medium)
+                bit = bits.get(event.medium) or self._bit(event.medium)
                 ids = own_ids(own)
-                tier = table.best_tier(bit)
+                tier = table.best_tier(bit) if bit != _GPU else 0
                 moved: dict[int, list[int]] | None = None
                 if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
                     for h, bid in zip(event.hashes, ids, strict=True):
@@ -204,12 +226,19 @@ class EventIngest:
                             moved = moved or {}
                             moved.setdefault(best, []).append(bid)
                 keys.update(zip(event.hashes, own, strict=True))
-                out.append(Stored(0 if event.parent is None else block_id(parent_key), ids, tier))
+                self.counters.stored_blocks += len(own)
+                if run is not None and out[-1] is run and run_tail is not None and event.parent == run_tail \
+                        and run.tier == tier:
+                    run_ids.extend(ids)  # our own list, built by `own_ids` for the run's first event
+                else:
+                    run_ids = ids
+                    run = Stored(0 if event.parent is None else block_id(parent_key), run_ids, tier)
+                    out.append(run)
+                run_tail = event.hashes[-1] if event.hashes else None
                 if moved:
                     out.extend(Retiered(bids, t) for t, bids in moved.items())
-                self.counters.stored_blocks += len(own)
             elif isinstance(event, EngineRemoved):
-                bit = table.bit(event.medium)
+                bit = bits.get(event.medium) or self._bit(event.medium)
                 gone: list[int] = []
                 moved = None
                 for h in event.hashes:
