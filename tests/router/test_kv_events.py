@@ -255,11 +255,11 @@ async def test_storm_and_big_payloads_leave_room_for_routes(mesh_factory: Callab
         await connected(mesh, pub)
         big = 3000  # blocks in one event: 12,000 tokens, about 30 KiB of msgpack
         pub.batch([stored(list(range(1, big + 1)), None, tokens(0, big), BS)])
-        for i in range(2000):  # then small batches, each chaining one block on the big run
+        for i in range(6000):  # then small batches, each chaining one block on the big run
             pub.batch([stored([100_000 + i], 1 + (i * 7) % big, [60_000 + i] * BS, BS)])
         kv = mesh.service.kv_events
         routed_during = 0
-        while kv.ingest.counters.stored_blocks < big + 2000:
+        while kv.ingest.counters.stored_blocks < big + 6000:
             await matched(mesh, tokens(0, 2))
             routed_during += 1
             assert routed_during < 100_000
