@@ -37,6 +37,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import repeat
 
+from kvmesh.services.router.shards import ShardedDict
+
 MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
 
 
@@ -174,7 +176,7 @@ class PrefixTree:
             raise ValueError("max_blocks must be at least 1")
         self.max_blocks = max_blocks
         self.root = Node((), None)
-        self._index: dict[int, Node] = {}
+        self._index: ShardedDict[int, Node] = ShardedDict()  # one entry per block: resizes spread out
         self._held: list[dict[Node, float]] = []
         self._blocks: list[int] = []
         self._clock: deque[Node] = deque()

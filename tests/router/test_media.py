@@ -111,3 +111,28 @@ def test_medium_weights_flag_changes_the_choice_and_kv_aware_costs_cpu_blocks() 
     router.apply_events("a", [Stored(0, [1, 2, 3, 4, 5, 6], tier=CPU)])  # 6 of 8 blocks, worth 3: 0.375
     router.apply_events("b", [Stored(0, [50])])
     assert router.route([1, 2, 3, 4, 5, 6, 7, 8]).member_id == "b"  # not over the threshold: smallest tree
+
+
+def test_sharded_map_and_the_per_pod_hash_bound() -> None:
+    from kvmesh.services.router.kv_events.decode import EngineHash, EngineStored
+    from kvmesh.services.router.kv_events.ingest import EventIngest
+    from kvmesh.services.router.shards import SHARDS, ShardedDict
+
+    m: ShardedDict[int, int] = ShardedDict()
+    m.update((i, i * 2) for i in range(1000))
+    assert len(m) == 1000 and m[7] == 14 and 999 in m and m.get(5000) is None
+    assert sorted(m) == list(range(1000))
+    old = m.oldest(100)
+    assert len(old) == 100 and max(old) < 2 * SHARDS  # each shard's first keys in turn, not the newest
+    del m[7]
+    assert m.pop(8) == 16 and 7 not in m and len(m) == 998
+    m.clear()
+    assert len(m) == 0
+    # The ingest's engine-hash map is bounded per pod; what it forgets leaves the tree too.
+    router = core("prefix", block_size=2)
+    router.update_pods(joined(member("a")))
+    ingest = EventIngest(router, max_blocks_per_pod=16)
+    hashes: list[EngineHash] = list(range(1, 41))
+    ingest.apply("a", [EngineStored(hashes, None, list(range(80)), 2, "GPU")])
+    assert len(ingest.stream("a").keys) == 16
+    assert router.tree.pod_blocks(router.pods.get("a").slot) == 16  # type: ignore[union-attr]

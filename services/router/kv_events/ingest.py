@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from itertools import islice
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from kvmesh.services.router.kv_events.decode import (
     EngineRemoved,
     EngineStored,
 )
+from kvmesh.services.router.shards import ShardedDict
 
 _ROOT_KEY = b"\x00" * 16
 _GPU = 1  # the media bit of tier 0 (`MediumTable.bit("GPU")`)
@@ -67,7 +67,8 @@ class PodStream:
     """What the router knows of one engine's event stream."""
 
     member_id: str
-    keys: dict[EngineHash, bytes] = field(default_factory=dict)  # engine hash → own 16-byte key
+    # engine hash → own 16-byte key; one entry per block, so sharded (no long resize)
+    keys: ShardedDict[EngineHash, bytes] = field(default_factory=ShardedDict)
     # Media bits (`MediumTable.bit`) of the blocks held by anything but the GPU alone.
     media: dict[EngineHash, int] = field(default_factory=dict)
     seq: int = -1
@@ -271,7 +272,7 @@ class EventIngest:
         over = len(keys) - self.max_blocks_per_pod
         if over > 0:  # bounded: forget the oldest blocks (events were missed, or the bound is low)
             dropped: list[int] = []
-            for h in list(islice(keys, over)):
+            for h in keys.oldest(over):
                 dropped.append(block_id(keys.pop(h)))
                 media.pop(h, None)
             out.append(Removed(dropped))
