@@ -83,3 +83,42 @@ class ShardedDict(Generic[K, V]):
 
 
 _END = object()
+
+
+class IntShardedDict(ShardedDict[int, V]):
+    """Keys are non-negative ints spread over their low bits (the router's chained block ids):
+    the shard is the low bits, with no `hash()` call per key."""
+
+    __slots__ = ()
+
+    def shard(self, key: int) -> dict[int, V]:
+        return self._shards[key & _MASK]
+
+    def get(self, key: int, default: V | None = None) -> V | None:
+        return self._shards[key & _MASK].get(key, default)
+
+    def __getitem__(self, key: int) -> V:
+        return self._shards[key & _MASK][key]
+
+    def __setitem__(self, key: int, value: V) -> None:
+        self._shards[key & _MASK][key] = value
+
+    def __delitem__(self, key: int) -> None:
+        del self._shards[key & _MASK][key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, int) and key in self._shards[key & _MASK]
+
+    def pop(self, key: int) -> V:
+        return self._shards[key & _MASK].pop(key)
+
+    def put_all(self, keys: Iterable[int], value: V) -> None:
+        """Every key in `keys` → `value` (a node's run of ids)."""
+        shards = self._shards
+        for key in keys:
+            shards[key & _MASK][key] = value
+
+    def update(self, pairs: Iterable[tuple[int, V]]) -> None:
+        shards = self._shards
+        for key, value in pairs:
+            shards[key & _MASK][key] = value

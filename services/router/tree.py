@@ -35,9 +35,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from itertools import repeat
 
-from kvmesh.services.router.shards import ShardedDict
+from kvmesh.services.router.shards import IntShardedDict
 
 MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
 
@@ -176,7 +175,7 @@ class PrefixTree:
             raise ValueError("max_blocks must be at least 1")
         self.max_blocks = max_blocks
         self.root = Node((), None)
-        self._index: ShardedDict[int, Node] = ShardedDict()  # one entry per block: resizes spread out
+        self._index: IntShardedDict[Node] = IntShardedDict()  # one entry per block: resizes spread out
         self._held: list[dict[Node, float]] = []
         self._blocks: list[int] = []
         self._clock: deque[Node] = deque()
@@ -306,7 +305,7 @@ class PrefixTree:
             d[tail] = d[node]
             mask ^= low
         if node.indexed:
-            self._index.update(zip(tail.ids, repeat(tail)))
+            self._index.put_all(tail.ids, tail)
         self._clock.append(tail)
         self._live += 1
         return tail
@@ -415,7 +414,7 @@ class PrefixTree:
         for n in nodes:
             if not n.indexed:
                 n.indexed = True
-                index.update(zip(n.ids, repeat(n)))
+                index.put_all(n.ids, n)
         self._claim(slot, nodes, now, tier)
         self._bound()
         return sum(len(n.ids) for n in nodes)
