@@ -21,6 +21,7 @@ import numpy as np
 from kvmesh.blocks import BlockHasher
 from kvmesh.membership import MembershipChange
 from kvmesh.runtime.errors import InvalidArgument, Unavailable
+from kvmesh.services.router.media import MediumTable
 from kvmesh.services.router.pods import Pod, PodTable
 from kvmesh.services.router.policies import Policy, RouteContext, make_policy
 from kvmesh.services.router.settings import RouterSettings
@@ -59,10 +60,21 @@ class Decision(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """The member stored `ids`, a chain continuing from `parent_id` (0: from the root)."""
+    """The member stored `ids`, a chain continuing from `parent_id` (0: from the root), in
+    medium tier `tier` (0: GPU memory; `media.py`)."""
 
     parent_id: int
     ids: Sequence[int]
+    tier: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Retiered:
+    """The member's copies of `ids` (blocks it holds) are now in medium tier `tier` only (a
+    GPU copy evicted while a CPU copy stays, or a CPU copy loaded back into GPU memory)."""
+
+    ids: Sequence[int]
+    tier: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +89,7 @@ class Cleared:
     """The member dropped its whole cache."""
 
 
-KvEvent = Stored | Removed | Cleared
+KvEvent = Stored | Removed | Cleared | Retiered
 
 
 def event_slices(events: Sequence[KvEvent], budget: int) -> Iterator[list[KvEvent]]:
@@ -98,11 +110,11 @@ def event_slices(events: Sequence[KvEvent], budget: int) -> Iterator[list[KvEven
                 if piece and used + len(part) > budget:
                     yield piece
                     piece, used = [], 0
-                piece.append(Stored(parent, part))
+                piece.append(Stored(parent, part, event.tier))
                 used += len(part)
                 parent = part[-1]
             continue
-        cost = len(event.ids) if isinstance(event, Stored | Removed) else 1
+        cost = len(event.ids) if isinstance(event, Stored | Removed | Retiered) else 1
         if piece and used + cost > budget:
             yield piece
             piece, used = [], 0
@@ -158,6 +170,7 @@ class RouterCore:
         self.clock = clock
         self.pods = PodTable()
         self.pods.recent_window = self.settings.share_window
+        self.media = MediumTable.from_spec(self.settings.kv_medium_weights)
         self.tree = PrefixTree(self.settings.max_tree_blocks)
         # (owner, request_id) → (slot, pod generation, routed at); insertion order is routing order.
         # The owner is the principal that routed the request ("" without a security policy): one
@@ -295,7 +308,7 @@ class RouterCore:
             raise Unavailable("no engine member to route to")
         tree = self.tree
         match = tree.match(block_ids, candidates)
-        ctx = RouteContext(pods, tree, candidates, match)
+        ctx = RouteContext(pods, tree, candidates, match, self.media.weights)
         slot = self.policy.choose(ctx)
         pod = pods.slots[slot]
         assert pod is not None
@@ -370,11 +383,13 @@ class RouterCore:
         applied = ignored = 0
         for event in events:
             if isinstance(event, Stored):
-                if tree.store(slot, event.parent_id, event.ids, now) < 0:
+                if tree.store(slot, event.parent_id, event.ids, now, event.tier) < 0:
                     ignored += 1
                     continue
             elif isinstance(event, Removed):
                 tree.remove(slot, event.ids)
+            elif isinstance(event, Retiered):
+                tree.retier(slot, event.ids, event.tier)
             elif isinstance(event, Cleared):
                 tree.clear(slot)
             else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from kvmesh.blocks import DEFAULT_BLOCK_SIZE, DEFAULT_TEXT_BLOCK_BYTES
+from kvmesh.services.router.media import DEFAULT_MEDIUM_WEIGHTS, parse_weights
 from kvmesh.settings import MemberSettings
 
 DEFAULT_ROUTER_ADDRESS = "127.0.0.1:7600"  # what `kvmesh route --router` dials by default
@@ -121,13 +122,24 @@ class RouterSettings(MemberSettings):
         1_000_000, ge=16, le=100_000_000, description="engine block hashes remembered per pod (oldest dropped beyond)"
     )
     kv_events_slice_blocks: int = Field(
-        512, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+        128, ge=1, le=1 << 20, description="KV-event blocks hashed and applied per event-loop turn"
+    )
+    kv_events_turn_ms: float = Field(
+        0.25, gt=0, le=1000, description="KV-event receiving and applying done per event-loop turn before routes run"
+    )
+    kv_events_decode_inline_bytes: int = Field(
+        64 * 1024, ge=0, le=1 << 30, description="KV-event payloads larger than this are decoded in a worker thread"
     )
     kv_events_replay_timeout_seconds: float = Field(
         2.0, gt=0, le=600, description="wait for each reply of an engine's replay endpoint"
     )
     kv_events_replay_max_batches: int = Field(
         100_000, ge=1, le=10_000_000, description="batches read from one replay before it stops"
+    )
+    kv_medium_weights: str = Field(
+        DEFAULT_MEDIUM_WEIGHTS,
+        description="MEDIUM=WEIGHT,...: what a matched block held only in that medium is worth in scoring "
+        "(unlisted or absent medium: as GPU)",
     )
     warm_check_interval_seconds: float = Field(
         0.5, gt=0, le=60, description="how often the `kvmesh.v1.Router.warm` health status is brought up to date"
@@ -138,6 +150,12 @@ class RouterSettings(MemberSettings):
     tokenize_inline_chars: int = Field(
         2048, ge=0, le=1 << 30, description="text prompts longer than this are tokenized in a worker thread"
     )
+
+    @field_validator("kv_medium_weights")
+    @classmethod
+    def _medium_weights(cls, value: str) -> str:
+        parse_weights(value)
+        return value
 
     @field_validator("tokenizer")
     @classmethod

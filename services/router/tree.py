@@ -7,6 +7,10 @@ handful of steps. Nodes are split wherever holders or last-use times would diffe
 label, so "which pods hold this block, and when each last used it" is always exact.
 
 - `mask`: bitmask of the pod slots holding the node (small ints from `PodTable`).
+- `tiers`: None while every holder keeps the node in tier 0 (GPU memory, the usual case);
+  otherwise a short list, `tiers[t - 1]` = the slots whose copy is in tier t (CPU, ...:
+  `media.py`). Nodes are split where a pod's tier changes inside a run, like for holders, so
+  one extra pointer per node keeps "which medium each pod holds this block in" exact.
 - Per slot, a dict node → last-used time: removing a pod, or expiring its approximately learnt
   blocks, costs time proportional to that pod's nodes, not to the tree.
 - `index`: block id → node for the blocks that precise KV events stored (`stored` names its
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from itertools import repeat
+
+from kvmesh.services.router.shards import IntShardedDict
 
 MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
 
@@ -39,7 +44,7 @@ MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split
 class Node:
     """A run of block ids held by the same pods, used at the same times."""
 
-    __slots__ = ("children", "dead", "ids", "indexed", "mask", "parent", "ref")
+    __slots__ = ("children", "dead", "ids", "indexed", "mask", "parent", "ref", "tiers")
 
     def __init__(self, ids: tuple[int, ...], parent: Node | None) -> None:
         self.ids = ids
@@ -49,6 +54,36 @@ class Node:
         self.ref = True
         self.dead = False
         self.indexed = False
+        self.tiers: list[int] | None = None
+
+
+def tier_of(node: Node, bit: int) -> int:
+    """The tier in which the pod with slot bit `bit` holds `node` (0 when it holds it in GPU)."""
+    tiers = node.tiers
+    if tiers is not None:
+        for i, mask in enumerate(tiers):
+            if mask & bit:
+                return i + 1
+    return 0
+
+
+def set_tier(node: Node, bit: int, tier: int) -> None:
+    """Records that the pod with slot bit `bit` holds `node` in `tier` (0 also forgets it)."""
+    tiers = node.tiers
+    if tiers is None:
+        if not tier:
+            return
+        node.tiers = tiers = [0] * tier
+    else:
+        keep = ~bit
+        for i in range(len(tiers)):
+            tiers[i] &= keep
+        if len(tiers) < tier:
+            tiers.extend([0] * (tier - len(tiers)))
+    if tier:
+        tiers[tier - 1] |= bit
+    elif not any(tiers):
+        node.tiers = None
 
 
 class Match:
@@ -56,16 +91,39 @@ class Match:
 
     `depth` blocks of the prompt exist in the tree along its chain. `levels` lists
     (depth, mask) in increasing depth: the pods in `mask` hold exactly the first `depth`
-    blocks. Pods in `full` hold all `depth` blocks.
+    blocks. Pods in `full` hold all `depth` blocks. `lows` lists (blocks, tiers, mask) for the
+    matched nodes some pod holds outside tier 0: `blocks` of the prompt matched in that node,
+    `tiers` the node's tier masks, `mask` the candidates holding every block up to it (empty
+    when every copy on the path is in GPU memory, the usual case).
     """
 
-    __slots__ = ("depth", "full", "levels", "total")
+    __slots__ = ("depth", "full", "levels", "lows", "total")
 
-    def __init__(self, depth: int, levels: list[tuple[int, int]], full: int, total: int) -> None:
+    def __init__(
+        self,
+        depth: int,
+        levels: list[tuple[int, int]],
+        full: int,
+        total: int,
+        lows: list[tuple[int, list[int], int]] | None = None,
+    ) -> None:
         self.depth = depth
         self.levels = levels
         self.full = full
         self.total = total
+        self.lows = lows or []
+
+    def score(self, bit: int, weights: Sequence[float]) -> float:
+        """Matched blocks of the pod with slot bit `bit`, each weighted by its tier's weight."""
+        depth = self.matched(bit)
+        score = depth * weights[0]
+        for blocks, tiers, mask in self.lows:
+            if mask & bit:
+                for i, held in enumerate(tiers):
+                    if held & bit:
+                        score += blocks * (weights[i + 1] - weights[0]) if i + 1 < len(weights) else 0.0
+                        break
+        return score
 
     def matched(self, bit: int) -> int:
         """Blocks the pod with this slot bit holds, counted from the first."""
@@ -117,7 +175,7 @@ class PrefixTree:
             raise ValueError("max_blocks must be at least 1")
         self.max_blocks = max_blocks
         self.root = Node((), None)
-        self._index: dict[int, Node] = {}
+        self._index: IntShardedDict[Node] = IntShardedDict()  # one entry per block: resizes spread out
         self._held: list[dict[Node, float]] = []
         self._blocks: list[int] = []
         self._clock: deque[Node] = deque()
@@ -198,6 +256,7 @@ class PrefixTree:
         pos = 0
         alive = candidates
         levels: list[tuple[int, int]] = []
+        lows: list[tuple[int, list[int], int]] | None = None
         while pos < n:
             children = node.children
             if children is None:
@@ -213,11 +272,15 @@ class PrefixTree:
                 if held != alive:
                     levels.append((pos, alive ^ held))
                     alive = held
+                if child.tiers is not None and alive:
+                    if lows is None:
+                        lows = []
+                    lows.append((step, child.tiers, alive))
             pos += step
             if step < size:
                 break
             node = child
-        return Match(pos, levels, alive, n)
+        return Match(pos, levels, alive, n, lows)
 
     # ---- structure ----------------------------------------------------------------------
     def _split(self, node: Node, k: int) -> Node:
@@ -232,6 +295,8 @@ class PrefixTree:
         tail.mask = node.mask
         tail.ref = node.ref
         tail.indexed = node.indexed
+        if node.tiers is not None:
+            tail.tiers = node.tiers.copy()
         mask = node.mask
         held = self._held
         while mask:
@@ -240,7 +305,7 @@ class PrefixTree:
             d[tail] = d[node]
             mask ^= low
         if node.indexed:
-            self._index.update(zip(tail.ids, repeat(tail)))
+            self._index.put_all(tail.ids, tail)
         self._clock.append(tail)
         self._live += 1
         return tail
@@ -293,7 +358,8 @@ class PrefixTree:
                 break
         return out
 
-    def _claim(self, slot: int, nodes: list[Node], now: float) -> None:
+    def _claim(self, slot: int, nodes: list[Node], now: float, tier: int | None = None) -> None:
+        """`slot` holds `nodes` (used at `now`); in `tier` when given, else in the tier it had."""
         held = self._slot(slot)
         bit = 1 << slot
         added = 0
@@ -304,6 +370,10 @@ class PrefixTree:
             node.ref = True
             held[node] = now
         self._blocks[slot] += added
+        if tier is not None:
+            for node in nodes:
+                if tier or node.tiers is not None:
+                    set_tier(node, bit, tier)
 
     # ---- updates ------------------------------------------------------------------------
     def hold(self, slot: int, ids: Sequence[int], now: float, match: Match | None = None) -> int:
@@ -324,8 +394,9 @@ class PrefixTree:
         nodes = self._descend(self.root, 0, prompt, create=False)
         self._claim(slot, nodes, now)
 
-    def store(self, slot: int, parent_id: int, ids: Sequence[int], now: float) -> int:
-        """A precise `stored` event: `ids` chain on from `parent_id` (0: from the root).
+    def store(self, slot: int, parent_id: int, ids: Sequence[int], now: float, tier: int = 0) -> int:
+        """A precise `stored` event: `ids` chain on from `parent_id` (0: from the root), held in
+        `tier` from now on (0: GPU memory).
 
         Returns the number of blocks stored; -1 when the parent is unknown (the chain cannot be
         placed, so nothing is stored).
@@ -343,8 +414,8 @@ class PrefixTree:
         for n in nodes:
             if not n.indexed:
                 n.indexed = True
-                index.update(zip(n.ids, repeat(n)))
-        self._claim(slot, nodes, now)
+                index.put_all(n.ids, n)
+        self._claim(slot, nodes, now, tier)
         self._bound()
         return sum(len(n.ids) for n in nodes)
 
@@ -378,6 +449,8 @@ class PrefixTree:
     def _release(self, slot: int, node: Node) -> None:
         """`slot` no longer holds `node`."""
         node.mask &= ~(1 << slot)
+        if node.tiers is not None:
+            set_tier(node, 1 << slot, 0)
         del self._held[slot][node]
         self._blocks[slot] -= len(node.ids)
 
@@ -410,6 +483,38 @@ class PrefixTree:
         self._compact()
         return count
 
+    def retier(self, slot: int, ids: Sequence[int], tier: int) -> int:
+        """A precise event moved `slot`'s copies of `ids` (which it holds) to `tier`.
+
+        Consecutive ids of one node are moved together (one or two splits per run, not per id),
+        so offloading a chain does not cut it into single-block nodes. Returns how many moved.
+        """
+        if slot >= len(self._held):
+            return 0
+        bit = 1 << slot
+        index = self._index
+        by_node: dict[Node, list[int]] = {}
+        for bid in ids:
+            node = index.get(bid)
+            if node is not None and node.mask & bit and tier_of(node, bit) != tier:
+                by_node.setdefault(node, []).append(node.ids.index(bid))
+        count = 0
+        for node, offsets in by_node.items():
+            offsets = sorted(set(offsets))
+            runs: list[tuple[int, int]] = []  # (first, last) offsets of consecutive ids
+            for j in offsets:
+                if runs and runs[-1][1] + 1 == j:
+                    runs[-1] = (runs[-1][0], j)
+                else:
+                    runs.append((j, j))
+            for first, last in reversed(runs):  # last runs first: the head keeps its offsets
+                if last + 1 < len(node.ids):
+                    self._split(node, last + 1)
+                target = self._split(node, first) if first else node
+                set_tier(target, bit, tier)
+                count += last - first + 1
+        return count
+
     def clear(self, slot: int) -> int:
         """Forgets every block of `slot` (pod left, or `cleared` event). O(that pod's nodes)."""
         if slot >= len(self._held):
@@ -418,10 +523,13 @@ class PrefixTree:
         count = self._blocks[slot]
         self._held[slot] = {}
         self._blocks[slot] = 0
-        keep = ~(1 << slot)
+        bit = 1 << slot
+        keep = ~bit
         for node in held:
             if not node.dead:
                 node.mask &= keep
+                if node.tiers is not None:
+                    set_tier(node, bit, 0)
                 self._collect(node)
         self._compact()
         return count

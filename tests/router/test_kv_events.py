@@ -196,6 +196,80 @@ async def test_engine_that_leaves_is_forgotten_and_mediums_count(central: Mesh, 
         await pub.close()
 
 
+@pytest.mark.parametrize("encoding", ["map", "array"])
+async def test_mediums_weigh_in_routing_end_to_end(central: Mesh, zctx: zmq.asyncio.Context, encoding: str) -> None:
+    """Two pods over ZMQ in vLLM's encodings: e1 holds 2 blocks in GPU memory, e2 holds 3 that an
+    offloading engine moved to CPU (stored on GPU, copied to CPU, evicted from GPU). At the
+    default weights (GPU 1, CPU 0.5) e1's 2 beat e2's 1.5; once e2 loads them back, e2 wins."""
+    listen = central.service.kv_events.bound_endpoint
+    pub1 = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)
+    pub2 = Publisher(zctx, f"kv@e2@{MODEL}".encode(), connect=listen)
+    try:
+        await join(central, "e1", {})
+        await join(central, "e2", {})
+        kv = central.service.kv_events
+        for pub in (pub1, pub2):
+            seen = kv.stats.received
+
+            async def check(pub: Publisher = pub, seen: int = seen) -> bool:
+                if kv.stats.received > seen:
+                    return True
+                pub.batch([])
+                return False
+
+            await eventually(check, timeout=10, interval=0.05, what="the router to receive from the publisher")
+        h1, h2 = ([11, 12], [21, 22, 23]) if encoding == "map" else ([b"\x01" * 32, b"\x02" * 32],
+                                                                    [b"\x03" * 32, b"\x04" * 32, b"\x05" * 32])
+        pub1.batch([stored(h1, None, tokens(0, 2), BS, encoding)])  # no medium: GPU
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="GPU")])
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="CPU")])
+        pub2.batch([removed(h2, encoding, medium="GPU")])
+        pub2.batch([stored([29 if encoding == "map" else b"m" * 32], None, tokens(90, 1), BS, encoding)])
+        prompt = tokens(0, 3) + [999] * BS
+        await until_matched(central, tokens(90, 1), "e2", 1)  # a marker: e2's batches are applied
+        assert await matched(central, prompt) == ("e1", 2)  # 2 GPU blocks beat 3 CPU-only ones
+        pub2.batch([stored(h2, None, tokens(0, 3), BS, encoding, medium="GPU")])  # loaded back
+        await until_matched(central, prompt, "e2", 3)
+        pub2.batch([removed(h2, encoding, medium="GPU")])
+        await until_matched(central, prompt, "e1", 2)
+        pub2.batch([removed(h2, encoding, medium="CPU")])  # the last copy goes: e2 holds nothing
+        pub1.batch([removed(h1, encoding)])
+        await until_matched(central, prompt, "", 0)
+    finally:
+        await pub1.close()
+        await pub2.close()
+
+
+async def test_storm_and_big_payloads_leave_room_for_routes(mesh_factory: Callable[..., Any],
+                                                          zctx: zmq.asyncio.Context) -> None:
+    """A flood of ZMQ batches and one big payload (decoded in a worker thread: over
+    --kv-events-decode-inline-bytes) are applied whole and in order, while `Route` keeps answering."""
+    port = free_port()
+    mesh: Mesh = await mesh_factory(block_size=BS, kv_events_listen=f"tcp://127.0.0.1:{port}", policy="prefix",
+                                    kv_events_decode_inline_bytes=4096, kv_events_slice_blocks=64,
+                                    kv_events_queue=10_000)
+    pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=mesh.service.kv_events.bound_endpoint)
+    try:
+        await join(mesh, "e1", {})
+        await join(mesh, "e2", {})
+        await connected(mesh, pub)
+        big = 3000  # blocks in one event: 12,000 tokens, about 30 KiB of msgpack
+        pub.batch([stored(list(range(1, big + 1)), None, tokens(0, big), BS)])
+        for i in range(6000):  # then small batches, each chaining one block on the big run
+            pub.batch([stored([100_000 + i], 1 + (i * 7) % big, [60_000 + i] * BS, BS)])
+        kv = mesh.service.kv_events
+        routed_during = 0
+        while kv.ingest.counters.stored_blocks < big + 6000:
+            await matched(mesh, tokens(0, 2))
+            routed_during += 1
+            assert routed_during < 100_000
+        assert routed_during >= 5, "routing waited behind the whole storm"
+        assert await matched(mesh, tokens(0, 64)) == ("e1", 64)
+        assert kv.ingest.counters.ignored == 0 and kv.stats.dropped == 0
+    finally:
+        await pub.close()
+
+
 async def test_bad_frames_are_counted_and_nothing_breaks(central: Mesh, zctx: zmq.asyncio.Context) -> None:
     listen = central.service.kv_events.bound_endpoint
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=listen)

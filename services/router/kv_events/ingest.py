@@ -3,7 +3,9 @@
 vLLM names blocks by its own hash (which depends on its hash seed and algorithm), so the
 router computes its own chained key from each stored block's `token_ids` with
 `kvmesh.blocks` (the same keys a `Route` by tokens computes) and remembers engine hash → own
-key per pod. A block is held while any medium (GPU, CPU, ...) holds it; the pod's last
+key per pod. A block is held while any medium (GPU, CPU, ...) holds it, and the tree is told
+the tier that counts for it (the best-weighted medium holding it: `media.py`) whenever that
+changes: a stored copy in a new medium, a removed copy while another stays. The pod's last
 sequence number and batch timestamp tell a gap (replay), a duplicate (skip) and a restarted
 engine (its sequence went back with a newer timestamp: drop its blocks and resync) apart.
 """
@@ -15,12 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
-from itertools import islice
 
 import numpy as np
 
 from kvmesh.blocks import block_id
-from kvmesh.services.router.core import Cleared, KvEvent, Removed, RouterCore, Stored
+from kvmesh.services.router.core import Cleared, KvEvent, Removed, Retiered, RouterCore, Stored
 from kvmesh.services.router.kv_events.decode import (
     EngineCleared,
     EngineEvent,
@@ -28,11 +29,10 @@ from kvmesh.services.router.kv_events.decode import (
     EngineRemoved,
     EngineStored,
 )
+from kvmesh.services.router.shards import ShardedDict
 
 _ROOT_KEY = b"\x00" * 16
-_GPU = 1
-_MEDIUM_BITS = {"GPU": _GPU, "CPU": 2}
-_OTHER_MEDIUM = 4
+_GPU = 1  # the media bit of tier 0 (`MediumTable.bit("GPU")`)
 
 
 @lru_cache(maxsize=64)
@@ -41,13 +41,17 @@ def _u32(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
 
+@lru_cache(maxsize=256)
+def _ids_of(count: int) -> struct.Struct:
+    """Reads the first 8 bytes (little-endian u64) of each of `count` joined 16-byte keys."""
+    return struct.Struct("<" + "Q8x" * count)
+
+
 def own_ids(keys: list[bytes]) -> list[int]:
-    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), vectorised."""
-    return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist() if keys else []
-
-
-def medium_bit(medium: str) -> int:
-    return _MEDIUM_BITS.get(medium.upper(), _OTHER_MEDIUM)
+    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), in one C call."""
+    if len(keys) > 256:
+        return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist()
+    return list(_ids_of(len(keys)).unpack(b"".join(keys))) if keys else []
 
 
 class Verdict(Enum):
@@ -63,8 +67,10 @@ class PodStream:
     """What the router knows of one engine's event stream."""
 
     member_id: str
-    keys: dict[EngineHash, bytes] = field(default_factory=dict)  # engine hash → own 16-byte key
-    media: dict[EngineHash, int] = field(default_factory=dict)  # medium bits, when not GPU only
+    # engine hash → own 16-byte key; one entry per block, so sharded (no long resize)
+    keys: ShardedDict[EngineHash, bytes] = field(default_factory=ShardedDict)
+    # Media bits (`MediumTable.bit`) of the blocks held by anything but the GPU alone.
+    media: dict[EngineHash, int] = field(default_factory=dict)
     seq: int = -1
     ts: float = 0.0
     synced: bool = False  # caught up with the engine's replay buffer once (warm)
@@ -133,6 +139,13 @@ class EventIngest:
         self.max_blocks_per_pod = max_blocks_per_pod
         self.streams: dict[str, PodStream] = {}
         self.counters = IngestCounters()
+        self._bits: dict[str, int] = {}  # medium name → media bit (names seen, bounded)
+
+    def _bit(self, medium: str) -> int:
+        bit = self.core.media.bit(medium)
+        if len(self._bits) < 64:  # an engine inventing names cannot grow the cache
+            self._bits[medium] = bit
+        return bit
 
     def stream(self, member_id: str) -> PodStream:
         s = self.streams.get(member_id)
@@ -167,6 +180,14 @@ class EventIngest:
         block_size = self.core.settings.block_size
         out: list[KvEvent] = []
         keys, media = s.keys, s.media
+        table = self.core.media
+        bits = self._bits
+        # The last stored run appended to `out`: a stored event that chains on from its last
+        # engine hash (vLLM's next block of the same request) extends it instead of adding an
+        # event, so the tree places one longer chain (its cost is per event, not per block).
+        run: Stored | None = None
+        run_tail: EngineHash | None = None
+        run_ids: list[int] = []
         for event in events:
             if isinstance(event, EngineStored):
                 if event.block_size != block_size:
@@ -190,32 +211,60 @@ class EventIngest:
                 if len(own) != len(event.hashes):
                     self._ignore("stored event whose token_ids do not fill its blocks")
                     continue
-                bit = medium_bit(event.medium)
+                bit = bits.get(event.medium) or self._bit(event.medium)
+                ids = own_ids(own)
+                tier = table.best_tier(bit) if bit != _GPU else 0
+                moved: dict[int, list[int]] | None = None
                 if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
-                    for h in event.hashes:
+                    for h, bid in zip(event.hashes, ids, strict=True):
                         held = media.get(h, _GPU if h in keys else 0) | bit
+                        if held == _GPU:
+                            media.pop(h, None)
+                            continue
+                        media[h] = held
+                        best = table.best_tier(held)
+                        if best != tier:  # another medium that counts more still holds it
+                            moved = moved or {}
+                            moved.setdefault(best, []).append(bid)
+                keys.update(zip(event.hashes, own, strict=True))
+                self.counters.stored_blocks += len(own)
+                if run is not None and out[-1] is run and run_tail is not None and event.parent == run_tail \
+                        and run.tier == tier:
+                    run_ids.extend(ids)  # our own list, built by `own_ids` for the run's first event
+                else:
+                    run_ids = ids
+                    run = Stored(0 if event.parent is None else block_id(parent_key), run_ids, tier)
+                    out.append(run)
+                run_tail = event.hashes[-1] if event.hashes else None
+                if moved:
+                    out.extend(Retiered(bids, t) for t, bids in moved.items())
+            elif isinstance(event, EngineRemoved):
+                bit = bits.get(event.medium) or self._bit(event.medium)
+                gone: list[int] = []
+                moved = None
+                for h in event.hashes:
+                    key = keys.get(h)
+                    if key is None:
+                        continue
+                    before = media.get(h, _GPU)
+                    held = before & ~bit
+                    if held:  # still on another medium: still a hit, maybe in another tier
+                        best = table.best_tier(held)
                         if held == _GPU:
                             media.pop(h, None)
                         else:
                             media[h] = held
-                keys.update(zip(event.hashes, own, strict=True))
-                out.append(Stored(0 if event.parent is None else block_id(parent_key), own_ids(own)))
-                self.counters.stored_blocks += len(own)
-            elif isinstance(event, EngineRemoved):
-                bit = medium_bit(event.medium)
-                gone: list[int] = []
-                for h in event.hashes:
-                    if h not in keys:
-                        continue
-                    held = media.get(h, _GPU) & ~bit
-                    if held:
-                        media[h] = held  # still on another medium: still a hit
+                        if best != table.best_tier(before):
+                            moved = moved or {}
+                            moved.setdefault(best, []).append(block_id(key))
                         continue
                     media.pop(h, None)
                     gone.append(block_id(keys.pop(h)))
                 if gone:
                     out.append(Removed(gone))
                     self.counters.removed_blocks += len(gone)
+                if moved:
+                    out.extend(Retiered(bids, t) for t, bids in moved.items())
             elif isinstance(event, EngineCleared):
                 keys.clear()
                 media.clear()
@@ -223,7 +272,7 @@ class EventIngest:
         over = len(keys) - self.max_blocks_per_pod
         if over > 0:  # bounded: forget the oldest blocks (events were missed, or the bound is low)
             dropped: list[int] = []
-            for h in list(islice(keys, over)):
+            for h in keys.oldest(over):
                 dropped.append(block_id(keys.pop(h)))
                 media.pop(h, None)
             out.append(Removed(dropped))

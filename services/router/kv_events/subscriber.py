@@ -7,9 +7,14 @@ Two modes (both may run at once):
   that publisher (closed as soon as the member leaves).
 
 Receivers only put `(member, seq, payload)` on one bounded queue (a full queue drops the batch:
-the next batch shows the gap and a replay fetches it). One consumer decodes and applies, one
-slice of at most `--kv-events-slice-blocks` blocks per event-loop turn, so routing never waits
-long behind a storm. Replays (a gap, a restarted engine, a pod seen for the first time) ask the
+the next batch shows the gap and a replay fetches it). One consumer decodes and applies, in
+slices of at most `--kv-events-slice-blocks` blocks. Both work for at most `--kv-events-turn-ms`
+per event-loop turn and then yield, so routing never waits long behind a storm: the budget is
+time, not a count, because a message or a block costs very different times on different
+machines. Receivers drain their socket with plain non-blocking reads (one asyncio future per
+wake-up, not per message: a future per message cost about 140 µs of loop time each here), and
+payloads over `--kv-events-decode-inline-bytes` are decoded in a worker thread. Replays (a gap,
+a restarted engine, a pod seen for the first time) ask the
 engine's `kv-events-replay` ROUTER socket for everything from a sequence number on; a router
 that starts next to running engines rebuilds its view this way and reports `warm` once every
 engine with a replay endpoint has been caught up.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -39,7 +45,6 @@ EVENTS_LABEL = "kv-events"
 REPLAY_LABEL = "kv-events-replay"
 END_OF_REPLAY = b"\xff" * 8
 _SYNC = -1  # queue item: catch this pod up through its replay endpoint
-_YIELD_EVERY = 16  # messages received between two yields to the event loop
 
 
 def member_of_topic(topic: bytes) -> str | None:
@@ -73,6 +78,15 @@ class KvEventSubscriber:
         self._consumer: asyncio.Task[None] | None = None
         self._receivers: dict[str, tuple[str, asyncio.Task[None]]] = {}  # member → (endpoint, task)
         self.bound_endpoint = ""
+        self._budget = settings.kv_events_turn_ms / 1000.0
+        self._turn = 0.0  # when the consumer's current event-loop turn began
+
+    async def _pause(self) -> None:
+        """Yields to the event loop once the consumer has used its budget for this turn."""
+        now = time.perf_counter()
+        if now - self._turn >= self._budget:
+            await asyncio.sleep(0)
+            self._turn = time.perf_counter()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
@@ -162,31 +176,43 @@ class KvEventSubscriber:
     async def _receive(self, sock: zmq.asyncio.Socket, member_id: str | None) -> None:
         queue = self._queue
         stats = self.stats
+        budget = self._budget
+        # The same ZMQ socket seen synchronously: once woken, drain it with non-blocking reads.
+        plain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         try:
             while True:
-                frames = await sock.recv_multipart()
-                stats.received += 1
-                if stats.received % _YIELD_EVERY == 0:
-                    # A ready message is returned without suspending: yield now and then, or a
-                    # flood of queued messages would hold the loop while they are received.
-                    await asyncio.sleep(0)
-                if len(frames) != 3 or len(frames[1]) != 8:
-                    stats.malformed += 1
-                    continue
-                mid = member_id or member_of_topic(frames[0])
-                if mid is None:
-                    stats.malformed += 1
-                    continue
-                try:
-                    queue.put_nowait((mid, int.from_bytes(frames[1], "big"), frames[2]))
-                except asyncio.QueueFull:
-                    stats.dropped += 1  # the next batch shows the gap; replay fetches this one
+                await sock.poll()  # readable (POLLIN), no timeout
+                started = time.perf_counter()
+                while True:
+                    try:
+                        frames = plain.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    stats.received += 1
+                    mid = member_id or (member_of_topic(frames[0]) if frames else None)
+                    if len(frames) != 3 or len(frames[1]) != 8 or mid is None:
+                        stats.malformed += 1
+                    else:
+                        try:
+                            queue.put_nowait((mid, int.from_bytes(frames[1], "big"), frames[2]))
+                        except asyncio.QueueFull:
+                            stats.dropped += 1  # the next batch shows the gap; replay fetches this one
+                    if time.perf_counter() - started >= budget:
+                        await asyncio.sleep(0)  # a flood must not hold the loop while it is received
+                        started = time.perf_counter()
         finally:
             sock.close(linger=0)
 
     async def _consume(self) -> None:
+        queue = self._queue
         while True:
-            member_id, seq, payload = await self._queue.get()
+            if queue.empty():
+                item = await queue.get()
+                self._turn = time.perf_counter()
+            else:
+                await self._pause()
+                item = queue.get_nowait()
+            member_id, seq, payload = item
             try:
                 if seq == _SYNC:
                     await self._sync(member_id)
@@ -197,9 +223,12 @@ class KvEventSubscriber:
             except (zmq.ZMQError, OSError):
                 log.warning("KV events of %s: transport error", member_id, exc_info=True)
 
-    def _decode(self, payload: bytes) -> EventBatch | None:
+    async def _decode(self, payload: bytes) -> EventBatch | None:
         try:
-            batch = decode_batch(payload)
+            if len(payload) > self.settings.kv_events_decode_inline_bytes:
+                batch = await asyncio.to_thread(decode_batch, payload)  # a big prefill's tokens
+            else:
+                batch = decode_batch(payload)
         except DecodeError as exc:
             self.stats.malformed += 1
             self.ingest.counters.ignored += 1
@@ -213,8 +242,8 @@ class KvEventSubscriber:
             self.ingest.counters.ignored += 1
             self.ingest.counters.last_ignored = f"events of unknown engine {member_id!r}"
             return
-        batch = self._decode(payload)
-        if batch is None:
+        batch = await self._decode(payload)
+        if batch is None or member_id not in self.core.pods:  # (it may leave while a thread decodes)
             return
         stream = self.ingest.stream(member_id)
         verdict = stream.verdict(seq, batch.ts)
@@ -233,8 +262,8 @@ class KvEventSubscriber:
 
     async def _apply(self, member_id: str, stream: PodStream, seq: int, batch: EventBatch) -> None:
         for piece in engine_slices(batch.events, self.settings.kv_events_slice_blocks):
+            await self._pause()  # let routes run once this turn's budget is used
             self.ingest.apply(member_id, piece)
-            await asyncio.sleep(0)  # let routes run between slices
         stream.seq = seq
         stream.ts = batch.ts
         stream.batches += 1
@@ -269,7 +298,7 @@ class KvEventSubscriber:
                 seq = int.from_bytes(frames[1], "big")
                 if seq <= stream.seq or len(frames) < 3:
                     continue
-                batch = self._decode(frames[2])
+                batch = await self._decode(frames[2])
                 if batch is not None:
                     await self._apply(member_id, stream, seq, batch)
             stream.synced = True

@@ -21,10 +21,13 @@ from kvmesh.services.router.tree import Match, PrefixTree
 class RouteContext:
     """One routing decision's inputs; `depths()` and `loads()` are computed on first use."""
 
-    __slots__ = ("_depths", "_loads", "mask", "match", "pods", "slots", "tree")
+    __slots__ = ("_depths", "_loads", "_scores", "mask", "match", "pods", "slots", "tree", "weights")
 
-    def __init__(self, pods: PodTable, tree: PrefixTree, mask: int, match: Match) -> None:
+    def __init__(
+        self, pods: PodTable, tree: PrefixTree, mask: int, match: Match, weights: Sequence[float] = (1.0,)
+    ) -> None:
         self.pods = pods
+        self.weights = weights
         self.mask = mask
         slots = pods.slots_of(mask)
         self.tree = tree
@@ -32,6 +35,7 @@ class RouteContext:
         self.match = match
         self._depths: dict[int, int] | None = None
         self._loads: tuple[int, ...] | None = None
+        self._scores: dict[int, float] | None = None
 
     @property
     def total(self) -> int:
@@ -63,6 +67,30 @@ class RouteContext:
                     mask ^= low
             self._depths = out
         return self._depths
+
+    def scores(self) -> dict[int, float]:
+        """Slot → the pod's matched blocks weighted by the medium each is held in (absent: 0).
+
+        Equal to `depths()` when every matched copy is in GPU memory at weight 1 (the usual
+        case, and then no extra work is done)."""
+        scores = self._scores
+        if scores is None:
+            depths: dict[int, float] = self.depths()  # type: ignore[assignment]  # ints are valid scores
+            match, weights = self.match, self.weights
+            if not match.lows and weights[0] == 1.0:
+                scores = depths
+            else:
+                scores = {slot: match.score(1 << slot, weights) for slot in depths}
+            self._scores = scores
+        return scores
+
+    def best(self) -> tuple[float, list[int]]:
+        """(score, slots) of the pods with the highest weighted match (score 0: nobody matched)."""
+        scores = self.scores()
+        top = max(scores.values(), default=0)
+        if not top:
+            return 0.0, []
+        return top, [slot for slot, score in scores.items() if score == top]
 
 
 class Policy(ABC):

@@ -21,9 +21,9 @@ class CacheAwarePolicy(Policy):
         s = self.settings
         if high - low > s.balance_abs and high > low * s.balance_rel:
             return self.least_loaded(slots, loads)
-        depth, mask = ctx.match.best()
-        if ctx.total and depth / ctx.total > s.cache_threshold:
-            best = [(slot, load) for slot, load in zip(slots, loads, strict=True) if mask >> slot & 1]
+        score, top = ctx.best()  # matched blocks, weighted by medium (`--kv-medium-weights`)
+        if ctx.total and score / ctx.total > s.cache_threshold:
+            best = [(slot, load) for slot, load in zip(slots, loads, strict=True) if slot in top]
             if best:
                 return self.least_loaded([p[0] for p in best], [p[1] for p in best])
         sizes = [ctx.tree.pod_blocks(slot) for slot in slots]

@@ -1,6 +1,8 @@
 """`kv-aware` (the llm-d / Dynamo KV router's cost model).
 
-cost(pod) = `--overlap-weight` * blocks the pod would still have to prefill + its load.
+cost(pod) = `--overlap-weight` * blocks the pod would still have to prefill + its load, where a
+matched block counts by the medium it is held in (`--kv-medium-weights`: a block only in CPU
+memory at weight 0.5 still costs half a block to bring back).
 The lowest cost wins (ties at random); with `--temperature` > 0 the pod is sampled from
 softmax(-cost / temperature), which spreads load across near-equal pods.
 """
@@ -18,7 +20,7 @@ class KvAwarePolicy(Policy):
     def choose(self, ctx: RouteContext) -> int:
         slots = ctx.slots
         loads = ctx.loads()
-        depths = ctx.depths()
+        depths = ctx.scores()
         total = ctx.total
         weight = self.settings.overlap_weight
         costs = [weight * (total - depths.get(slot, 0)) + load for slot, load in zip(slots, loads, strict=True)]

@@ -2,13 +2,15 @@
 
 When max - min load over the candidates exceeds `--imbalance-abs`, only the least-loaded
 pods compete (a hot prefix must not pile every request onto one pod). Among the competitors
-each pod scores the share of the prompt it holds, less `--share-weight` times how far its
-share of recent routes (`PodTable.recent`, fading over `--share-window` routes) is above the
-mean, beyond chance. So a pod that has been taking more than its share keeps the requests it
-holds much of (a conversation's next turn), but a request it holds little more of than others
-(a new conversation on a hot system prompt) goes elsewhere: in-flight counts alone miss that
-pile-up when engines answer quickly and only 1-3 requests are in flight at a time. The best
-score wins; ties go to the lower load, then the smaller recent share, then at random.
+each pod scores the share of the prompt it holds, each block weighted by the medium it is held
+in (`--kv-medium-weights`: a block only in a pod's CPU tier counts less than one in its GPU),
+less `--share-weight` times how far its share of recent routes (`PodTable.recent`, fading over
+`--share-window` routes) is above the mean, beyond chance. So a pod that has been taking more
+than its share keeps the requests it holds much of (a conversation's next turn), but a request
+it holds little more of than others (a new conversation on a hot system prompt) goes
+elsewhere: in-flight counts alone miss that pile-up when engines answer quickly and only 1-3
+requests are in flight at a time. The best score wins; ties go to the lower load, then the
+smaller recent share, then at random.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class PrefixPolicy(Policy):
             return slots[0]
         low = min(loads)
         gated = max(loads) - low > self.settings.imbalance_abs
-        depths = ctx.depths()
+        scores = ctx.scores()
         total = ctx.total or 1
         weight = self.settings.share_weight
         pods = ctx.pods
@@ -42,7 +44,7 @@ class PrefixPolicy(Policy):
         for slot, load, share in zip(slots, loads, recent, strict=True):
             if gated and load != low:
                 continue
-            score = depths.get(slot, 0) / total
+            score = scores.get(slot, 0) / total
             if share > fair:
                 score -= weight * (share - fair) / mean
             key = (score, -load, -share)
