@@ -98,6 +98,7 @@ async def test_body_routes_to_the_pods_openai_address_and_the_response_end_relea
     await call.read()
     assert picker.inflight() == 0
     await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK  # the stream ends before the fixture stops the server
 
 
 async def test_same_prefix_same_endpoint_and_chat_is_routed(picker: Picker) -> None:
