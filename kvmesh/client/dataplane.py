@@ -172,6 +172,10 @@ class _Connection(asyncio.BufferedProtocol):
         if header.status != Status.OK:
             if call is not None:
                 self._finish(call, DataPlaneRefused(header.status, bytes(meta).decode(errors="replace")))
+            if header.status == Status.UNAUTHENTICATED and self.transport is not None:
+                # The node closes a connection without a principal right after this frame: stop
+                # using it now, so the next call opens a new one instead of racing that close.
+                self.transport.close()
         elif header.op == Op.GET:
             self._plan_values(header, call, meta)
         elif call is not None:

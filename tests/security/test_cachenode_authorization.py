@@ -337,9 +337,12 @@ print(kind, code[0] if code else -1)
 
 async def other_user_hello(address: str, session_id: str) -> tuple[int, int]:
     """A HELLO from another local user (nobody), in a child process: (answer kind, status code)."""
+    # setpriv changes the user after exec: with `user=` Python would fork this process (grpc's
+    # threads and fork handlers included) and the child sometimes crashed before its exec.
+    python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
     proc = await asyncio.create_subprocess_exec(
-        shutil.which("python3", path="/usr/bin:/bin") or "python3", "-I", "-c", OTHER_USER_HELLO, address, session_id,
-        user=65534, group=65534, stdout=asyncio.subprocess.PIPE, cwd="/")
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", OTHER_USER_HELLO,
+        address, session_id, stdout=asyncio.subprocess.PIPE, cwd="/")
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     kind, code = out.split()
     return int(kind), int(code)
