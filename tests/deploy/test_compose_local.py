@@ -138,11 +138,6 @@ class LocalCompose:
         svc = self.services[name]
         assert svc["command"][0] in (*SERVICE_COMMANDS, "bench"), svc["command"]
         env = {k: self._rewrite(name, v) for k, v in svc.get("environment", {}).items()}
-        if "KVMESH_EXT_PROC_LISTEN" in env and "KVMESH_EXT_PROC_TLS_CERT" in setting_envs("router"):
-            # This router still takes the picker's TLS files from flags of its own (before it used
-            # the service's --tls-*): give it the same files, as the compose file means.
-            env |= {"KVMESH_EXT_PROC_TLS_CERT": env["KVMESH_TLS_CERT"],
-                    "KVMESH_EXT_PROC_TLS_KEY": env["KVMESH_TLS_KEY"]}
         args = [self._rewrite(name, a) for a in svc["command"]]
         proc = KvmeshProcess(args, env=env, name=name)
         self.processes[name] = proc
