@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kvmesh.tools.testing.integrations import integration_env, integration_python
+from kvmesh.tools.testing.integrations import integration_env, integration_python, run_product
 from kvmesh.tools.testing.mesh import process_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -27,16 +27,7 @@ async def drive(python: Path, mode: str, metadata: str, cwd: Path) -> dict[str, 
         "AIBRIX_KV_CACHE_OL_L1_CACHE_ENABLED": "0", "AIBRIX_KV_CACHE_OL_L2_CACHE_BACKEND": "KVMESH",
         "AIBRIX_KV_CACHE_OL_L2_CACHE_INGESTION_MAX_INFLIGHT_TOKENS": "0",  # puts finish before put() returns
     })
-    proc = await asyncio.create_subprocess_exec(str(python), str(DRIVER), mode, cwd=cwd, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=300)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = await run_product(python, str(DRIVER), mode, cwd=cwd, env=env)
     line = next((ln for ln in text.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, text[-4000:]
     result: dict[str, Any] = json.loads(line[len("RESULT "):])

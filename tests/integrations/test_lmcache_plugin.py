@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmesh.client.cache import CacheClient
-from kvmesh.tools.testing.integrations import integration_env, integration_python
+from kvmesh.tools.testing.integrations import integration_env, integration_python, run_product
 from kvmesh.tools.testing.mesh import MeshHandle, process_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -37,18 +37,9 @@ extra_config:
 
 
 async def basic_check(python: Path, config: Path, cwd: Path) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        str(python), "-m", "lmcache.v1.basic_check", "--mode", "test_remote", "--num-keys", str(NUM_KEYS),
-        cwd=cwd, env=integration_env({"LMCACHE_CONFIG_FILE": str(config)}),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=300)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = await run_product(python, "-m", "lmcache.v1.basic_check", "--mode", "test_remote",
+                             "--num-keys", str(NUM_KEYS), cwd=cwd,
+                             env=integration_env({"LMCACHE_CONFIG_FILE": str(config)}))
     return text
 
 

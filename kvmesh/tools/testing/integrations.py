@@ -8,6 +8,7 @@ is not installed in them: a process that loads kvmesh code gets the checkout on 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -49,3 +50,20 @@ def integration_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+async def run_product(python: Path, *args: str, cwd: Path, env: dict[str, str], timeout_s: float = 300) -> str:
+    """Runs `python args...` (a product's virtualenv, `env` from `integration_env`) to its end and
+    returns its stdout and stderr together; asserts it exited 0, showing the output's tail if not.
+    The process is killed if the caller is cancelled or the timeout passes."""
+    proc = await asyncio.create_subprocess_exec(str(python), *args, cwd=cwd, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    return text
