@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -251,6 +252,7 @@ async def compare(systems: list[System], sizes: list[int], quick: bool, between:
                 cpu: dict[str, float] = {s.name: 0.0 for s in systems}
                 for r in range(rounds):
                     for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+                        gc.collect()  # each round starts from a clean heap, not the last system's garbage
                         cpu0 = cpu_seconds(system.pid)
                         seconds, lat = await drive(ops[system.name][op_index], count, in_flight)
                         cpu[system.name] += cpu_seconds(system.pid) - cpu0

@@ -60,4 +60,8 @@ def copy_all(pairs: list[tuple[np.ndarray, np.ndarray | memoryview]]) -> None:
 
 def byte_view(buf: Buffer, *, writable: bool) -> memoryview:
     """`as_bytes` as a memoryview (what socket reads and writes take); same errors."""
+    if type(buf) is bytearray or type(buf) is memoryview:  # already flat bytes: no numpy detour
+        view = memoryview(buf)
+        if view.format == "B" and view.ndim == 1 and view.c_contiguous and not (writable and view.readonly):
+            return view
     return as_bytes(buf, writable=writable).data  # the array's own memoryview: no copy

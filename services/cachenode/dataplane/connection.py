@@ -1,8 +1,11 @@
 """One data-plane connection on the node: a buffered protocol that reads frames in place.
 
-Reading is a small state machine over `get_buffer`: the 32 header bytes, then the request's
-metadata, then each PUT value straight into the memory `Storage.begin_write` reserved for it
-(the arena slot itself on a zero-copy storage). A value is published only once its last
+Reading is the shared frame state machine (`kvmesh.runtime.frame_reader`): the 32 header
+bytes and the request's metadata through a staging buffer (one receive takes several pipelined
+requests), then each PUT value into the memory `Storage.begin_write` reserved for it (the
+arena slot itself on a zero-copy storage; small values are copied there from the stage).
+Responses written while one receive's requests are handled leave in one `writelines` at the
+end of that loop turn. A value is published only once its last
 byte arrived; a connection that breaks mid-value aborts the write, so nothing partial is
 ever stored. GET responses are written with `writelines` from pinned views of the stored
 values (no copy); the pins are released once the transport has handed every byte to the
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 from kvmesh import frames
 from kvmesh.frames import Flag, FrameError, Header, Op, Status
 from kvmesh.runtime.errors import KvmeshError, ResourceExhausted, Unavailable, status_for
+from kvmesh.runtime.frame_reader import CLOSED, HEADER, META, VALUES, FrameReader
 from kvmesh.security.identity import Principal, token_digest
 from kvmesh.services.cachenode.limits import MAX_NAMESPACE_BYTES
 from kvmesh.services.cachenode.storage.base import Pinned
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmesh.cachenode.dataplane")
 
-SCRATCH_BYTES = 256 * 1024  # where discarded payload bytes land
+SCRATCH_BYTES = 256 * 1024  # how much a closing connection discards at a time
 # Over TLS a response is handed to the TLS layer a slice at a time while its buffer is below the
 # high-water mark: it encrypts everything it is given into one buffer at once, so a whole batch
 # would be copied (twice) before its first byte is sent. The TLS layer copies anyway, so slices
@@ -52,8 +56,10 @@ SCRATCH_BYTES = 256 * 1024  # where discarded payload bytes land
 TLS_SLICE_BYTES = 256 * 1024
 TLS_HIGH_WATER = 4 * 1024**2
 TLS_LOW_WATER = 1024**2
-_HEADER, _META, _VALUES, _CLOSED = range(4)
 _OPS = frozenset(int(op) for op in Op)
+# Plain ints: enum flag arithmetic costs a microsecond per frame.
+_RESPONSE = int(Flag.RESPONSE)
+_STOP_AT_FIRST_MISS = int(Flag.STOP_AT_FIRST_MISS)
 
 
 def _certificate_principal(transport: asyncio.BaseTransport) -> Principal | None:
@@ -72,18 +78,13 @@ def status_code(exc: BaseException) -> int:
     return int(code.value[0])
 
 
-class DataConnection(asyncio.BufferedProtocol):
+class DataConnection(FrameReader):
     """Serves the requests of one client connection, pipelined, in the order they arrive."""
 
     def __init__(self, node: DataPlaneServer) -> None:
+        super().__init__()
         self._node = node
         self._transport: asyncio.Transport | None = None
-        self._head = memoryview(bytearray(frames.HEADER_BYTES))
-        self._scratch: memoryview | None = None
-        self._state = _HEADER
-        self._target: memoryview | None = self._head  # where bytes go; None: discarded
-        self._want = frames.HEADER_BYTES
-        self._pos = 0
         self._header: Header | None = None
         self._principal: Principal | None = None  # from the client certificate, or an AUTH frame
         # The PUT being received.
@@ -100,6 +101,8 @@ class DataConnection(asyncio.BufferedProtocol):
         # Sending.
         self._tls = node.ssl_context is not None
         self._outq: collections.deque[bytes | memoryview] = collections.deque()  # TLS: not yet handed over
+        self._unsent: list[bytes | memoryview] = []  # plain: written together at the end of the loop turn
+        self._flush_soon: asyncio.Handle | None = None
         self._held: list[Pinned] = []
         self._held_bytes = 0
         self._writing_paused = False
@@ -124,32 +127,28 @@ class DataConnection(asyncio.BufferedProtocol):
         self._principal = _certificate_principal(self._transport)
         self._schedule_check()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._target is None:
-            if self._scratch is None:
-                self._scratch = memoryview(bytearray(SCRATCH_BYTES))
-            return self._scratch[: min(SCRATCH_BYTES, self._want - self._pos)]
-        return self._target[self._pos :]
-
     def buffer_updated(self, nbytes: int) -> None:
         self._rx += nbytes
-        self._pos += nbytes
-        if self._pos < self._want:
-            return
+        super().buffer_updated(nbytes)
+
+    def _part_received(self) -> None:
         try:
-            if self._state == _HEADER:
+            if self._state == HEADER:
                 self._on_header()
-            elif self._state == _META:
+            elif self._state == META:
                 self._on_meta()
-            elif self._state == _VALUES:
+            elif self._state == VALUES:
                 self._on_value()
             else:
-                self._expect_discard(self._want)  # closing: swallow whatever still arrives
+                self._expect(CLOSED, None, SCRATCH_BYTES)  # closing: swallow whatever still arrives
         except FrameError as exc:
             self._fail(Status.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a bug must not take the node down: this connection ends
             log.exception("data-plane connection failed")
             self._fail(status_code(exc), f"internal error: {type(exc).__name__}")
+
+    def _hold_frames(self) -> bool:
+        return self._reading_paused
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -158,7 +157,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self._writing_paused = False
         if self._tls:
             self._pump()
-        else:
+        elif not self._unsent:  # else pins of responses not yet written: `_flush` releases them
             self._release_held()
         self._update_reading()
 
@@ -166,7 +165,11 @@ class DataConnection(asyncio.BufferedProtocol):
         return None  # close: a half-closed client has nothing more to ask
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._state = _CLOSED
+        self._state = CLOSED
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        self._unsent = []
         self._node.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -185,28 +188,16 @@ class DataConnection(asyncio.BufferedProtocol):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _expect(self, state: int, target: memoryview | None, size: int) -> None:
-        self._state = state
-        self._target = target
-        self._want = size
-        self._pos = 0
-
-    def _expect_discard(self, size: int) -> None:
-        self._expect(self._state, None, size)
-
-    def _next_header(self) -> None:
-        self._expect(_HEADER, self._head, frames.HEADER_BYTES)
-
     def _on_header(self) -> None:
         header = frames.decode_header(self._head)
         self._header = header
         node = self._node
-        if header.flags & Flag.RESPONSE:
+        if header.flags & _RESPONSE:
             raise FrameError("a client sent a response frame")
         if header.op == Op.AUTH:
             if header.payload_len or header.entries or not 0 < header.meta_len <= frames.MAX_TOKEN_BYTES:
                 raise FrameError(f"an AUTH frame carries a token of 1..{frames.MAX_TOKEN_BYTES} bytes and nothing else")
-            self._expect(_META, memoryview(bytearray(header.meta_len)), header.meta_len)
+            self._expect(META, memoryview(bytearray(header.meta_len)), header.meta_len)
             return
         if header.entries > node.dp_limits.max_batch_keys:
             raise FrameError(f"{header.entries} keys in one frame (at most {node.dp_limits.max_batch_keys})")
@@ -235,14 +226,14 @@ class DataConnection(asyncio.BufferedProtocol):
             raise FrameError(f"op {header.op} carries no values but the frame announces {header.payload_len} bytes")
         if header.meta_len == 0:
             raise FrameError("a request without metadata")
-        self._expect(_META, memoryview(bytearray(header.meta_len)), header.meta_len)
+        self._expect(META, memoryview(bytearray(header.meta_len)), header.meta_len)
 
     def _on_meta(self) -> None:
         header = self._header
         assert header is not None and self._target is not None
         if header.op == Op.AUTH:
             token = bytes(self._target)
-            self._next_header()
+            self._expect_header()
             self._authenticate(header, token)
             return
         tenants = self._node.tenants
@@ -251,7 +242,7 @@ class DataConnection(asyncio.BufferedProtocol):
                                                "certificate (mutual TLS) or send an AUTH frame with a token first")
             return
         request = frames.decode_request(header.op, header.entries, self._target)
-        self._next_header()
+        self._expect_header()
         if header.op == Op.PUT:
             self._begin_put(header, request)
             return
@@ -321,7 +312,7 @@ class DataConnection(asyncio.BufferedProtocol):
             self._send_error(header, status_code(exc), str(exc))
             self._answer = False
             self._keys, self._sizes = [], [header.payload_len]
-        self._state = _VALUES
+        self._state = VALUES
         self._start_value()
 
     def _start_value(self) -> None:
@@ -337,7 +328,7 @@ class DataConnection(asyncio.BufferedProtocol):
                     self._codes[self._index] = status_code(exc)
                     self._write = None
             if size:
-                self._expect(_VALUES, target, size)
+                self._expect(VALUES, target, size)
                 return
             self._finish_value()
         self._end_put()
@@ -359,7 +350,7 @@ class DataConnection(asyncio.BufferedProtocol):
         header = self._header
         assert header is not None
         self._give_budget()
-        self._next_header()
+        self._expect_header()
         if not self._answer:
             return
         if self._deferred:
@@ -394,7 +385,7 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def _get(self, storage: Storage, header: Header, namespace: str, keys: list[bytes]) -> None:
         zero_copy = storage.zero_copy()
-        stop = bool(header.flags & Flag.STOP_AT_FIRST_MISS)
+        stop = bool(header.flags & _STOP_AT_FIRST_MISS)
         if zero_copy is None:
             self._spawn(self._get_copied(storage, header, namespace, keys, stop))
             return
@@ -478,11 +469,26 @@ class DataConnection(asyncio.BufferedProtocol):
             self._outq.extend(parts)
             self._pump()
         else:
-            transport.writelines(parts)  # the transport keeps references: no copy
-            self._tx += sum(len(p) for p in parts)
-        if self._held and not self._tls and transport.get_write_buffer_size() == 0:
-            self._release_held()
+            # Written with the other responses of this loop turn: one system call for all the
+            # requests one receive brought (the transport keeps references: no copy).
+            self._unsent.extend(parts)
+            if self._flush_soon is None:
+                self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
         self._update_reading()
+
+    def _flush(self) -> None:
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()  # when called early (before a close)
+            self._flush_soon = None
+        parts, self._unsent = self._unsent, []
+        transport = self._transport
+        if not parts or transport is None or transport.is_closing():
+            return
+        transport.writelines(parts)
+        self._tx += sum(len(p) for p in parts)
+        if self._held and transport.get_write_buffer_size() == 0:
+            self._release_held()
+            self._update_reading()
 
     def _pump(self) -> None:
         """TLS: hands queued response bytes to the transport while it is below its high-water mark."""
@@ -514,8 +520,8 @@ class DataConnection(asyncio.BufferedProtocol):
         op, request_id = (header.op, header.request_id) if header is not None else (0, 0)
         log.info("data-plane connection closed: %s", message)
         self._send([frames.encode_error(op, request_id, status, message)])
-        self._state = _CLOSED
-        self._expect(_CLOSED, None, SCRATCH_BYTES)
+        self._flush()  # before the close below: responses and the error frame go out first
+        self._expect(CLOSED, None, SCRATCH_BYTES)
         if self._write is not None:
             self._write.abort()
             self._write = None
@@ -536,6 +542,7 @@ class DataConnection(asyncio.BufferedProtocol):
         elif not pause and self._reading_paused:
             transport.resume_reading()
             self._reading_paused = False
+            self._take_staged()  # requests that arrived with the last receive but were held back
 
     # -- stalls and idleness ---------------------------------------------------------------
 
@@ -553,7 +560,7 @@ class DataConnection(asyncio.BufferedProtocol):
         progress = (self._rx - self._marks[0]) + (sent - self._marks[1])
         self._marks = (self._rx, sent)
         # In the middle of a frame, unless the node itself stopped reading (storage busy).
-        receiving = (self._state != _HEADER or self._pos > 0) and not self._reading_paused
+        receiving = self._mid_frame and not self._reading_paused
         sending = bool(unsent or self._outq)
         if (receiving or sending) and progress < limits.min_rate_bytes * limits.stall_timeout_s:
             what = "sending a frame" if receiving else "reading its responses"
