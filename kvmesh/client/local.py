@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 
 from kvmesh.client.attachment import Attachment, attach, default_client_id
-from kvmesh.client.buffers import Buffer, as_bytes, copy_all
+from kvmesh.client.buffers import DEFAULT_COPY_THREADS, Buffer, CopyPool, as_bytes, copy_all
 from kvmesh.client.control import GrpcControl, PreferSocket, SocketControl
 from kvmesh.v1 import cachenode_pb2, cachenode_pb2_grpc
 
@@ -199,9 +199,11 @@ class LocalDataPath(Attachment):
         rpc_timeout: float,
         release_delay_s: float = 0.01,
         socket: SocketControl | None = None,
+        copy_threads: int = DEFAULT_COPY_THREADS,
     ) -> None:
         self._mapping = mapping
         self._offload_bytes = offload_bytes
+        self._copies = CopyPool(copy_threads)
         self._held: dict[int, LocalView] = {}
         self._prefer = PreferSocket(socket, GrpcControl(stub, rpc_timeout))
         super().__init__(stub, call, attached, rpc_timeout, release_delay_s, self._prefer)
@@ -222,13 +224,15 @@ class LocalDataPath(Attachment):
         release_delay_s: float = 0.01,
         control_socket: bool = True,
         populate: bool = False,
+        copy_threads: int = DEFAULT_COPY_THREADS,
     ) -> LocalDataPath:
         """Attaches to the node behind `stub`; LocalPathUnavailable if it cannot share memory with us.
 
         With `control_socket` (default) the calls go over the node's local control socket
         when it offers one, else over gRPC. `populate` maps the whole segment at once (about
         0.1-0.3 s per GiB, in a worker thread), so that no copy later pays page faults; for
-        long-lived clients such as an inference engine.
+        long-lived clients such as an inference engine. A batch of `offload_bytes` or more is
+        copied by up to `copy_threads` threads at once, off the event loop.
         """
         request = cachenode_pb2.AttachRequest(
             client_id=client_id or default_client_id(), transport=cachenode_pb2.TRANSPORT_SHM
@@ -252,12 +256,12 @@ class LocalDataPath(Attachment):
                 call.cancel()
                 mapping.close()
                 raise
-        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s, socket)
+        return cls(stub, call, attached, mapping, offload_bytes, rpc_timeout, release_delay_s, socket, copy_threads)
 
     async def _copy_all(self, pairs: list[tuple[np.ndarray, np.ndarray | memoryview]], total: int) -> None:
         """The copies of one batch: inline when small, else in one worker thread (numpy releases the GIL)."""
         if total >= self._offload_bytes:
-            await asyncio.to_thread(copy_all, pairs)
+            await self._copies.copy_all(pairs, total)
         else:
             copy_all(pairs)
 
@@ -400,6 +404,7 @@ class LocalDataPath(Attachment):
         self._held.clear()
         await self._end()
         self._prefer.close()
+        self._copies.close()
         self._mapping.close()
 
 
