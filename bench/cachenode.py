@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -118,8 +119,88 @@ class System:
     def ops(self, size: int, batch: int) -> tuple[Op, Op]:
         raise NotImplementedError
 
+    async def run(self, op: str, size: int, batch: int, count: int, in_flight: int) -> tuple[float, list[float]]:
+        """`count` puts or gets with `in_flight` at a time: (seconds, latencies)."""
+        cached: dict[tuple[int, int], tuple[Op, Op]] = self.__dict__.setdefault("_ops", {})
+        if (size, batch) not in cached:
+            cached[(size, batch)] = self.ops(size, batch)
+        gc.collect()  # each round starts from a clean heap
+        return await drive(cached[(size, batch)][0 if op == "put" else 1], count, in_flight)
+
     async def close(self) -> None:
         """Releases connections."""
+
+
+class ClientProcess(System):
+    """A system driven from its own client process, so no system's threads or garbage slow another's.
+
+    The child (`--serve-client SPEC`) builds the system from SPEC and runs each round the parent
+    asks for, one JSON line each way.
+    """
+
+    def __init__(self, name: str, pid: int, spec: dict[str, Any], process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.pid = pid
+        self.spec = spec
+        self.process = process
+
+    @classmethod
+    async def start(cls, name: str, pid: int, spec: dict[str, Any]) -> ClientProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.cachenode", "--serve-client", json.dumps({"name": name, **spec}),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=kvmesh_env(), cwd=ROOT,
+            limit=1 << 26,
+        )
+        return cls(name, pid, spec, process)
+
+    async def run(self, op: str, size: int, batch: int, count: int, in_flight: int) -> tuple[float, list[float]]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        command = {"op": op, "size": size, "batch": batch, "count": count, "in_flight": in_flight}
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+        line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} client process died (exit {await self.process.wait()})")
+        answer = json.loads(line)
+        return float(answer["seconds"]), [float(x) for x in answer["latencies"]]
+
+    async def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 30)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def build_system(spec: dict[str, Any]) -> System:
+    """The system a client process drives (see `ClientProcess`)."""
+    kind, name = spec["kind"], spec["name"]
+    if kind == "dp":
+        node = NodeInfo("node", spec["address"], data_endpoint=spec["data_endpoint"])
+        tls = ClientTLS(TLSFiles(tls_ca=spec["ca"])) if spec.get("ca") else None
+        return DataPlaneSystem(name, await CacheClient.from_nodes([node], local="never", tls=tls), 0)
+    if kind == "grpc":
+        return GrpcSystem(name, spec["address"], spec["chunk"], 0)
+    if kind == "redis":
+        return RedisSystem(spec["port"], 0)
+    raise ValueError(f"unknown system kind {kind!r}")
+
+
+async def serve_client(spec: dict[str, Any]) -> None:
+    """The child side of `ClientProcess`: one round per line on stdin, its result on stdout."""
+    system = await build_system(spec)
+    loop = asyncio.get_running_loop()
+    try:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            command = json.loads(line)
+            seconds, latencies = await system.run(
+                command["op"], command["size"], command["batch"], command["count"], command["in_flight"]
+            )
+            print(json.dumps({"seconds": seconds, "latencies": latencies}), flush=True)
+    finally:
+        await system.close()
 
 
 class DataPlaneSystem(System):
@@ -241,20 +322,18 @@ async def compare(systems: list[System], sizes: list[int], quick: bool, between:
         between()
         for batch in BATCHES:
             in_flight = IN_FLIGHT[batch]
-            ops = {s.name: s.ops(size, batch) for s in systems}
             count = ops_per_round(size, batch, quick)
             for system in systems:  # warm-up, and the keys the gets read
-                await drive(ops[system.name][0], in_flight * 2, in_flight)
-                await drive(ops[system.name][1], in_flight, in_flight)
-            for op_index, op in enumerate(("put", "get")):
+                await system.run("put", size, batch, in_flight * 2, in_flight)
+                await system.run("get", size, batch, in_flight, in_flight)
+            for op in ("put", "get"):
                 rates: dict[str, list[float]] = {s.name: [] for s in systems}
                 latencies: dict[str, list[float]] = {s.name: [] for s in systems}
                 cpu: dict[str, float] = {s.name: 0.0 for s in systems}
                 for r in range(rounds):
                     for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
-                        gc.collect()  # each round starts from a clean heap, not the last system's garbage
                         cpu0 = cpu_seconds(system.pid)
-                        seconds, lat = await drive(ops[system.name][op_index], count, in_flight)
+                        seconds, lat = await system.run(op, size, batch, count, in_flight)
                         cpu[system.name] += cpu_seconds(system.pid) - cpu0
                         rates[system.name].append(count * size * batch / seconds / 1e9)
                         latencies[system.name] += lat
@@ -559,18 +638,17 @@ async def measure(
         f"gRPC chunk {format_size(chunk)}; {os.cpu_count()} CPUs"
     )
     assert node.address and tls_node.address
-    plain = [NodeInfo("node", node.address, data_endpoint=node.ready["data_endpoint"])]
-    tls = [NodeInfo("node", tls_node.address, data_endpoint=tls_node.ready["data_endpoint"])]
+    # Each system runs in its own client process: in one shared process, gRPC's threads and
+    # garbage from the gRPC rounds slowed the next rounds of every other system.
     systems: list[System] = [
-        DataPlaneSystem("dp", await CacheClient.from_nodes(plain, local="never"), node.pid),
-        DataPlaneSystem(
-            "dp-tls",
-            await CacheClient.from_nodes(tls, local="never", tls=ClientTLS(TLSFiles(tls_ca=ca))),
-            tls_node.pid,
-        ),
-        GrpcSystem("grpc", node.address, chunk, node.pid),
-        RedisSystem(redis_port, redis_pid),
-        GrpcSystem("noop", noop_address, chunk, noop_pid),
+        await ClientProcess.start("dp", node.pid, {"kind": "dp", "address": node.address,
+                                                   "data_endpoint": node.ready["data_endpoint"]}),
+        await ClientProcess.start("dp-tls", tls_node.pid, {"kind": "dp", "address": tls_node.address,
+                                                           "data_endpoint": tls_node.ready["data_endpoint"],
+                                                           "ca": str(ca)}),
+        await ClientProcess.start("grpc", node.pid, {"kind": "grpc", "address": node.address, "chunk": chunk}),
+        await ClientProcess.start("redis", redis_pid, {"kind": "redis", "port": redis_port}),
+        await ClientProcess.start("noop", noop_pid, {"kind": "grpc", "address": noop_address, "chunk": chunk}),
     ]
     try:
         return await compare(systems, sizes, quick, iperf.sample)
@@ -653,12 +731,16 @@ def main() -> int:
     parser.add_argument("--chunk-bytes", default="4MiB", help="gRPC: data per stream message (both directions)")
     parser.add_argument("--sizes", default=",".join(format_size(s).replace(" ", "") for s in SIZES))
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-client", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     chunk = parse_size(args.chunk_bytes)
     import uvloop
 
     if args.serve_noop:
         uvloop.run(serve_noop(args.serve_noop, chunk))
+        return 0
+    if args.serve_client:
+        uvloop.run(serve_client(json.loads(args.serve_client)))
         return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     run(args.quick, chunk, sizes)
