@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh import frames
-from kvmesh.runtime.frame_reader import DIRECT_MIN_BYTES, HEADER, META, VALUES, FrameReader
+from kvmesh.runtime.frame_reader import CLOSED, DIRECT_MIN_BYTES, HEADER, META, VALUES, FrameReader
 
 
 class Recorder(FrameReader):
@@ -122,3 +122,19 @@ def test_held_frames_wait_in_the_stage_until_taken() -> None:
     reader.held = False
     reader._take_staged()
     assert [rid for rid, _, _ in reader.got] == [1, 2, 3]
+
+
+class GivesUp(Recorder):
+    """A handler that finds the stream broken and expects nothing more."""
+
+    def _part_received(self) -> None:
+        self.got.append((0, b"", []))
+
+
+def test_a_handler_that_expects_nothing_more_leaves_the_rest_discarded() -> None:
+    reader = GivesUp()
+    data = response(1, [b"a"]) * 50
+    reader.feed(data, [len(data)])  # returns: no endless loop over the staged bytes
+    assert len(reader.got) == 1 and reader._state == CLOSED
+    reader.feed(b"more" * 1000, [4096])
+    assert len(reader.got) == 1

@@ -107,6 +107,7 @@ class _Connection(FrameReader):
                 self._expect(CLOSED, None, SCRATCH_BYTES)
         except FrameError as exc:
             log.warning("data plane: bad frame from the node: %s", exc)
+            self._expect(CLOSED, None, SCRATCH_BYTES)  # nothing after a bad frame can be trusted
             self.abort()
 
     def pause_writing(self) -> None:

@@ -46,7 +46,9 @@ class FrameReader(asyncio.BufferedProtocol):
     # -- subclass hooks ----------------------------------------------------------------------
 
     def _part_received(self) -> None:
-        """The current part is complete: handle it and `_expect` the next one."""
+        """The current part is complete: handle it and `_expect` the next one (never an empty one).
+
+        A handler that expects nothing more leaves the connection discarding what still arrives."""
         raise NotImplementedError
 
     def _hold_frames(self) -> bool:
@@ -97,10 +99,15 @@ class FrameReader(asyncio.BufferedProtocol):
         if self._direct:
             self._pos += nbytes
             if self._pos >= self._want:
-                self._part_received()
+                self._complete()
             return
         self._staged_to += nbytes
         self._take_staged()
+
+    def _complete(self) -> None:
+        self._part_received()
+        if self._pos >= self._want:  # no next part (the handler gave up on the stream): discard the rest
+            self._expect(CLOSED, None, STAGE_BYTES)
 
     def _take_staged(self, force: bool = False) -> None:
         """Hands staged bytes to the current parts, completing as many parts as they fill."""
@@ -119,7 +126,7 @@ class FrameReader(asyncio.BufferedProtocol):
                 self._pos += take
                 self._staged_from += take
                 if self._pos >= self._want:
-                    self._part_received()
+                    self._complete()
         finally:
             self._consuming = False
         if self._staged_from == self._staged_to:
