@@ -201,14 +201,14 @@ async def bench_local(seconds: float, rounds: int, write_rate: Path | None, grpc
               f"{socket_rtt.pct_ms(0.5):.3f}/{socket_rtt.pct_ms(0.99):.3f}, gRPC "
               f"{grpc_rtt.pct_ms(0.5):.3f}/{grpc_rtt.pct_ms(0.99):.3f}")
         if grpc_rate or write_rate is not None:
-            rate = await remote_batch_get_gbps(address, seconds, rounds)
-            print(f"\nremote path on loopback (client library, gRPC BatchGet, 32 x 2 MiB): {rate:.2f} GB/s; "
-                  f"simulator flag: --pool-gbps {rate:.2f}")
+            rate = await remote_batch_get_gbps(address, node.ready["data_endpoint"], seconds, rounds)
+            print(f"\nremote path on loopback (client library over the bulk data plane, batch_get_into of "
+                  f"32 x 2 MiB, one call in flight): {rate:.2f} GB/s; simulator flag: --pool-gbps {rate:.2f}")
             if write_rate is not None:
                 from kvmesh.tools.replay.transfer import save_pool_rate
 
-                save_pool_rate(write_rate, rate, "kvmesh remote path on loopback (gRPC BatchGet, 32 x 2 MiB), "
-                                                 "python -m bench.fastpath")
+                save_pool_rate(write_rate, rate, "kvmesh remote path on loopback (data plane, batch_get_into of "
+                                                 "32 x 2 MiB), python -m bench.fastpath")
                 print(f"wrote {write_rate} (read by kvmesh bench trace / kvmesh up --pool-rate-file)")
         await path.close()
         await channel.close()
@@ -248,19 +248,22 @@ def print_local_table(results: dict[tuple[int, int], dict[str, Samples]], rounds
         print("  " + line)
 
 
-async def remote_batch_get_gbps(address: str, seconds: float, rounds: int) -> float:
-    """What a remote engine gets from the pool here: the client library's batched get over the network path."""
+async def remote_batch_get_gbps(address: str, data_endpoint: str, seconds: float, rounds: int) -> float:
+    """What a remote engine gets from the pool here: the client library's batched get into its own
+    buffers over the bulk data plane, as for a node on another host."""
     from kvmesh.client import CacheClient, NodeInfo
 
-    client = await CacheClient.from_nodes([NodeInfo("n", address, 1 << 30)], namespace="rate", local="never")
+    node = NodeInfo("n", address, 1 << 30, data_endpoint=data_endpoint)
+    client = await CacheClient.from_nodes([node], namespace="rate", local="never")
     try:
         items = [(f"r{i}".encode(), os.urandom(2 * MiB)) for i in range(32)]
         assert await client.put_many(items) == len(items)
         keys = [k for k, _ in items]
+        buffers = [np.empty(2 * MiB, dtype=np.uint8) for _ in keys]
 
         async def get() -> None:
-            got = await client.get_many(keys)
-            assert all(v is not None for v in got)
+            sizes = await client.batch_get_into(keys, buffers)
+            assert sizes == [2 * MiB] * len(keys), sizes
 
         samples = Samples(32 * 2 * MiB)
         for _ in range(rounds):

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from kvmesh.services.enginesim.timing import TimingModel
 
-# Measured with `python -m bench.fastpath` on the 2-vCPU development VM (2026-12-01, load
-# average ~5): one client reading batches of 32 x 2 MiB with the client library from a
-# `kvmesh cachenode` process over gRPC on loopback (the remote data path as it stands:
-# BatchGet). Used only when no benchmark wrote a rate file on this machine.
-MEASURED_LOOPBACK_GBPS = 0.36
-MEASURED_LOOPBACK_SOURCE = "kvmesh gRPC BatchGet on loopback, 32 x 2 MiB, measured on the development VM"
+# Measured with `python -m bench.fastpath` on the 2-vCPU development VM (2026-12-02, load
+# average 13-17): one client reading batches of 32 x 2 MiB into its own buffers with the
+# client library from a `kvmesh cachenode` process over the bulk data plane on loopback, one
+# call in flight (gRPC BatchGet alone gave 0.36 here). Used only when no benchmark wrote a
+# rate file on this machine.
+MEASURED_LOOPBACK_GBPS = 1.68
+MEASURED_LOOPBACK_SOURCE = "kvmesh data plane on loopback, batch_get_into of 32 x 2 MiB, measured on the development VM"
 
 # A production cache node's network: 100 Gb/s.
 NIC_GBPS = 12.5
