@@ -47,6 +47,7 @@ class Picker:
             await call.write(m)
             out.append(await call.read())
         await call.done_writing()
+        await call.code()  # the stream has ended before the fixture can stop the server
         return out
 
     def inflight(self) -> int:
@@ -157,6 +158,7 @@ async def test_no_pod_is_503_and_every_pod_at_the_limit_is_429(picker: Picker) -
     assert shed.immediate_response.status.code == 429
     for call in calls:
         await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK  # each stream ends before the fixture stops the server
     picker.core.remove_member("e0")
     picker.core.remove_member("e1")
     _, none = await picker.exchange(headers(), body({"model": MODEL, "prompt": "x"}))
