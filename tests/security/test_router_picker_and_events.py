@@ -55,6 +55,7 @@ async def _pick(pki: Pki, address: str, name: str | None) -> tuple[grpc.StatusCo
             await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)))
             answer = await call.read()
             await call.done_writing()
+            await call.code()  # the stream has ended before the channel closes and the fixture stops the server
             return grpc.StatusCode.OK, answer
         except grpc.aio.AioRpcError as exc:
             # A refusal may race the client's own send (see router_mesh.CLIENT_SEND_RACE).
