@@ -24,7 +24,6 @@ from kvmesh.runtime.frame_reader import CLOSED, HEADER, META, VALUES, FrameReade
 
 log = logging.getLogger("kvmesh.client.dataplane")
 
-SCRATCH_BYTES = 256 * 1024
 # Over TLS a request's values are handed over a slice at a time, waiting for the transport to
 # drain: the TLS layer encrypts all it is given into one buffer at once.
 TLS_SLICE_BYTES = 256 * 1024
@@ -104,10 +103,10 @@ class _Connection(FrameReader):
                 self._sink_index += 1
                 self._next_sink()
             else:
-                self._expect(CLOSED, None, SCRATCH_BYTES)
+                self._discard_rest()
         except FrameError as exc:
             log.warning("data plane: bad frame from the node: %s", exc)
-            self._expect(CLOSED, None, SCRATCH_BYTES)  # nothing after a bad frame can be trusted
+            self._discard_rest()  # nothing after a bad frame can be trusted
             self.abort()
 
     def pause_writing(self) -> None:

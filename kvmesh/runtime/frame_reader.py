@@ -66,6 +66,10 @@ class FrameReader(asyncio.BufferedProtocol):
     def _expect_header(self) -> None:
         self._expect(HEADER, self._head, frames.HEADER_BYTES)
 
+    def _discard_rest(self) -> None:
+        """Nothing more on this stream is read as frames: what still arrives is dropped."""
+        self._expect(CLOSED, None, STAGE_BYTES)
+
     @property
     def _mid_frame(self) -> bool:
         """Some of a frame arrived but not all of it (the stall check's "receiving")."""
@@ -106,8 +110,8 @@ class FrameReader(asyncio.BufferedProtocol):
 
     def _complete(self) -> None:
         self._part_received()
-        if self._pos >= self._want:  # no next part (the handler gave up on the stream): discard the rest
-            self._expect(CLOSED, None, STAGE_BYTES)
+        if self._pos >= self._want:  # no next part (the handler gave up on the stream)
+            self._discard_rest()
 
     def _take_staged(self, force: bool = False) -> None:
         """Hands staged bytes to the current parts, completing as many parts as they fill."""

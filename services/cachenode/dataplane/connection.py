@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmesh.cachenode.dataplane")
 
-SCRATCH_BYTES = 256 * 1024  # how much a closing connection discards at a time
 # Over TLS a response is handed to the TLS layer a slice at a time while its buffer is below the
 # high-water mark: it encrypts everything it is given into one buffer at once, so a whole batch
 # would be copied (twice) before its first byte is sent. The TLS layer copies anyway, so slices
@@ -140,7 +139,7 @@ class DataConnection(FrameReader):
             elif self._state == VALUES:
                 self._on_value()
             else:
-                self._expect(CLOSED, None, SCRATCH_BYTES)  # closing: swallow whatever still arrives
+                self._discard_rest()  # closing: swallow whatever still arrives
         except FrameError as exc:
             self._fail(Status.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a bug must not take the node down: this connection ends
@@ -521,7 +520,7 @@ class DataConnection(FrameReader):
         log.info("data-plane connection closed: %s", message)
         self._send([frames.encode_error(op, request_id, status, message)])
         self._flush()  # before the close below: responses and the error frame go out first
-        self._expect(CLOSED, None, SCRATCH_BYTES)
+        self._discard_rest()
         if self._write is not None:
             self._write.abort()
             self._write = None
