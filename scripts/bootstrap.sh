@@ -10,6 +10,11 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 ldconfig -p 2>/dev/null | grep -q libibverbs.so.1 || need_apt+=(libibverbs1)
+# kvmesh's hot paths have C parts (setup.py): a compiler and Python's headers build them.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+PY=${PYTHON:-python3}
+"$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  2>/dev/null || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing ${need_apt[*]}"
@@ -22,12 +27,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.kvmesh-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
+# A changed C source (or setup.py) reinstalls too: the editable install builds the extensions in place.
+changed_c=$([ -f "$stamp" ] && find setup.py kvmesh/ services/ -newer "$stamp" \( -name '*.c' -o -name setup.py \) 2>/dev/null | head -n 1)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ] || [ -n "$changed_c" ]; then
   echo "bootstrap: installing Python dependencies into .venv (log: .venv/pip-install.log)"
   # torch: the CPU build is enough for the gpu:// tier's tests (gpu://cpu); CUDA hosts install their own.
   if ! { .venv/bin/python -m pip install --upgrade pip &&

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmesh.blocks import BlockHasher, block_id
 
@@ -72,3 +74,44 @@ def test_packed_keys_equal_token_keys() -> None:
     parent = b"p" * 16
     assert h.packed_keys(struct.pack("<13I", *tokens), parent) == h.token_keys(tokens, parent)
     assert len(h.packed_keys(struct.pack("<13I", *tokens))) == 3
+
+
+def reference_keys(seed: bytes, namespace: str, model: str, raw: bytes, step: int, parent: bytes) -> list[bytes]:
+    """The block-key definition written with hashlib, to check the C chain (`kvmesh/_blocks.c`)."""
+    import hashlib
+    import struct
+
+    ns, md = namespace.encode(), model.encode()
+    out: list[bytes] = []
+    for start in range(0, len(raw) - step + 1, step):
+        h = hashlib.blake2b(digest_size=16, key=seed)
+        h.update(struct.pack("<Q", len(ns)) + ns + struct.pack("<Q", len(md)) + md)
+        h.update(parent + raw[start : start + step])
+        parent = h.digest()
+        out.append(parent)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.binary(max_size=64),
+    namespace=st.text(max_size=90),
+    model=st.text(max_size=140),
+    raw=st.binary(max_size=2000),
+    step=st.integers(1, 300),
+    parent=st.binary(min_size=16, max_size=16),
+)
+def test_native_chain_equals_the_definition(seed: bytes, namespace: str, model: str, raw: bytes, step: int,
+                                            parent: bytes) -> None:
+    # Every length of key, prefix and piece: empty keys, prefixes and pieces that end exactly on
+    # BLAKE2b's 128-byte block boundary, pieces longer than a block.
+    h = BlockHasher(seed=seed, namespace=namespace, model=model, block_size=1, text_block_bytes=step)
+    assert h._keys(raw, step, parent) == reference_keys(seed, namespace, model, raw, step, parent)
+
+
+def test_native_chain_refuses_what_it_cannot_hash() -> None:
+    h = BlockHasher()
+    with pytest.raises(ValueError):
+        h.token_keys(list(range(32)), parent=b"short")
+    with pytest.raises(ValueError):
+        h._keys(b"x" * 64, 0, b"\x00" * 16)

@@ -37,10 +37,10 @@ def run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProce
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built without build isolation (this venv's setuptools): no index needed."""
     src = tmp_path_factory.mktemp("src")
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")  # the wheel compiles its own C parts
     for name in ("kvmesh", "services"):
         shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=skip)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     assert (src / "kvmesh" / "services").is_symlink()
     out = tmp_path_factory.mktemp("dist")
@@ -66,6 +66,8 @@ def test_the_wheel_holds_kvmesh_only_with_services_as_real_files(wheel: Path) ->
     generated = {p.name for p in (ROOT / "kvmesh" / "v1").glob("*_pb2*.py*")}
     assert any(n.endswith(".pyi") for n in generated)
     assert {f"kvmesh/v1/{n}" for n in generated} <= names
+    native = {n.split(".")[0] for n in names if n.endswith(".so")}
+    assert native == {"kvmesh/_blocks", "kvmesh/services/router/_shards", "kvmesh/services/router/kv_events/_decode"}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,7 @@ def test_installed_kvmesh_imports_from_the_venv_and_services_stays_inside_it(ven
     python = str(venv / "bin" / "python")
     code = (
         "import kvmesh, kvmesh.services.cachenode.service, kvmesh.services.metadata.stores.redis_store, sys\n"
+        "import kvmesh.services.router.kv_events.ingest  # the compiled parts load\n"
         "print(kvmesh.__file__)\n"
         "print(kvmesh.services.cachenode.service.__file__)\n"
         "print(any(type(f).__name__ == '_EditableFinder' for f in sys.meta_path))\n"

@@ -4,13 +4,17 @@ A CPython dict grows by rebuilding its whole table in one call: with one entry p
 insert that makes a map of 87,381 entries grow cost 7.2 ms of CPU on the development machine
 (15.8 ms at 174,762; tens of milliseconds at a million), all inside one event-loop turn. Split
 by key hash into `SHARDS` dicts, each resize touches 1/`SHARDS` of the entries, and the shards
-reach their thresholds at different moments, so the cost is spread over many turns.
+reach their thresholds at different moments, so the cost is spread over many turns. Bulk
+writes (an event's blocks) run in C (`_shards.c`), one call per event instead of a Python loop
+per entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
+
+from kvmesh.services.router import _shards
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -22,10 +26,12 @@ _MASK = SHARDS - 1
 class ShardedDict(Generic[K, V]):
     """The dict operations the router's per-block maps need, over `SHARDS` dicts."""
 
-    __slots__ = ("_shards",)
+    __slots__ = ("_shards", "_size")
+    _BY_VALUE = False  # shard by hash(key); IntShardedDict shards by the key's own low bits
 
     def __init__(self) -> None:
         self._shards: list[dict[K, V]] = [{} for _ in range(SHARDS)]
+        self._size = 0  # kept by every write: len() is asked once per event
 
     def shard(self, key: K) -> dict[K, V]:
         return self._shards[hash(key) & _MASK]
@@ -37,32 +43,38 @@ class ShardedDict(Generic[K, V]):
         return self._shards[hash(key) & _MASK][key]
 
     def __setitem__(self, key: K, value: V) -> None:
-        self._shards[hash(key) & _MASK][key] = value
+        shard = self._shards[hash(key) & _MASK]
+        before = len(shard)
+        shard[key] = value
+        self._size += len(shard) - before
 
     def __delitem__(self, key: K) -> None:
         del self._shards[hash(key) & _MASK][key]
+        self._size -= 1
 
     def __contains__(self, key: object) -> bool:
         return key in self._shards[hash(key) & _MASK]
 
     def __len__(self) -> int:
-        return sum(map(len, self._shards))
+        return self._size
 
     def __iter__(self) -> Iterator[K]:
         for shard in self._shards:
             yield from shard
 
     def pop(self, key: K) -> V:
-        return self._shards[hash(key) & _MASK].pop(key)
+        value = self._shards[hash(key) & _MASK].pop(key)
+        self._size -= 1
+        return value
 
-    def update(self, pairs: Iterable[tuple[K, V]]) -> None:
-        shards = self._shards
-        for key, value in pairs:
-            shards[hash(key) & _MASK][key] = value
+    def update(self, keys: Sequence[K], values: Sequence[V]) -> None:
+        """keys[i] → values[i] for every i."""
+        self._size += _shards.update(self._shards, keys, values, self._BY_VALUE)
 
     def clear(self) -> None:
         for shard in self._shards:
             shard.clear()
+        self._size = 0
 
     def oldest(self, count: int) -> list[K]:
         """About `count` of the earliest inserted keys: each shard's oldest, taken in turn (exact
@@ -90,6 +102,7 @@ class IntShardedDict(ShardedDict[int, V]):
     the shard is the low bits, with no `hash()` call per key."""
 
     __slots__ = ()
+    _BY_VALUE = True
 
     def shard(self, key: int) -> dict[int, V]:
         return self._shards[key & _MASK]
@@ -101,24 +114,23 @@ class IntShardedDict(ShardedDict[int, V]):
         return self._shards[key & _MASK][key]
 
     def __setitem__(self, key: int, value: V) -> None:
-        self._shards[key & _MASK][key] = value
+        shard = self._shards[key & _MASK]
+        before = len(shard)
+        shard[key] = value
+        self._size += len(shard) - before
 
     def __delitem__(self, key: int) -> None:
         del self._shards[key & _MASK][key]
+        self._size -= 1
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, int) and key in self._shards[key & _MASK]
 
     def pop(self, key: int) -> V:
-        return self._shards[key & _MASK].pop(key)
+        value = self._shards[key & _MASK].pop(key)
+        self._size -= 1
+        return value
 
-    def put_all(self, keys: Iterable[int], value: V) -> None:
+    def put_all(self, keys: Sequence[int], value: V) -> None:
         """Every key in `keys` → `value` (a node's run of ids)."""
-        shards = self._shards
-        for key in keys:
-            shards[key & _MASK][key] = value
-
-    def update(self, pairs: Iterable[tuple[int, V]]) -> None:
-        shards = self._shards
-        for key, value in pairs:
-            shards[key & _MASK][key] = value
+        self._size += _shards.fill(self._shards, keys, value, True)

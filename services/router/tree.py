@@ -417,7 +417,7 @@ class PrefixTree:
                 index.put_all(n.ids, n)
         self._claim(slot, nodes, now, tier)
         self._bound()
-        return sum(len(n.ids) for n in nodes)
+        return len(ids)  # the nodes cover exactly `ids`, created where missing
 
     def _unindex(self, node: Node, ids: tuple[int, ...]) -> None:
         index = self._index

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ def tokens(start: int, blocks: int) -> list[int]:
     return list(range(start, start + blocks * BS))
 
 
+def packed(ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(ids)}I", *ids)
+
+
 def test_decode_both_encodings_defaults_and_unknowns() -> None:
     payload = msgpack.packb([
         12.5,
@@ -51,8 +56,8 @@ def test_decode_both_encodings_defaults_and_unknowns() -> None:
     batch = decode_batch(payload)
     assert batch.ts == 12.5
     assert batch.events == [
-        EngineStored([7, 8], None, tokens(0, 2), BS, "GPU"),
-        EngineStored([b"\x01" * 32], b"\x02" * 32, tokens(8, 1), BS, "CPU"),
+        EngineStored([7, 8], None, packed(tokens(0, 2)), BS, "GPU"),
+        EngineStored([b"\x01" * 32], b"\x02" * 32, packed(tokens(8, 1)), BS, "CPU"),
         EngineRemoved([8], "GPU"),
         EngineRemoved([9], "GPU"),
         EngineCleared(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pydantic
 import pytest
 
@@ -119,7 +121,7 @@ def test_sharded_map_and_the_per_pod_hash_bound() -> None:
     from kvmesh.services.router.shards import SHARDS, ShardedDict
 
     m: ShardedDict[int, int] = ShardedDict()
-    m.update((i, i * 2) for i in range(1000))
+    m.update(range(1000), [i * 2 for i in range(1000)])
     assert len(m) == 1000 and m[7] == 14 and 999 in m and m.get(5000) is None
     assert sorted(m) == list(range(1000))
     old = m.oldest(100)
@@ -133,6 +135,6 @@ def test_sharded_map_and_the_per_pod_hash_bound() -> None:
     router.update_pods(joined(member("a")))
     ingest = EventIngest(router, max_blocks_per_pod=16)
     hashes: list[EngineHash] = list(range(1, 41))
-    ingest.apply("a", [EngineStored(hashes, None, list(range(80)), 2, "GPU")])
+    ingest.apply("a", [EngineStored(hashes, None, struct.pack("<80I", *range(80)), 2, "GPU")])
     assert len(ingest.stream("a").keys) == 16
     assert router.tree.pod_blocks(router.pods.get("a").slot) == 16  # type: ignore[union-attr]

@@ -12,15 +12,11 @@ engine (its sequence went back with a newer timestamp: drop its blocks and resyn
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
 
-import numpy as np
-
-from kvmesh.blocks import block_id
+from kvmesh.blocks import block_id, block_ids
 from kvmesh.services.router.core import Cleared, KvEvent, Removed, Retiered, RouterCore, Stored
 from kvmesh.services.router.kv_events.decode import (
     EngineCleared,
@@ -33,25 +29,6 @@ from kvmesh.services.router.shards import ShardedDict
 
 _ROOT_KEY = b"\x00" * 16
 _GPU = 1  # the media bit of tier 0 (`MediumTable.bit("GPU")`)
-
-
-@lru_cache(maxsize=64)
-def _u32(count: int) -> struct.Struct:
-    """The packer of `count` little-endian uint32 token ids (events repeat a few sizes)."""
-    return struct.Struct(f"<{count}I")
-
-
-@lru_cache(maxsize=256)
-def _ids_of(count: int) -> struct.Struct:
-    """Reads the first 8 bytes (little-endian u64) of each of `count` joined 16-byte keys."""
-    return struct.Struct("<" + "Q8x" * count)
-
-
-def own_ids(keys: list[bytes]) -> list[int]:
-    """Router block ids of 16-byte keys (the first 8 bytes, little-endian), in one C call."""
-    if len(keys) > 256:
-        return np.frombuffer(b"".join(keys), dtype="<u8")[::2].tolist()
-    return list(_ids_of(len(keys)).unpack(b"".join(keys))) if keys else []
 
 
 class Verdict(Enum):
@@ -109,7 +86,7 @@ def engine_slices(events: list[EngineEvent], budget: int) -> Iterator[list[Engin
                 if piece:
                     yield piece
                     piece, used = [], 0
-                tokens = event.token_ids[start * bs : (start + len(part)) * bs]
+                tokens = event.tokens[4 * start * bs : 4 * (start + len(part)) * bs]
                 yield [EngineStored(part, parent, tokens, bs, event.medium)]
                 parent = part[-1]
             continue
@@ -201,18 +178,12 @@ class EventIngest:
                         self._ignore("stored chain with an unknown parent")
                         continue
                     parent_key = found
-                try:
-                    # struct packs the decoded list as uint32 in one C loop (and refuses ids out
-                    # of range); numpy conversion of Python ints costs several times more.
-                    own = hasher.packed_keys(_u32(len(event.token_ids)).pack(*event.token_ids), parent_key)
-                except struct.error:
-                    self._ignore("stored event with token ids out of range")
-                    continue
+                own = hasher.packed_keys(event.tokens, parent_key)  # ids arrive packed (`decode.py`)
                 if len(own) != len(event.hashes):
                     self._ignore("stored event whose token_ids do not fill its blocks")
                     continue
                 bit = bits.get(event.medium) or self._bit(event.medium)
-                ids = own_ids(own)
+                ids = block_ids(own)
                 tier = table.best_tier(bit) if bit != _GPU else 0
                 moved: dict[int, list[int]] | None = None
                 if bit != _GPU or media:  # blocks only on the GPU (the usual case) need no entry
@@ -226,11 +197,11 @@ class EventIngest:
                         if best != tier:  # another medium that counts more still holds it
                             moved = moved or {}
                             moved.setdefault(best, []).append(bid)
-                keys.update(zip(event.hashes, own, strict=True))
+                keys.update(event.hashes, own)
                 self.counters.stored_blocks += len(own)
                 if run is not None and out[-1] is run and run_tail is not None and event.parent == run_tail \
                         and run.tier == tier:
-                    run_ids.extend(ids)  # our own list, built by `own_ids` for the run's first event
+                    run_ids.extend(ids)  # our own list, built by `block_ids` for the run's first event
                 else:
                     run_ids = ids
                     run = Stored(0 if event.parent is None else block_id(parent_key), run_ids, tier)

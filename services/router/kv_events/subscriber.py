@@ -8,7 +8,9 @@ Two modes (both may run at once):
 
 Receivers only put `(member, seq, payload)` on one bounded queue (a full queue drops the batch:
 the next batch shows the gap and a replay fetches it). One consumer decodes and applies, in
-slices of at most `--kv-events-slice-blocks` blocks. Both work for at most `--kv-events-turn-ms`
+slices of at most `--kv-events-slice-blocks` blocks; the in-order batches of one pod waiting in
+the queue are applied together (up to `GATHER_BATCHES`), so a storm of small batches costs the
+tree one chain per run of chained events, not one per batch. Both work for at most `--kv-events-turn-ms`
 per event-loop turn and then yield, so routing never waits long behind a storm: the budget is
 time, not a count, because a message or a block costs very different times on different
 machines. Receivers drain their socket with plain non-blocking reads (one asyncio future per
@@ -33,7 +35,7 @@ import zmq.asyncio
 
 from kvmesh.membership import MembershipChange
 from kvmesh.services.router.core import RouterCore
-from kvmesh.services.router.kv_events.decode import DecodeError, EventBatch, decode_batch
+from kvmesh.services.router.kv_events.decode import DecodeError, EngineEvent, EventBatch, decode_batch
 from kvmesh.services.router.kv_events.exposure import warn_if_exposed
 from kvmesh.services.router.kv_events.ingest import EventIngest, PodStream, Verdict, engine_slices
 from kvmesh.services.router.settings import RouterSettings
@@ -45,6 +47,7 @@ EVENTS_LABEL = "kv-events"
 REPLAY_LABEL = "kv-events-replay"
 END_OF_REPLAY = b"\xff" * 8
 _SYNC = -1  # queue item: catch this pod up through its replay endpoint
+GATHER_BATCHES = 64  # queued batches of one pod decoded and applied as one
 
 
 def member_of_topic(topic: bytes) -> str | None:
@@ -80,6 +83,7 @@ class KvEventSubscriber:
         self.bound_endpoint = ""
         self._budget = settings.kv_events_turn_ms / 1000.0
         self._turn = 0.0  # when the consumer's current event-loop turn began
+        self._next: tuple[str, int, bytes] | None = None  # taken from the queue, not yet handled
 
     async def _pause(self) -> None:
         """Yields to the event loop once the consumer has used its budget for this turn."""
@@ -173,8 +177,17 @@ class KvEventSubscriber:
         return True
 
     # ---- receiving -----------------------------------------------------------------------------
+    def offer(self, member_id: str, seq: int, payload: bytes) -> bool:
+        """Queues one received batch for the consumer; False when the queue is full (dropped:
+        the next batch shows the gap and a replay fetches this one)."""
+        try:
+            self._queue.put_nowait((member_id, seq, payload))
+        except asyncio.QueueFull:
+            self.stats.dropped += 1
+            return False
+        return True
+
     async def _receive(self, sock: zmq.asyncio.Socket, member_id: str | None) -> None:
-        queue = self._queue
         stats = self.stats
         budget = self._budget
         # The same ZMQ socket seen synchronously: once woken, drain it with non-blocking reads.
@@ -193,31 +206,44 @@ class KvEventSubscriber:
                     if len(frames) != 3 or len(frames[1]) != 8 or mid is None:
                         stats.malformed += 1
                     else:
-                        try:
-                            queue.put_nowait((mid, int.from_bytes(frames[1], "big"), frames[2]))
-                        except asyncio.QueueFull:
-                            stats.dropped += 1  # the next batch shows the gap; replay fetches this one
+                        self.offer(mid, int.from_bytes(frames[1], "big"), frames[2])
                     if time.perf_counter() - started >= budget:
                         await asyncio.sleep(0)  # a flood must not hold the loop while it is received
                         started = time.perf_counter()
         finally:
             sock.close(linger=0)
 
-    async def _consume(self) -> None:
+    async def _take(self) -> tuple[str, int, bytes]:
+        if self._next is not None:
+            item, self._next = self._next, None
+            return item
+        if self._queue.empty():
+            item = await self._queue.get()
+            self._turn = time.perf_counter()
+            return item
+        await self._pause()
+        return self._queue.get_nowait()
+
+    def _gather(self, member_id: str, first: tuple[int, bytes]) -> list[tuple[int, bytes]]:
+        """`first` and the batches of the same pod right behind it in the queue."""
+        run = [first]
         queue = self._queue
+        while len(run) < GATHER_BATCHES and not queue.empty():
+            item = queue.get_nowait()
+            if item[0] != member_id or item[1] == _SYNC:
+                self._next = item  # handled next, in its turn
+                break
+            run.append(item[1:])
+        return run
+
+    async def _consume(self) -> None:
         while True:
-            if queue.empty():
-                item = await queue.get()
-                self._turn = time.perf_counter()
-            else:
-                await self._pause()
-                item = queue.get_nowait()
-            member_id, seq, payload = item
+            member_id, seq, payload = await self._take()
             try:
                 if seq == _SYNC:
                     await self._sync(member_id)
                 else:
-                    await self._handle(member_id, seq, payload)
+                    await self._handle(member_id, self._gather(member_id, (seq, payload)))
                 while self._pending_sync:
                     await self._sync(self._pending_sync.pop())
             except (zmq.ZMQError, OSError):
@@ -237,36 +263,56 @@ class KvEventSubscriber:
         self.ingest.counters.ignored += batch.ignored
         return batch
 
-    async def _handle(self, member_id: str, seq: int, payload: bytes) -> None:
+    async def _handle(self, member_id: str, batches: list[tuple[int, bytes]]) -> None:
+        """One pod's batches in queue order: the in-order ones are applied together."""
         if member_id not in self.core.pods:
-            self.ingest.counters.ignored += 1
+            self.ingest.counters.ignored += len(batches)
             self.ingest.counters.last_ignored = f"events of unknown engine {member_id!r}"
             return
-        batch = await self._decode(payload)
-        if batch is None or member_id not in self.core.pods:  # (it may leave while a thread decodes)
-            return
         stream = self.ingest.stream(member_id)
-        verdict = stream.verdict(seq, batch.ts)
-        if verdict is Verdict.DUPLICATE:
-            return
-        if verdict is Verdict.RESTART:
-            self.stats.restarts += 1
-            self.ingest.restart(member_id)
-            verdict = Verdict.FIRST
-        if verdict is Verdict.GAP or (verdict is Verdict.FIRST and seq > 0):
+        pending: list[EngineEvent] = []  # of in-order batches, already counted in `stream`
+        for seq, payload in batches:
+            await self._pause()
+            batch = await self._decode(payload)
+            if batch is None or member_id not in self.core.pods:  # (it may leave while a thread decodes)
+                continue
+            verdict = stream.verdict(seq, batch.ts)
+            if verdict is Verdict.NEXT or (verdict is Verdict.FIRST and seq == 0):
+                if verdict is Verdict.FIRST:
+                    stream.synced = True  # seq 0: the engine's whole history is ahead of us
+                pending.extend(batch.events)
+                self._advance(stream, seq, batch)
+                continue
+            await self._apply_events(member_id, pending)  # what came before, first
+            pending = []
+            if verdict is Verdict.DUPLICATE:
+                continue
+            if verdict is Verdict.RESTART:
+                self.stats.restarts += 1
+                self.ingest.restart(member_id)
+                if seq == 0:
+                    stream.synced = True
+                    await self._apply(member_id, stream, seq, batch)
+                    continue
             if await self._replay(member_id, stream, stream.seq + 1) and stream.seq >= seq:
-                return  # the replay brought this batch too
-        elif verdict is Verdict.FIRST and self.core.pods.get(member_id) is not None:
-            stream.synced = True  # seq 0: the engine's whole history is ahead of us
-        await self._apply(member_id, stream, seq, batch)
+                continue  # the replay brought this batch too
+            await self._apply(member_id, stream, seq, batch)
+        await self._apply_events(member_id, pending)
 
-    async def _apply(self, member_id: str, stream: PodStream, seq: int, batch: EventBatch) -> None:
-        for piece in engine_slices(batch.events, self.settings.kv_events_slice_blocks):
-            await self._pause()  # let routes run once this turn's budget is used
-            self.ingest.apply(member_id, piece)
+    @staticmethod
+    def _advance(stream: PodStream, seq: int, batch: EventBatch) -> None:
         stream.seq = seq
         stream.ts = batch.ts
         stream.batches += 1
+
+    async def _apply_events(self, member_id: str, events: list[EngineEvent]) -> None:
+        for piece in engine_slices(events, self.settings.kv_events_slice_blocks):
+            await self._pause()  # let routes run once this turn's budget is used
+            self.ingest.apply(member_id, piece)
+
+    async def _apply(self, member_id: str, stream: PodStream, seq: int, batch: EventBatch) -> None:
+        await self._apply_events(member_id, batch.events)
+        self._advance(stream, seq, batch)
 
     async def _sync(self, member_id: str) -> None:
         if member_id not in self.core.pods:
