@@ -128,3 +128,17 @@ def test_cli_version_and_unknown_command() -> None:
     assert out.returncode == 0 and out.stdout.startswith("kvmesh ")
     bad = subprocess.run([sys.executable, "-m", "kvmesh", "no-such-command"], capture_output=True, text=True)
     assert bad.returncode == 2
+
+
+def test_a_serving_process_moves_its_startup_heap_out_of_the_collectors_view() -> None:
+    import subprocess
+    import sys
+
+    code = ("import gc, kvmesh.services.router.service\n"
+            "from kvmesh.runtime.server import freeze_startup_heap\n"
+            "before = len(gc.get_objects())\n"
+            "freeze_startup_heap()\n"
+            "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, frozen, after = map(int, out.stdout.split())
+    assert before > 10_000 and frozen > 10_000 and after < 100  # a full collection now skips them

@@ -1,4 +1,4 @@
-"""A map split into small dicts, so that no single resize holds the event loop for long.
+"""The router's per-block maps, built so that no single resize holds the event loop for long.
 
 A CPython dict grows by rebuilding its whole table in one call: with one entry per block, the
 insert that makes a map of 87,381 entries grow cost 7.2 ms of CPU on the development machine
@@ -7,6 +7,10 @@ by key hash into `SHARDS` dicts, each resize touches 1/`SHARDS` of the entries, 
 reach their thresholds at different moments, so the cost is spread over many turns. Bulk
 writes (an event's blocks) run in C (`_shards.c`), one call per event instead of a Python loop
 per entry.
+
+`BlockIndex` (block id → tree node) is in C altogether: ids stored inline in 256 small
+open-addressing tables, outside the garbage collector's view, so that a full collection does
+not visit one int per stored block (40 ms at 400k blocks here, each time one ran).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
 from kvmesh.services.router import _shards
+from kvmesh.services.router._shards import BlockIndex
+
+__all__ = ["SHARDS", "BlockIndex", "ShardedDict"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -27,7 +34,6 @@ class ShardedDict(Generic[K, V]):
     """The dict operations the router's per-block maps need, over `SHARDS` dicts."""
 
     __slots__ = ("_shards", "_size")
-    _BY_VALUE = False  # shard by hash(key); IntShardedDict shards by the key's own low bits
 
     def __init__(self) -> None:
         self._shards: list[dict[K, V]] = [{} for _ in range(SHARDS)]
@@ -69,7 +75,7 @@ class ShardedDict(Generic[K, V]):
 
     def update(self, keys: Sequence[K], values: Sequence[V]) -> None:
         """keys[i] → values[i] for every i."""
-        self._size += _shards.update(self._shards, keys, values, self._BY_VALUE)
+        self._size += _shards.update(self._shards, keys, values)
 
     def clear(self) -> None:
         for shard in self._shards:
@@ -95,42 +101,3 @@ class ShardedDict(Generic[K, V]):
 
 
 _END = object()
-
-
-class IntShardedDict(ShardedDict[int, V]):
-    """Keys are non-negative ints spread over their low bits (the router's chained block ids):
-    the shard is the low bits, with no `hash()` call per key."""
-
-    __slots__ = ()
-    _BY_VALUE = True
-
-    def shard(self, key: int) -> dict[int, V]:
-        return self._shards[key & _MASK]
-
-    def get(self, key: int, default: V | None = None) -> V | None:
-        return self._shards[key & _MASK].get(key, default)
-
-    def __getitem__(self, key: int) -> V:
-        return self._shards[key & _MASK][key]
-
-    def __setitem__(self, key: int, value: V) -> None:
-        shard = self._shards[key & _MASK]
-        before = len(shard)
-        shard[key] = value
-        self._size += len(shard) - before
-
-    def __delitem__(self, key: int) -> None:
-        del self._shards[key & _MASK][key]
-        self._size -= 1
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, int) and key in self._shards[key & _MASK]
-
-    def pop(self, key: int) -> V:
-        value = self._shards[key & _MASK].pop(key)
-        self._size -= 1
-        return value
-
-    def put_all(self, keys: Sequence[int], value: V) -> None:
-        """Every key in `keys` → `value` (a node's run of ids)."""
-        self._size += _shards.fill(self._shards, keys, value, True)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
-from kvmesh.services.router.shards import IntShardedDict
+from kvmesh.services.router.shards import BlockIndex
 
 MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
 
@@ -175,7 +175,7 @@ class PrefixTree:
             raise ValueError("max_blocks must be at least 1")
         self.max_blocks = max_blocks
         self.root = Node((), None)
-        self._index: IntShardedDict[Node] = IntShardedDict()  # one entry per block: resizes spread out
+        self._index: BlockIndex[Node] = BlockIndex()  # one entry per block (`shards.py`)
         self._held: list[dict[Node, float]] = []
         self._blocks: list[int] = []
         self._clock: deque[Node] = deque()
@@ -420,10 +420,7 @@ class PrefixTree:
         return len(ids)  # the nodes cover exactly `ids`, created where missing
 
     def _unindex(self, node: Node, ids: tuple[int, ...]) -> None:
-        index = self._index
-        for bid in ids:
-            if index.get(bid) is node:
-                del index[bid]
+        self._index.remove_all(ids, node)  # only the ids still pointing at this node
 
     def _delete(self, node: Node) -> None:
         """Removes a leaf with its ids; the caller handles holders."""
@@ -455,33 +452,45 @@ class PrefixTree:
         self._blocks[slot] -= len(node.ids)
 
     def remove(self, slot: int, ids: Sequence[int]) -> int:
-        """A precise `removed` event: `slot` no longer holds `ids`. Returns how many it held."""
+        """A precise `removed` event: `slot` no longer holds `ids`. Returns how many it held.
+
+        Consecutive ids of one node go together (an engine evicts a chain's tail block by block:
+        one split and one release per run, not per block).
+        """
         if slot >= len(self._held):
             return 0
-        bit = 1 << slot
-        index = self._index
-        targets: list[tuple[int, int]] = []
-        for bid in ids:
-            node = index.get(bid)
-            if node is not None and node.mask & bit:
-                targets.append((node.ids.index(bid), bid))
-        # Last offsets first: each split then cuts off a short tail.
-        targets.sort(reverse=True)
         count = 0
-        for _, bid in targets:
-            node = index.get(bid)
-            if node is None or not node.mask & bit:
-                continue
-            j = node.ids.index(bid)
-            if j + 1 < len(node.ids):
-                self._split(node, j + 1)
-            if j:
-                node = self._split(node, j)
-            self._release(slot, node)
-            count += 1
-            self._collect(node)
+        for node, runs in self._runs(slot, ids).items():
+            for first, last in reversed(runs):  # last runs first: the head keeps its offsets
+                if last + 1 < len(node.ids):
+                    self._split(node, last + 1)
+                target = self._split(node, first) if first else node
+                self._release(slot, target)
+                count += last - first + 1
+                self._collect(target)
         self._compact()
         return count
+
+    def _runs(self, slot: int, ids: Sequence[int], tier: int | None = None) -> dict[Node, list[tuple[int, int]]]:
+        """The nodes `slot` holds among `ids` (when `tier` is given, those not already in it),
+        each with its runs of consecutive offsets (first, last), in increasing order."""
+        bit = 1 << slot
+        index = self._index
+        by_node: dict[Node, list[int]] = {}
+        for bid in ids:
+            node = index.get(bid)
+            if node is not None and node.mask & bit and (tier is None or tier_of(node, bit) != tier):
+                by_node.setdefault(node, []).append(node.ids.index(bid))
+        out: dict[Node, list[tuple[int, int]]] = {}
+        for node, offsets in by_node.items():
+            runs: list[tuple[int, int]] = []
+            for j in sorted(set(offsets)):
+                if runs and runs[-1][1] + 1 == j:
+                    runs[-1] = (runs[-1][0], j)
+                else:
+                    runs.append((j, j))
+            out[node] = runs
+        return out
 
     def retier(self, slot: int, ids: Sequence[int], tier: int) -> int:
         """A precise event moved `slot`'s copies of `ids` (which it holds) to `tier`.
@@ -492,21 +501,8 @@ class PrefixTree:
         if slot >= len(self._held):
             return 0
         bit = 1 << slot
-        index = self._index
-        by_node: dict[Node, list[int]] = {}
-        for bid in ids:
-            node = index.get(bid)
-            if node is not None and node.mask & bit and tier_of(node, bit) != tier:
-                by_node.setdefault(node, []).append(node.ids.index(bid))
         count = 0
-        for node, offsets in by_node.items():
-            offsets = sorted(set(offsets))
-            runs: list[tuple[int, int]] = []  # (first, last) offsets of consecutive ids
-            for j in offsets:
-                if runs and runs[-1][1] + 1 == j:
-                    runs[-1] = (runs[-1][0], j)
-                else:
-                    runs.append((j, j))
+        for node, runs in self._runs(slot, ids, tier).items():
             for first, last in reversed(runs):  # last runs first: the head keeps its offsets
                 if last + 1 < len(node.ids):
                     self._split(node, last + 1)
