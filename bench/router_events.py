@@ -225,6 +225,7 @@ async def storm(blocks: int, full: bool) -> None:
     core.pods.by_id["e"].labels = {}
     sub = KvEventSubscriber(core, settings)
     await sub.start()
+    freeze_startup_heap()  # as a router does once serving, before any event
     first_seq = 0
     old = 1 << 40  # the prefilled blocks' engine hashes start here
     if full:
@@ -233,7 +234,6 @@ async def storm(blocks: int, full: bool) -> None:
         while sub.ingest.counters.stored_blocks < blocks:  # noqa: ASYNC110 (the consumer signals nothing)
             await asyncio.sleep(0.01)
     prefilled = sub.ingest.counters.stored_blocks
-    freeze_startup_heap()  # as a serving router does
     mp = multiprocessing.get_context("spawn")
     ready = mp.Event()
     proc = mp.Process(target=publish, args=(sub.bound_endpoint, blocks, ready, first_seq, old if full else None),

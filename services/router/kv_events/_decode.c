@@ -267,24 +267,26 @@ static int read_tokens(Reader *r, Fields *f, int depth) {
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(h.u * 4));
     if (out == NULL) return -1;
     uint8_t *w = (uint8_t *)PyBytes_AS_STRING(out);
-    for (uint64_t k = 0; k < h.u; k++) {
+    /* Local cursor (the compiler cannot keep r->p in a register across the stores into `w`). */
+    const uint8_t *p = r->p;
+    const uint8_t *end = r->end;
+    for (uint64_t k = 0; k < h.u; k++, w += 4) {
         uint32_t v;
-        const uint8_t *p = r->p;
-        size_t left = (size_t)(r->end - p);
-        /* The usual token ids (fixint, uint8, uint16, uint32) without the general path. */
-        if (left >= 1 && *p <= 0x7f) {
+        /* The usual token ids (fixint, uint16, uint8, uint32) without the general path. */
+        if (end - p >= 5 && *p <= 0x7f) {
             v = *p;
-            r->p += 1;
-        } else if (left >= 3 && *p == 0xcd) {
+            p += 1;
+        } else if (end - p >= 5 && *p == 0xcd) {
             v = (uint32_t)p[1] << 8 | p[2];
-            r->p += 3;
-        } else if (left >= 2 && *p == 0xcc) {
+            p += 3;
+        } else if (end - p >= 5 && *p == 0xcc) {
             v = p[1];
-            r->p += 2;
-        } else if (left >= 5 && *p == 0xce) {
+            p += 2;
+        } else if (end - p >= 5 && *p == 0xce) {
             v = (uint32_t)p[1] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 8 | p[4];
-            r->p += 5;
+            p += 5;
         } else {
+            r->p = p;
             Head e;
             if (head(r, &e) < 0) {
                 Py_DECREF(out);
@@ -297,13 +299,14 @@ static int read_tokens(Reader *r, Fields *f, int depth) {
                 return skip_items(r, h.u - k - 1, depth + 1);
             }
             v = (uint32_t)e.u;
+            p = r->p;
         }
         w[0] = (uint8_t)v;
         w[1] = (uint8_t)(v >> 8);
         w[2] = (uint8_t)(v >> 16);
         w[3] = (uint8_t)(v >> 24);
-        w += 4;
     }
+    r->p = p;
     Py_XSETREF(f->tokens, out);
     return 0;
 }
