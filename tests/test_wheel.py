@@ -67,7 +67,8 @@ def test_the_wheel_holds_kvmesh_only_with_services_as_real_files(wheel: Path) ->
     assert any(n.endswith(".pyi") for n in generated)
     assert {f"kvmesh/v1/{n}" for n in generated} <= names
     native = {n.split(".")[0] for n in names if n.endswith(".so")}
-    assert native == {"kvmesh/_blocks", "kvmesh/services/router/_shards", "kvmesh/services/router/kv_events/_decode"}
+    assert native == {"kvmesh/_blocks", "kvmesh/services/router/_node", "kvmesh/services/router/_shards",
+                      "kvmesh/services/router/kv_events/_decode"}
 
 
 @pytest.fixture(scope="module")

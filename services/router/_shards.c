@@ -6,6 +6,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 
 /* The shard of `key`: the low bits of hash(key). -1 on error. */
@@ -24,12 +25,6 @@ static int check_shards(PyObject *shards, Py_ssize_t *mask) {
     if (n == 0 || (n & (n - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "the number of shards must be a power of two");
         return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!PyDict_CheckExact(PyList_GET_ITEM(shards, i))) {
-            PyErr_SetString(PyExc_TypeError, "shards must be a list of dicts");
-            return -1;
-        }
     }
     *mask = n - 1;
     return 0;
@@ -63,6 +58,10 @@ static PyObject *update(PyObject *module, PyObject *const *args, Py_ssize_t narg
         Py_ssize_t s = shard_of(key, mask);
         if (s < 0) goto done;
         PyObject *shard = PyList_GET_ITEM(args[0], s);
+        if (!PyDict_CheckExact(shard)) {
+            PyErr_SetString(PyExc_TypeError, "shards must be a list of dicts");
+            goto done;
+        }
         Py_ssize_t before = PyDict_GET_SIZE(shard);
         if (PyDict_SetItem(shard, key, PySequence_Fast_GET_ITEM(values, i)) < 0) goto done;
         added += PyDict_GET_SIZE(shard) - before;
@@ -83,10 +82,28 @@ done:
  * and the type is not GC-tracked: its references to values count as references from outside,
  * so values stay alive while indexed and are never visited through it. Values must not refer
  * back to the index (such a cycle would never be collected); tree nodes do not.
- * Splitting into 256 tables keeps each resize to 1/256 of the entries.
+ * Splitting into 256 tables keeps each resize to about 1/256 of the entries.
  */
 
 #define INDEX_SHARDS 256
+#define INDEX_BUCKETS 1024
+
+/* Table of each bucket (the low bits of an id's mixed hash): table i gets a share of buckets
+ * proportional to 2^(i/256), so the tables do not all reach their next size at once (equal
+ * tables grow in step and resize within the same few events). Filled at import. */
+static uint8_t TABLE_OF[INDEX_BUCKETS];
+
+static void stagger_tables(void) {
+    double total = 0.0, used = 0.0;
+    for (int i = 0; i < INDEX_SHARDS; i++) total += pow(2.0, (double)i / INDEX_SHARDS);
+    int filled = 0;
+    for (int i = 0; i < INDEX_SHARDS; i++) {
+        used += pow(2.0, (double)i / INDEX_SHARDS);
+        int upto = (int)(used / total * INDEX_BUCKETS + 0.5);
+        while (filled < upto && filled < INDEX_BUCKETS) TABLE_OF[filled++] = (uint8_t)i;
+    }
+    while (filled < INDEX_BUCKETS) TABLE_OF[filled++] = INDEX_SHARDS - 1;
+}
 
 typedef struct {
     uint64_t key;
@@ -131,7 +148,7 @@ static int as_id(PyObject *key, uint64_t *out) {
 /* The slot holding `key`, or the empty slot where it would go. */
 static Slot *find(Table *t, uint64_t key, uint64_t mixed) {
     size_t mask = t->capacity - 1;
-    size_t i = (size_t)(mixed >> 8) & mask;
+    size_t i = (size_t)(mixed >> 10) & mask;
     for (;;) {
         Slot *s = &t->slots[i];
         if (s->value == NULL || s->key == key) return s;
@@ -159,7 +176,7 @@ static int grow(Table *t) {
 /* Stores key -> value (a new reference is taken). 1: a new key, 0: replaced, -1: error. */
 static int index_put(IndexObject *self, uint64_t key, PyObject *value) {
     uint64_t mixed = mix(key);
-    Table *t = &self->tables[mixed & (INDEX_SHARDS - 1)];
+    Table *t = &self->tables[TABLE_OF[mixed & (INDEX_BUCKETS - 1)]];
     if ((t->used + 1) * 4 > t->capacity * 3 && grow(t) < 0) return -1;
     Slot *s = find(t, key, mixed);
     PyObject *old = s->value;
@@ -176,7 +193,7 @@ static int index_put(IndexObject *self, uint64_t key, PyObject *value) {
 
 static PyObject *index_lookup(IndexObject *self, uint64_t key) {
     uint64_t mixed = mix(key);
-    Table *t = &self->tables[mixed & (INDEX_SHARDS - 1)];
+    Table *t = &self->tables[TABLE_OF[mixed & (INDEX_BUCKETS - 1)]];
     if (t->capacity == 0) return NULL;
     return find(t, key, mixed)->value;
 }
@@ -186,7 +203,7 @@ static PyObject *index_lookup(IndexObject *self, uint64_t key) {
  * after it that probed past it move back, so no tombstones accumulate. */
 static PyObject *index_remove(IndexObject *self, uint64_t key, PyObject *only) {
     uint64_t mixed = mix(key);
-    Table *t = &self->tables[mixed & (INDEX_SHARDS - 1)];
+    Table *t = &self->tables[TABLE_OF[mixed & (INDEX_BUCKETS - 1)]];
     if (t->capacity == 0) return NULL;
     Slot *hole = find(t, key, mixed);
     PyObject *value = hole->value;
@@ -198,7 +215,7 @@ static PyObject *index_remove(IndexObject *self, uint64_t key, PyObject *only) {
         j = (j + 1) & mask;
         Slot *s = &t->slots[j];
         if (s->value == NULL) break;
-        size_t home = (size_t)(mix(s->key) >> 8) & mask;
+        size_t home = (size_t)(mix(s->key) >> 10) & mask;
         /* s may move to the hole at i when its home is not cyclically within (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
@@ -389,6 +406,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__shards(void) {
+    stagger_tables();
     if (PyType_Ready(&IndexType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

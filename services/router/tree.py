@@ -24,6 +24,9 @@ label, so "which pods hold this block, and when each last used it" is always exa
   tail then copy and re-index at most `MAX_RUN` ids, so every event costs time in proportion
   to its own size, never to the run it lands in (a storm of small events against one
   300k-block run used to copy the whole run each time).
+- Nodes (`_node.c`) are not tracked by the garbage collector, so a full collection does not
+  visit the tree (it took 10-80 ms per collection at a few hundred thousand blocks); nothing in
+  the tree forms a cycle but the parent links, and `__del__` cuts those when a tree goes away.
 - Eviction is LRU approximated by CLOCK (second chance) over nodes: a FIFO in creation order and
   a `ref` flag that every use sets. The evictor takes a leaf whose flag is clear (trimming its
   tail when fewer blocks are needed), and with it every ancestor that becomes an unused leaf;
@@ -36,25 +39,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from kvmesh.services.router._node import Node
 from kvmesh.services.router.shards import BlockIndex
 
+__all__ = ["MAX_RUN", "Match", "Node", "PrefixTree", "iter_bits", "set_tier", "tier_of"]
+
 MAX_RUN = 64  # longest run of block ids in one node: bounds the cost of a split or a trim
-
-
-class Node:
-    """A run of block ids held by the same pods, used at the same times."""
-
-    __slots__ = ("children", "dead", "ids", "indexed", "mask", "parent", "ref", "tiers")
-
-    def __init__(self, ids: tuple[int, ...], parent: Node | None) -> None:
-        self.ids = ids
-        self.parent = parent
-        self.children: dict[int, Node] | None = None
-        self.mask = 0
-        self.ref = True
-        self.dead = False
-        self.indexed = False
-        self.tiers: list[int] | None = None
 
 
 def tier_of(node: Node, bit: int) -> int:
@@ -182,6 +172,16 @@ class PrefixTree:
         self._live = 0  # nodes in the tree (the CLOCK queue also holds dead ones)
         self._size = 0  # blocks in the tree
         self.evicted = 0
+
+    def __del__(self) -> None:
+        """Cuts the parent links (the only cycles among nodes, which the collector cannot see)."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            node.children = None
+            node.parent = None
 
     # ---- inspection -------------------------------------------------------------------
     def __len__(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import weakref
 from typing import Any
 
@@ -140,3 +141,19 @@ def test_bad_calls_are_refused_and_change_nothing() -> None:
     with pytest.raises(TypeError):
         _shards.update(shards, [[1]], [0])  # an unhashable key
     assert shards == [{} for _ in range(4)]
+
+
+def test_shards_resize_one_at_a_time_even_for_counted_keys() -> None:
+    # An engine numbering its blocks 1, 2, 3... spreads them evenly: equal shards would all
+    # resize within the same few 16-block events (a pause of 64 resizes at once).
+    m: ShardedDict[int, int] = ShardedDict()
+    shards = m._shards
+    sizes = [sys.getsizeof(d) for d in shards]
+    most = 0
+    for start in range(0, 200_000, 16):
+        m.update(range(start, start + 16), [0] * 16)
+        now = [sys.getsizeof(d) for d in shards]
+        if start >= 20_000:  # (small shards growing together cost nothing)
+            most = max(most, sum(a != b for a, b in zip(sizes, now, strict=True)))
+        sizes = now
+    assert len(m) == 200_000 and most <= 3  # equal shards: 16 (every shard an event touches)
