@@ -32,7 +32,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.kvmesh-installed
 # A changed C source (or setup.py) reinstalls too: the editable install builds the extensions in place.
-changed_c=$([ -f "$stamp" ] && find setup.py kvmesh/ services/ -newer "$stamp" \( -name '*.c' -o -name setup.py \) 2>/dev/null | head -n 1)
+changed_c=""
+if [ -f "$stamp" ]; then
+  changed_c=$(find setup.py kvmesh/ services/ -newer "$stamp" \( -name '*.c' -o -name setup.py \) | head -n 1)
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ] || [ -n "$changed_c" ]; then
   echo "bootstrap: installing Python dependencies into .venv (log: .venv/pip-install.log)"
   # torch: the CPU build is enough for the gpu:// tier's tests (gpu://cpu); CUDA hosts install their own.
