@@ -114,7 +114,8 @@ scalars = st.one_of(
 anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
 hashes = st.lists(st.integers(0, 2**64 - 1) | st.binary(min_size=1, max_size=32), max_size=6)
-tokens = st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 127), max_size=40)
+tokens = st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 127), max_size=40) | st.lists(
+    st.integers(2**32 - 2, 2**33) | st.integers(-3, 3), max_size=4)  # ids just past uint32, negative ones
 field_values = {
     "block_hashes": hashes | anything,
     "parent_block_hash": st.none() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=32) | anything,

@@ -205,15 +205,22 @@ static PyObject *hash_value(const Head *h, int *bad) {
 
 /* Field readers return -1 on a structural or Python error, and set their BAD_* bit for a value
  * of the wrong kind (the value is then skipped whole). */
+/* The head of a field that is an array or nil: 1 when an array of h->u items follows, 0 when
+ * there is nothing to read (nil, or a value of another kind: skipped, `bad` set), -1 on error. */
+static int array_field(Reader *r, Fields *f, int bad, int depth, Head *h) {
+    if (head(r, h) < 0) return -1;
+    if (h->kind == K_NIL) return 0;
+    if (h->kind != K_ARRAY) {
+        f->bad |= bad;
+        return skip_rest(r, h, depth) < 0 ? -1 : 0;
+    }
+    return plausible(r, h->u) < 0 ? -1 : 1;
+}
+
 static int read_hashes(Reader *r, Fields *f, int depth) {
     Head h;
-    if (head(r, &h) < 0) return -1;
-    if (h.kind == K_NIL) return 0;
-    if (h.kind != K_ARRAY) {
-        f->bad |= BAD_HASHES;
-        return skip_rest(r, &h, depth);
-    }
-    if (plausible(r, h.u) < 0) return -1;
+    int found = array_field(r, f, BAD_HASHES, depth, &h);
+    if (found <= 0) return found;
     PyObject *list = PyList_New((Py_ssize_t)h.u);
     if (list == NULL) return -1;
     for (uint64_t k = 0; k < h.u; k++) {
@@ -257,13 +264,8 @@ static int read_parent(Reader *r, Fields *f, int depth) {
 
 static int read_tokens(Reader *r, Fields *f, int depth) {
     Head h;
-    if (head(r, &h) < 0) return -1;
-    if (h.kind == K_NIL) return 0;
-    if (h.kind != K_ARRAY) {
-        f->bad |= BAD_TOKENS;
-        return skip_rest(r, &h, depth);
-    }
-    if (plausible(r, h.u) < 0) return -1;
+    int found = array_field(r, f, BAD_TOKENS, depth, &h);
+    if (found <= 0) return found;
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(h.u * 4));
     if (out == NULL) return -1;
     uint8_t *w = (uint8_t *)PyBytes_AS_STRING(out);
