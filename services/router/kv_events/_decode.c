@@ -18,6 +18,7 @@
 #include <string.h>
 
 #define MAX_DEPTH 32
+#define RELEASE_GIL_TOKENS 16384  /* arrays this long are read with the GIL released */
 
 typedef enum { K_NIL, K_BOOL, K_UINT, K_INT, K_FLOAT, K_STR, K_BIN, K_ARRAY, K_MAP, K_EXT } Kind;
 
@@ -272,7 +273,13 @@ static int read_tokens(Reader *r, Fields *f, int depth) {
     /* Local cursor (the compiler cannot keep r->p in a register across the stores into `w`). */
     const uint8_t *p = r->p;
     const uint8_t *end = r->end;
-    for (uint64_t k = 0; k < h.u; k++, w += 4) {
+    int status = 0;  /* 1: a value that is not a uint32 token id (in `e`), -1: not msgpack */
+    Head e;
+    uint64_t k = 0;
+    /* The loop touches no Python object: a big prefill's ids are read without the GIL, so the
+     * event loop runs while a worker thread decodes them (--kv-events-decode-inline-bytes). */
+    PyThreadState *released = h.u >= RELEASE_GIL_TOKENS ? PyEval_SaveThread() : NULL;
+    for (; k < h.u; k++, w += 4) {
         uint32_t v;
         /* The usual token ids (fixint, uint16, uint8, uint32) without the general path. */
         if (end - p >= 5 && *p <= 0x7f) {
@@ -289,16 +296,13 @@ static int read_tokens(Reader *r, Fields *f, int depth) {
             p += 5;
         } else {
             r->p = p;
-            Head e;
             if (head(r, &e) < 0) {
-                Py_DECREF(out);
-                return -1;
+                status = -1;
+                break;
             }
-            if (e.kind != K_UINT || e.u > 0xFFFFFFFFULL) {  /* not a uint32 token id */
-                f->bad |= BAD_TOKENS;
-                Py_DECREF(out);
-                if (skip_rest(r, &e, depth + 1) < 0) return -1;
-                return skip_items(r, h.u - k - 1, depth + 1);
+            if (e.kind != K_UINT || e.u > 0xFFFFFFFFULL) {
+                status = 1;
+                break;
             }
             v = (uint32_t)e.u;
             p = r->p;
@@ -307,6 +311,14 @@ static int read_tokens(Reader *r, Fields *f, int depth) {
         w[1] = (uint8_t)(v >> 8);
         w[2] = (uint8_t)(v >> 16);
         w[3] = (uint8_t)(v >> 24);
+    }
+    if (released != NULL) PyEval_RestoreThread(released);
+    if (status != 0) {
+        Py_DECREF(out);
+        if (status < 0) return -1;
+        f->bad |= BAD_TOKENS;  /* the event is ignored; the rest of the array is skipped */
+        if (skip_rest(r, &e, depth + 1) < 0) return -1;
+        return skip_items(r, h.u - k - 1, depth + 1);
     }
     r->p = p;
     Py_XSETREF(f->tokens, out);
