@@ -7,6 +7,7 @@ encodings, with fields of every msgpack kind, and cuts and pads payloads.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 import time
@@ -223,7 +224,7 @@ def test_a_big_prefill_is_read_without_holding_the_interpreter() -> None:
     worker.join()
     start, end = window
     marks = [start, *(t for t in ticks if start < t < end), end]
-    silence = max(b - a for a, b in zip(marks, marks[1:], strict=False))
+    silence = max(b - a for a, b in itertools.pairwise(marks))
     # Held, the loop would stop for the whole decode (about 20 ms here); released, only for
     # interpreter hand-overs.
     assert end - start > 0.005 and silence < 0.5 * (end - start), (end - start, silence)
