@@ -328,7 +328,7 @@ def quality(limit: int, trace: Path = TRACE) -> None:
               f"{float(s['max_over_mean_requests']):.2f}  TTFT p50 {float(s['ttft_p50_ms']):7.1f} ms "
               f"p99 {float(s['ttft_p99_ms']):8.1f} ms")
     ratio = p / o if o else 0.0
-    print(f"   prefix / oracle hit rate {ratio:.3f}   target >= 0.90  {'met' if ratio >= 0.9 else 'NOT met'}")
+    print(f"   prefix / oracle hit rate {ratio:.4f}   target >= 0.90  {'met' if ratio >= 0.9 else 'NOT met'}")
 
 
 def main() -> int:

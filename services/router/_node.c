@@ -16,16 +16,20 @@
 #include <Python.h>
 #include <structmember.h>
 
+/* Every field is an object reference that is never NULL once initialised (None stands for "no
+ * parent", "no children"...): members of that kind (T_OBJECT_EX) are the ones the interpreter
+ * specializes like a Python class's __slots__; a T_OBJECT or T_BOOL member read through the
+ * generic path made routing about 4 times slower. */
 typedef struct {
     PyObject_HEAD
     PyObject *ids;       /* tuple of block ids */
-    PyObject *parent;    /* Node or NULL (None) */
-    PyObject *children;  /* dict first id -> Node, or NULL (None) */
+    PyObject *parent;    /* Node or None */
+    PyObject *children;  /* dict first id -> Node, or None */
     PyObject *mask;      /* int: slot bits of the pods holding it */
-    PyObject *tiers;     /* list of slot masks per tier above 0, or NULL (None) */
-    char ref;
-    char dead;
-    char indexed;
+    PyObject *tiers;     /* list of slot masks per tier above 0, or None */
+    PyObject *ref;       /* bool: used since the CLOCK hand last passed */
+    PyObject *dead;      /* bool: deleted from the tree */
+    PyObject *indexed;   /* bool: its ids are in the block index */
 } NodeObject;
 
 static PyTypeObject NodeType;
@@ -38,15 +42,16 @@ static int node_init(NodeObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_TypeError, "a node's parent is a Node or None");
         return -1;
     }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL) return -1;
     Py_XSETREF(self->ids, Py_NewRef(ids));
-    Py_XSETREF(self->parent, parent == Py_None ? NULL : Py_NewRef(parent));
-    Py_CLEAR(self->children);
-    Py_CLEAR(self->tiers);
-    Py_XSETREF(self->mask, PyLong_FromLong(0));
-    if (self->mask == NULL) return -1;
-    self->ref = 1;
-    self->dead = 0;
-    self->indexed = 0;
+    Py_XSETREF(self->parent, Py_NewRef(parent));
+    Py_XSETREF(self->children, Py_NewRef(Py_None));
+    Py_XSETREF(self->tiers, Py_NewRef(Py_None));
+    Py_XSETREF(self->mask, zero);
+    Py_XSETREF(self->ref, Py_NewRef(Py_True));
+    Py_XSETREF(self->dead, Py_NewRef(Py_False));
+    Py_XSETREF(self->indexed, Py_NewRef(Py_False));
     return 0;
 }
 
@@ -58,6 +63,9 @@ static void node_dealloc(NodeObject *self) {
         Py_CLEAR(self->children);
         Py_CLEAR(self->mask);
         Py_CLEAR(self->tiers);
+        Py_CLEAR(self->ref);
+        Py_CLEAR(self->dead);
+        Py_CLEAR(self->indexed);
         Py_TYPE(self)->tp_free((PyObject *)self);
         if (parent == NULL) return;
         if (Py_REFCNT(parent) > 1 || !Py_IS_TYPE(parent, &NodeType)) {
@@ -69,14 +77,14 @@ static void node_dealloc(NodeObject *self) {
 }
 
 static PyMemberDef node_members[] = {
-    {"ids", T_OBJECT, offsetof(NodeObject, ids), 0, "the run of block ids (a tuple)"},
-    {"parent", T_OBJECT, offsetof(NodeObject, parent), 0, "the parent node (None at the root)"},
-    {"children", T_OBJECT, offsetof(NodeObject, children), 0, "first id -> child node, or None"},
-    {"mask", T_OBJECT, offsetof(NodeObject, mask), 0, "slot bits of the pods holding the node"},
-    {"tiers", T_OBJECT, offsetof(NodeObject, tiers), 0, "slot masks per tier above 0, or None"},
-    {"ref", T_BOOL, offsetof(NodeObject, ref), 0, "used since the CLOCK hand last passed"},
-    {"dead", T_BOOL, offsetof(NodeObject, dead), 0, "deleted from the tree"},
-    {"indexed", T_BOOL, offsetof(NodeObject, indexed), 0, "its ids are in the block index"},
+    {"ids", T_OBJECT_EX, offsetof(NodeObject, ids), 0, "the run of block ids (a tuple)"},
+    {"parent", T_OBJECT_EX, offsetof(NodeObject, parent), 0, "the parent node (None at the root)"},
+    {"children", T_OBJECT_EX, offsetof(NodeObject, children), 0, "first id -> child node, or None"},
+    {"mask", T_OBJECT_EX, offsetof(NodeObject, mask), 0, "slot bits of the pods holding the node"},
+    {"tiers", T_OBJECT_EX, offsetof(NodeObject, tiers), 0, "slot masks per tier above 0, or None"},
+    {"ref", T_OBJECT_EX, offsetof(NodeObject, ref), 0, "used since the CLOCK hand last passed"},
+    {"dead", T_OBJECT_EX, offsetof(NodeObject, dead), 0, "deleted from the tree"},
+    {"indexed", T_OBJECT_EX, offsetof(NodeObject, indexed), 0, "its ids are in the block index"},
     {NULL, 0, 0, 0, NULL},
 };
 
