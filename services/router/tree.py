@@ -36,10 +36,9 @@ label, so "which pods hold this block, and when each last used it" is always exa
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 
-from kvmesh.services.router._node import Node
+from kvmesh.services.router._node import Node, NodeQueue
 from kvmesh.services.router.shards import BlockIndex
 
 __all__ = ["MAX_RUN", "Match", "Node", "PrefixTree", "iter_bits", "set_tier", "tier_of"]
@@ -168,7 +167,7 @@ class PrefixTree:
         self._index: BlockIndex[Node] = BlockIndex()  # one entry per block (`shards.py`)
         self._held: list[dict[Node, float]] = []
         self._blocks: list[int] = []
-        self._clock: deque[Node] = deque()
+        self._clock = NodeQueue()  # (`_node.c`: not tracked by the collector, compacted in place)
         self._live = 0  # nodes in the tree (the CLOCK queue also holds dead ones)
         self._size = 0  # blocks in the tree
         self.evicted = 0
@@ -546,9 +545,8 @@ class PrefixTree:
 
     def _compact(self) -> None:
         """Drops dead nodes from the CLOCK queue once they outnumber live ones."""
-        clock = self._clock
-        if len(clock) > 2 * self._live + 1024:
-            self._clock = deque(n for n in clock if not n.dead)
+        if len(self._clock) > 2 * self._live + 1024:
+            self._clock.drop_dead()
 
     def _bound(self) -> None:
         over = self._size - self.max_blocks
