@@ -250,9 +250,11 @@ async def test_storm_and_big_payloads_leave_room_for_routes(mesh_factory: Callab
     """A flood of ZMQ batches and one big payload (decoded in a worker thread: over
     --kv-events-decode-inline-bytes) are applied whole and in order, while `Route` keeps answering."""
     port = free_port()
+    # share_weight 0: the probe routes during the storm all go to e1, and the share rule would
+    # then (rightly) send the final check elsewhere however many blocks e1 holds.
     mesh: Mesh = await mesh_factory(block_size=BS, kv_events_listen=f"tcp://127.0.0.1:{port}", policy="prefix",
                                     kv_events_decode_inline_bytes=4096, kv_events_slice_blocks=64,
-                                    kv_events_queue=10_000)
+                                    kv_events_queue=10_000, share_weight=0.0)
     pub = Publisher(zctx, f"kv@e1@{MODEL}".encode(), connect=mesh.service.kv_events.bound_endpoint)
     try:
         await join(mesh, "e1", {})
