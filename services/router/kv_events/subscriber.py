@@ -277,6 +277,12 @@ class KvEventSubscriber:
             if batch is None or member_id not in self.core.pods:  # (it may leave while a thread decodes)
                 continue
             verdict = stream.verdict(seq, batch.ts)
+            if verdict is Verdict.RESTART:
+                await self._apply_events(member_id, pending)  # what came before, first
+                pending = []
+                self.stats.restarts += 1
+                self.ingest.restart(member_id)
+                verdict = Verdict.FIRST
             if verdict is Verdict.NEXT or (verdict is Verdict.FIRST and seq == 0):
                 if verdict is Verdict.FIRST:
                     stream.synced = True  # seq 0: the engine's whole history is ahead of us
@@ -287,13 +293,6 @@ class KvEventSubscriber:
             pending = []
             if verdict is Verdict.DUPLICATE:
                 continue
-            if verdict is Verdict.RESTART:
-                self.stats.restarts += 1
-                self.ingest.restart(member_id)
-                if seq == 0:
-                    stream.synced = True
-                    await self._apply(member_id, stream, seq, batch)
-                    continue
             if await self._replay(member_id, stream, stream.seq + 1) and stream.seq >= seq:
                 continue  # the replay brought this batch too
             await self._apply(member_id, stream, seq, batch)
